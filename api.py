@@ -1,0 +1,181 @@
+"""The Python API: `qtc.compile(...)`. The CLI calls exactly this."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qtc import __version__
+from qtc.backends import get_backend
+from qtc.cache import sha256_file
+from qtc.calibration.data import CalibrationSet, check_vocabulary, load_calibration, model_inputs
+from qtc.errors import QtcError
+from qtc.frontends.onnx_file import data_file_name, external_tensors, load_model, save_model, tensor_bytes
+from qtc.passes.annotate import ROLE
+from qtc.passes.calibrate import OBSERVERS
+from qtc.passes.pipeline import build_pipeline
+from qtc.recipes import Recipe, load_recipe
+from qtc.report import compare_models, graph_summary, write_json_atomic
+
+DEFAULT_SAMPLES = 64
+DEFAULT_SEQ_LEN = 256
+
+
+@dataclass
+class CompileResult:
+    """A compiled model in memory and its report (plain, JSON-serializable data)."""
+
+    model: ir.Model
+    report: dict
+    source: Path | None = None
+    written: list[Path] = field(default_factory=list)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the model (external data beside it when large) and the sidecar `OUT.qtc.json`, atomically."""
+        path = Path(path)
+        _refuse_overwriting_source(path, self.source, self.model)
+        self.written = save_model(self.model, path)
+        self.report["output"] = {
+            "path": path.name,
+            "files": {p.name: p.stat().st_size for p in self.written},
+            "bytes": sum(p.stat().st_size for p in self.written),
+        }
+        source_bytes = self.report["size"]["source_file_bytes"]
+        if source_bytes:
+            self.report["output"]["ratio_to_source"] = self.report["output"]["bytes"] / source_bytes
+        write_json_atomic(sidecar_path(path), self.report)
+        return path
+
+
+def sidecar_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.stem + ".qtc.json")
+
+
+def _refuse_overwriting_source(out: Path, source: Path | None, model: ir.Model) -> None:
+    if source is None:
+        return
+    if out.resolve() == source.resolve():
+        raise QtcError(f"output path is the input model itself: {out} (choose another -o)")
+    inputs = {(source.parent / t.location).resolve() for t in external_tensors(model) if source}
+    if (out.parent / data_file_name(out)).resolve() in inputs | {source.resolve()}:
+        raise QtcError(f"output {out} would overwrite the input's external data (choose another -o)")
+
+
+def _source_file_bytes(path: Path | None, model: ir.Model) -> int:
+    if path is None:
+        return 0
+    files = {path.resolve()} | {(path.parent / t.location).resolve() for t in external_tensors(model)}
+    return sum(f.stat().st_size for f in files)
+
+
+def _provenance(recipe: Recipe, target: str, calib: CalibrationSet | None, source: Path | None) -> dict[str, str]:
+    """metadata_props written into the model: strings, sorted keys, nothing time-dependent."""
+    props = {
+        "qtc.version": __version__,
+        "qtc.recipe": recipe.to_json(),
+        "qtc.target": target,
+        "qtc.calibration.calibrator": recipe.activation.calibrator if recipe.activation else "none",
+    }
+    if source is not None:
+        props["qtc.source.file"] = source.name
+        props["qtc.source.sha256"] = sha256_file(source)
+    if calib is not None:
+        for key, value in calib.provenance().items():
+            props[f"qtc.calibration.{key}"] = "" if value is None else str(value)
+    return props
+
+
+def _quantized_counts(model: ir.Model) -> dict:
+    from qtc.passes.annotate import ANNOTATION
+
+    by_op: dict[str, int] = {}
+    kept = {}
+    for node in model.graph:
+        if ANNOTATION in node.meta:
+            by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
+        elif ROLE in node.meta:
+            kept[node.name] = node.meta[ROLE]
+    return {"quantized_nodes_by_op": dict(sorted(by_op.items())), "kept_float_roles": dict(sorted(kept.items()))}
+
+
+def compile(  # noqa: A001 - the public name users expect: qtc.compile
+    model: str | os.PathLike | ir.Model,
+    recipe: str | os.PathLike | Recipe = "w8a8",
+    calib: str | os.PathLike | CalibrationSet | None = None,
+    target: str = "cpu",
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    calibrator: str | None = None,
+    seed: int = 0,
+    compare: bool = True,
+    quiet: bool = False,
+) -> CompileResult:
+    """Compile a float ONNX model with a recipe for a target. A path is loaded fresh; an ir.Model is changed in place."""
+    started = time.perf_counter()
+    source = Path(model) if not isinstance(model, ir.Model) else None
+    graph_model = load_model(source) if source is not None else model
+    backend = get_backend(target)
+    resolved = load_recipe(recipe).with_calibrator(calibrator)
+    calib_set = _calibration(calib, source, tokenizer, samples, seq_len, seed)
+    if calib_set is not None:
+        check_vocabulary(calib_set, graph_model)
+    before = graph_summary(graph_model)
+    reference = source if source is not None else ir.to_proto(graph_model).SerializeToString()
+    inputs = model_inputs(graph_model)
+    if resolved.needs_calibration and calib_set is None:
+        # No silent random calibration: static activation ranges need real data.
+        raise QtcError(f"recipe {resolved.name!r} quantizes activations statically and needs calibration data: pass --calib")
+    pipeline = build_pipeline(resolved, target, calib_set, _provenance(resolved, target, calib_set, source), quiet)
+    try:
+        pipeline(graph_model)
+    except ir.passes.PassError as exc:
+        # The pass manager wraps what a pass raises; a user error inside a pass is still a user error.
+        cause = exc.__cause__
+        if isinstance(cause, QtcError):
+            raise cause from None
+        raise
+    report = {
+        "qtc_version": __version__,
+        "recipe": resolved.to_dict(),
+        "target": target,
+        "calibration": _calibration_report(calib_set, resolved),
+        "source": {"file": source.name if source else None, "graph": before},
+        "compiled": {"graph": graph_summary(graph_model), **_quantized_counts(graph_model)},
+        "size": {"source_file_bytes": _source_file_bytes(source, graph_model), "source_tensor_bytes": before["tensor_bytes"],
+                 "compiled_tensor_bytes": tensor_bytes(graph_model)},
+        "activation_ranges": _ranges(graph_model),
+        "warnings": graph_model.meta.get("qtc.warnings", []),
+    }
+    if compare and calib_set is not None and calib_set.heldout_samples:
+        report["heldout_comparison"] = compare_models(backend, reference, graph_model, calib_set.feeds(inputs, heldout=True))
+    report["compile_seconds"] = round(time.perf_counter() - started, 3)
+    return CompileResult(graph_model, report, source)
+
+
+def _calibration(calib, source, tokenizer, samples, seq_len, seed) -> CalibrationSet | None:
+    if calib is None or isinstance(calib, CalibrationSet):
+        return calib
+    if samples < 1 or seq_len < 2:
+        raise QtcError("--samples must be >= 1 and --seq-len >= 2")
+    if tokenizer is None and source is not None and (source.parent / "tokenizer.json").is_file():
+        tokenizer = source.parent / "tokenizer.json"  # the model's own tokenizer, shipped beside it
+    return load_calibration(calib, tokenizer=Path(tokenizer) if tokenizer else None, n_samples=samples,
+                            seq_len=seq_len, seed=seed)
+
+
+def _calibration_report(calib: CalibrationSet | None, recipe: Recipe) -> dict | None:
+    if calib is None:
+        return None
+    return calib.provenance() | {"calibrator": recipe.activation.calibrator if recipe.activation else None}
+
+
+def _ranges(model: ir.Model) -> dict:
+    summaries = model.meta.get(OBSERVERS, {})
+    return {json.dumps(list(key)): value for key, value in summaries.items()}

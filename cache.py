@@ -1,0 +1,25 @@
+"""Where derived artifacts (trained tokenizers, exported models) are cached, keyed by content hash."""
+
+import hashlib
+import os
+from pathlib import Path
+
+
+def cache_dir(*parts: str) -> Path:
+    """`$QTC_CACHE` or `~/.cache/qtc`, joined with `parts`, created on demand."""
+    root = Path(os.environ.get("QTC_CACHE") or Path.home() / ".cache" / "qtc")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

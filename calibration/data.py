@@ -1,0 +1,297 @@
+"""Calibration data: a text corpus (or a named workload) packed into seeded token windows, or .npz tensors.
+
+Every set knows its provenance (source, sha256, sample count, sequence length, seed, tokenizer) and keeps a
+held-out part that calibration never sees, used for the float-vs-compiled comparison in the report.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from qtc.cache import sha256_file
+from qtc.errors import QtcError
+
+HELDOUT_SAMPLES = 8
+HELDOUT_FRACTION = 0.1
+EOS_TOKENS = ("<eos>", "</s>", "<|endoftext|>", "[SEP]")
+_TOKEN_INPUTS = ("input_ids", "ids", "tokens")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    rank: int | None
+
+
+def model_inputs(model: ir.Model) -> list[InputSpec]:
+    specs = []
+    for value in model.graph.inputs:
+        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        rank = value.shape.rank() if value.shape is not None else None
+        specs.append(InputSpec(value.name, np.dtype(dtype), rank))
+    return specs
+
+
+@dataclass
+class CalibrationSet:
+    """Samples for calibration plus held-out samples, as model feeds. Small: token windows or file paths."""
+
+    source: str
+    kind: str  # "text" | "npz"
+    sha256: str
+    seq_len: int | None
+    seed: int
+    tokenizer: str | None = None
+    tokenizer_sha256: str | None = None
+    vocab_size: int | None = None
+    calib_samples: list = field(default_factory=list, repr=False)
+    heldout_samples: list = field(default_factory=list, repr=False)
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.calib_samples)
+
+    def provenance(self) -> dict:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "sha256": self.sha256,
+            "samples": self.n_samples,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "tokenizer": self.tokenizer,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "heldout_samples": len(self.heldout_samples),
+        }
+
+    def feeds(self, inputs: list[InputSpec], heldout: bool = False) -> Iterator[dict[str, np.ndarray]]:
+        samples = self.heldout_samples if heldout else self.calib_samples
+        for sample in samples:
+            yield text_feed(sample, inputs) if self.kind == "text" else npz_feed(sample, inputs)
+
+
+# --------------------------------------------------------------------------------------------- text
+
+
+def read_corpus(path: Path) -> list[str]:
+    """Paragraphs of a plain-text file (one a line) or a JSONL file with a `text` field."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise QtcError(f"calibration corpus {path} is not UTF-8 text") from None
+    if path.suffix != ".jsonl":
+        return [line.strip() for line in lines if line.strip()]
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            texts.append(str(record["text"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise QtcError(f"{path.name} line {number}: expected a JSON object with a 'text' field") from None
+    return texts
+
+
+def load_tokenizer(path: Path):
+    from tokenizers import Tokenizer
+
+    if not path.is_file():
+        raise QtcError(f"tokenizer not found: {path}")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # the Rust side raises a plain Exception with a JSON error
+        raise QtcError(f"{path.name} is not a tokenizers JSON file ({str(exc).splitlines()[0]})") from None
+
+
+def tokenize(tokenizer, texts: list[str]) -> np.ndarray:
+    """One token stream: paragraphs joined by the end-of-sequence token when the tokenizer has one."""
+    eos = next((tokenizer.token_to_id(t) for t in EOS_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    parts = []
+    for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
+        parts.append(encoding.ids)
+        if eos is not None:
+            parts.append([eos])
+    return np.fromiter((i for p in parts for i in p), dtype=np.int64)
+
+
+def sample_windows(tokens: np.ndarray, n: int, seq_len: int, rng: np.random.Generator) -> list[np.ndarray]:
+    starts = len(tokens) - seq_len + 1
+    if starts < 1:
+        raise QtcError(f"corpus too small: {len(tokens)} tokens for calibration, need at least --seq-len {seq_len}")
+    chosen = np.sort(rng.choice(starts, size=n, replace=starts < n))
+    return [tokens[s : s + seq_len] for s in chosen]
+
+
+def heldout_windows(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Evenly spaced windows, no randomness: the same held-out text for every recipe and seed."""
+    length = min(seq_len, len(tokens))
+    if length < 8:
+        return []
+    starts = np.linspace(0, len(tokens) - length, num=min(HELDOUT_SAMPLES, len(tokens) // length or 1)).astype(int)
+    return [tokens[s : s + length] for s in starts]
+
+
+def text_calibration(
+    source: str,
+    tokenizer_path: Path,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+) -> CalibrationSet:
+    """A corpus file or a workload name, tokenized, packed into `n_samples` windows of `seq_len` tokens."""
+    calib_texts, heldout_texts, digest, label = _corpus_texts(source)
+    tokenizer = load_tokenizer(tokenizer_path)
+    calib_tokens = tokenize(tokenizer, calib_texts)
+    if heldout_texts is None:  # a plain file: its last 10 % of tokens is held out
+        cut = int(len(calib_tokens) * (1 - HELDOUT_FRACTION))
+        calib_tokens, heldout_tokens = calib_tokens[:cut], calib_tokens[cut:]
+    else:
+        heldout_tokens = tokenize(tokenizer, heldout_texts)
+    rng = np.random.default_rng(seed)
+    return CalibrationSet(
+        source=label,
+        kind="text",
+        sha256=digest,
+        seq_len=seq_len,
+        seed=seed,
+        tokenizer=tokenizer_path.name,
+        tokenizer_sha256=sha256_file(tokenizer_path),
+        vocab_size=tokenizer.get_vocab_size(),
+        calib_samples=sample_windows(calib_tokens, n_samples, seq_len, rng),
+        heldout_samples=heldout_windows(heldout_tokens, seq_len),
+    )
+
+
+def _corpus_texts(source: str) -> tuple[list[str], list[str] | None, str, str]:
+    """(calibration texts, held-out texts or None, sha256, label) for a file path or a workload name."""
+    path = Path(source)
+    if path.is_file():
+        return read_corpus(path), None, sha256_file(path), path.name
+    from qtc.models import workloads
+
+    if workloads.is_workload(source):
+        workload = workloads.get_workload(source)
+        info = workload.split_info("calib")
+        return workload.texts("calib"), workload.texts("eval"), info["sha256"], f"{source}:calib"
+    raise QtcError(f"calibration data not found: {source} (a file, a folder of .npz, or a workload name)")
+
+
+def text_feed(tokens: np.ndarray, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    """Feeds for a token window: ids, and the usual companions (mask of ones, positions, zero token types)."""
+    token_input = _token_input(inputs)
+    ids = tokens.reshape(1, -1)
+    feed = {}
+    for spec in inputs:
+        if spec.name == token_input.name:
+            feed[spec.name] = ids.astype(spec.dtype)
+        elif "mask" in spec.name:
+            feed[spec.name] = np.ones_like(ids, dtype=spec.dtype)
+        elif "position" in spec.name:
+            feed[spec.name] = np.arange(ids.shape[1], dtype=spec.dtype).reshape(1, -1)
+        elif "type" in spec.name:
+            feed[spec.name] = np.zeros_like(ids, dtype=spec.dtype)
+        else:
+            raise QtcError(f"model input {spec.name!r} cannot be fed from text: calibrate with .npz files instead")
+    return feed
+
+
+def _token_input(inputs: list[InputSpec]) -> InputSpec:
+    for spec in inputs:
+        if spec.name in _TOKEN_INPUTS:
+            return spec
+    integer = [s for s in inputs if np.issubdtype(s.dtype, np.integer) and s.rank in (2, None)]
+    if not integer:
+        raise QtcError("text calibration needs an integer token input (e.g. input_ids); this model has none")
+    return integer[0]
+
+
+def embedding_rows(model: ir.Model) -> int | None:
+    """Rows of the table the token input indexes (through a Gather), if there is one."""
+    token_name = _token_input(model_inputs(model)).name
+    for node in model.graph:
+        table = node.inputs[0] if node.op_type == "Gather" else None
+        if table is not None and table.const_value is not None and node.inputs[1].name == token_name:
+            return table.const_value.shape[0]
+    return None
+
+
+def check_vocabulary(calib: CalibrationSet, model: ir.Model) -> None:
+    rows = embedding_rows(model) if calib.kind == "text" else None
+    if rows is not None and calib.vocab_size is not None and calib.vocab_size > rows:
+        raise QtcError(
+            f"tokenizer {calib.tokenizer} has {calib.vocab_size} tokens but the model's embedding has {rows} rows"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- npz
+
+
+def npz_calibration(source: Path, n_samples: int | None, seed: int) -> CalibrationSet:
+    """One .npz file per sample (named input tensors); a folder holds many. The last 10 % are held out."""
+    files = sorted(source.glob("*.npz")) if source.is_dir() else [source]
+    if not files:
+        raise QtcError(f"no .npz files in {source}")
+    n_heldout = max(1, int(len(files) * HELDOUT_FRACTION)) if len(files) > 1 else 0
+    calib_files, heldout_files = files[: len(files) - n_heldout], files[len(files) - n_heldout :]
+    if n_samples is not None:
+        calib_files = calib_files[:n_samples]
+    digest = _hash_files(files)
+    return CalibrationSet(
+        source=source.name,
+        kind="npz",
+        sha256=digest,
+        seq_len=None,
+        seed=seed,
+        calib_samples=calib_files,
+        heldout_samples=heldout_files,
+    )
+
+
+def _hash_files(files: list[Path]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def npz_feed(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise QtcError(f"{path.name} is not a readable .npz file ({exc})") from None
+    missing = [s.name for s in inputs if s.name not in arrays]
+    if missing:
+        raise QtcError(f"{path.name} lacks model input {missing[0]!r} (has: {', '.join(sorted(arrays))})")
+    return {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in inputs}
+
+
+def load_calibration(
+    source: str | Path,
+    *,
+    tokenizer: Path | None,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+) -> CalibrationSet:
+    """Dispatch on the source: .npz file or folder -> tensors; anything else -> text (file or workload)."""
+    path = Path(source)
+    if path.suffix == ".npz" or path.is_dir():
+        if not path.exists():
+            raise QtcError(f"calibration data not found: {path}")
+        return npz_calibration(path, n_samples, seed)
+    if not path.is_file():
+        _corpus_texts(str(source))  # raises the right error for a missing file or unknown workload
+    if tokenizer is None:
+        raise QtcError("text calibration needs a tokenizer: pass --tokenizer tokenizer.json")
+    return text_calibration(str(source), tokenizer, n_samples, seq_len, seed)

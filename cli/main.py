@@ -1,0 +1,173 @@
+"""The `qtc` command line: a thin layer over the Python API. Exit codes: 0 ok, 2 bad input or usage, 1 internal."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from qtc import __version__
+from qtc.errors import QtcError
+
+out = Console()
+err = Console(stderr=True)
+
+
+class QtcGroup(click.Group):
+    """Every failure becomes one line on stderr: QtcError and usage errors exit 2, bugs exit 1."""
+
+    def main(self, *args, **kwargs):
+        kwargs["standalone_mode"] = False
+        try:
+            result = super().main(*args, **kwargs)
+        except QtcError as exc:
+            _fail(str(exc), 2)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            _fail("aborted", 1)
+        except click.ClickException as exc:
+            _fail(exc.format_message(), 2)
+        except Exception as exc:  # a bug in qtc: say so in one line, keep the traceback for QTC_DEBUG=1
+            if os.environ.get("QTC_DEBUG"):
+                raise
+            _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"qtc: error: {' '.join(message.split())}", err=True)
+    sys.exit(code)
+
+
+def _print_json(data: dict) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
+
+
+@click.group(cls=QtcGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qtc")
+def main() -> None:
+    """qtc: quantization compiler for ONNX models."""
+
+
+@main.command("compile")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--recipe", "-r", default="w8a8", show_default=True, help="Built-in recipe name or a recipe .yaml file.")
+@click.option("--calib", help="Calibration data: a text corpus (.txt / .jsonl), a workload name, or .npz file(s).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: the one beside MODEL).")
+@click.option("--samples", default=64, show_default=True, help="Calibration samples (token windows).")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration sample.")
+@click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]),
+              help="Override the recipe's activation calibrator.")
+@click.option("--seed", default=0, show_default=True, help="Seed for sampling calibration windows.")
+@click.option("--target", default="cpu", show_default=True, help="Execution target.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx path.")
+@click.option("--no-compare", is_flag=True, help="Skip the float-vs-compiled comparison on held-out data.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, target, output,
+                    no_compare, as_json):
+    """Compile a float ONNX MODEL with a quantization recipe."""
+    import qtc
+
+    result = qtc.compile(model, recipe=recipe, calib=calib, target=target, tokenizer=tokenizer, samples=samples,
+                         seq_len=seq_len, calibrator=calibrator, seed=seed, compare=not no_compare, quiet=as_json)
+    output = output or model.with_name(f"{model.stem}.{result.report['recipe']['name']}.onnx")
+    result.save(output)
+    if as_json:
+        _print_json(result.report)
+    else:
+        _show_compile(result.report, output)
+
+
+def _show_compile(report: dict, output: Path) -> None:
+    table = Table(title=f"qtc compile → {output}", show_header=False)
+    table.add_row("recipe", report["recipe"]["name"])
+    table.add_row("target", report["target"])
+    calib = report["calibration"]
+    if calib:
+        table.add_row("calibration", f"{calib['source']} sha256 {calib['sha256'][:12]}… {calib['samples']} x "
+                                     f"{calib['seq_len']} tokens, {calib['calibrator']}, seed {calib['seed']}")
+    counts = report["compiled"]["quantized_nodes_by_op"]
+    table.add_row("quantized", ", ".join(f"{n} {op}" for op, n in counts.items()) or "nothing")
+    kept = sorted(set(report["compiled"]["kept_float_roles"].values()))
+    table.add_row("kept float", ", ".join(kept) or "-")
+    size = report["output"]
+    table.add_row("size", f"{report['size']['source_file_bytes'] / 1e6:.1f} MB → {size['bytes'] / 1e6:.1f} MB")
+    for name, stats in report.get("heldout_comparison", {}).get("outputs", {}).items():
+        text = f"cosine {stats['cosine']:.5f}, max |diff| {stats['max_abs_diff']:.4g}"
+        if "top1_agreement" in stats:
+            text += f", top-1 agreement {stats['top1_agreement']:.2%} of {stats['positions']} positions"
+        table.add_row(f"vs float: {name}", text)
+    table.add_row("time", f"{report['compile_seconds']:.1f} s")
+    out.print(table)
+
+
+@main.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect_command(model, as_json):
+    """Show what MODEL holds: ops, parameters by dtype, opset, external data, quantization, blocks."""
+    from qtc.inspection import inspect_model
+
+    info = inspect_model(model)
+    if as_json:
+        _print_json(info)
+        return
+    head = Table(title=f"{info['file']}  (IR {info['ir_version']}, opsets {info['opsets']})", show_header=False)
+    for value in info["inputs"]:
+        head.add_row("input", f"{value['name']} {value['dtype']} {value['shape']}")
+    for value in info["outputs"]:
+        head.add_row("output", f"{value['name']} {value['dtype']} {value['shape']}")
+    for dtype, nbytes in info["bytes_by_dtype"].items():
+        head.add_row(f"tensors {dtype}", f"{info['params_by_dtype'][dtype]:,} elements, {nbytes / 1e6:.2f} MB")
+    for location, nbytes in info["external_data"].items():
+        head.add_row("external data", f"{location}: {nbytes / 1e6:.2f} MB")
+    quantized = info["weights_quantized"]
+    head.add_row("weights quantized", f"{quantized['fraction']:.1%} of {quantized['quantized_elements'] + quantized['float_elements']:,}")
+    for block in info["repeated_blocks"]:
+        head.add_row("repeated blocks", f"{block['prefix']}.N x {block['count']} ({block['params_per_block']:,} params each)")
+    for key, value in info["qtc_metadata"].items():
+        head.add_row(key, value if len(value) < 120 else value[:117] + "...")
+    out.print(head)
+    ops = Table("op", "count", title="op histogram")
+    for op, count in sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
+        ops.add_row(op, str(count))
+    out.print(ops)
+
+
+@main.group("recipes", invoke_without_command=True)
+@click.pass_context
+def recipes_group(ctx):
+    """List the built-in recipes (or `show NAME` for one, resolved)."""
+    if ctx.invoked_subcommand is None:
+        from qtc.recipes import builtin_names, builtin_recipe
+
+        table = Table("recipe", "weights", "activations", "description")
+        for name in builtin_names():
+            recipe = builtin_recipe(name)
+            w = recipe.weight
+            a = recipe.activation
+            table.add_row(name, f"{w.dtype} per {w.granularity}{' sym' if w.symmetric else ''}",
+                          f"{a.dtype} per {a.granularity}, {a.calibrator}" if a else "float",
+                          recipe.description)
+        out.print(table)
+
+
+@recipes_group.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print the fully resolved recipe NAME (built-in or .yaml) as YAML."""
+    import yaml
+
+    from qtc.recipes import load_recipe
+
+    click.echo(yaml.safe_dump(load_recipe(name).to_dict(), sort_keys=False, allow_unicode=True).rstrip())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""ONNX files in and out: validated loading (inline or external data, > 2 GB) and atomic saving."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from qtc.errors import QtcError
+
+# Above this many bytes of tensors a model is saved with external data (protobuf cannot hold 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1 << 30
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX model; external data stays memory-mapped, so this is cheap for models of any size."""
+    path = Path(path)
+    if not path.is_file():
+        raise QtcError(f"model not found: {path}")
+    try:
+        model = ir.load(path)
+    except (DecodeError, ValueError, RuntimeError, TypeError, OSError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise QtcError(f"{path.name} is not a readable ONNX model (truncated or not ONNX: {reason})") from None
+    check_structure(model, path.name)
+    check_external_data(model, path)
+    return model
+
+
+def check_structure(model: ir.Model, where: str) -> None:
+    """Catch files that parse as protobuf but are not a whole model (a file cut at a field boundary parses)."""
+    graph = model.graph
+    if "" not in model.opset_imports or (len(graph) == 0 and not graph.outputs):
+        raise QtcError(f"{where} is not an ONNX model (no default-domain opset or no graph)")
+    if not graph.outputs:
+        raise QtcError(f"{where} has no graph outputs (truncated file?)")
+    defined = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and id(value) not in defined and value.producer() is None:
+                raise QtcError(f"{where}: node {node.name!r} reads {value.name!r}, which nothing defines (truncated file?)")
+        defined.update(id(v) for v in node.outputs)
+    for value in graph.outputs:
+        if id(value) not in defined:
+            raise QtcError(f"{where}: graph output {value.name!r} is never computed (truncated file?)")
+
+
+def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
+    return [
+        v.const_value
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    ]
+
+
+def check_external_data(model: ir.Model, path: Path) -> None:
+    """Refuse external-data locations that escape the model's folder, and missing or short data files."""
+    folder = path.resolve().parent
+    for tensor in external_tensors(model):
+        location = Path(tensor.location)
+        target = (folder / location).resolve()
+        if location.is_absolute() or not target.is_relative_to(folder):
+            raise QtcError(
+                f"initializer {tensor.name!r} points outside the model's folder: {tensor.location} (refused)"
+            )
+        if not target.is_file():
+            raise QtcError(f"external data file missing for initializer {tensor.name!r}: {tensor.location}")
+        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+        if target.stat().st_size < end:
+            raise QtcError(f"external data file {tensor.location} is shorter than initializer {tensor.name!r} needs")
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def data_file_name(out_path: Path) -> str:
+    return out_path.name + ".data"
+
+
+def save_model(model: ir.Model, out_path: str | os.PathLike, *, external_data: bool | None = None) -> list[Path]:
+    """Write the model (and its external data beside it) atomically: temp folder first, then rename.
+
+    A failure leaves no partial output. Returns the files written. `external_data=None` chooses external data
+    for models whose tensors exceed EXTERNAL_DATA_THRESHOLD.
+    """
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_name = data_file_name(out_path)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
+    try:
+        ir.save(model, staging / out_path.name, external_data=data_name if external_data else None)
+        written = []
+        if external_data:
+            os.replace(staging / data_name, out_path.parent / data_name)
+            written.append(out_path.parent / data_name)
+        os.replace(staging / out_path.name, out_path)
+        written.append(out_path)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,72 @@
+"""`qtc inspect`: what a model holds, float or compiled."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import onnx_ir as ir
+
+from qtc.frontends.onnx_file import external_tensors, load_model
+from qtc.report import graph_summary
+
+_LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)[./_](?P<index>\d+)[./_]")
+
+
+def quantized_fraction(model: ir.Model) -> dict:
+    """Weights (initializers of rank >= 2) stored as integers behind a DequantizeLinear, by element count."""
+    dq_inputs = {n.inputs[0].name for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
+    quantized = floating = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or tensor.shape.rank() < 2:
+            continue
+        if value.name in dq_inputs:
+            quantized += tensor.size
+        elif tensor.dtype.is_floating_point():
+            floating += tensor.size
+    total = quantized + floating
+    return {"quantized_elements": quantized, "float_elements": floating,
+            "fraction": quantized / total if total else 0.0}
+
+
+def repeated_blocks(model: ir.Model) -> list[dict]:
+    """Repeated blocks named like `layers.3.` in initializer names: prefix, count, parameters per block."""
+    blocks: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for value in model.graph.initializers.values():
+        match = _LAYER_INDEX.match(value.name or "")
+        if match and value.const_value is not None:
+            blocks[match["prefix"]][int(match["index"])] += value.const_value.size
+    found = []
+    for prefix, members in sorted(blocks.items()):
+        if len(members) >= 2:
+            sizes = sorted(set(members.values()))
+            found.append({"prefix": prefix, "count": len(members), "params_per_block": sizes[-1]})
+    return found
+
+
+def inspect_model(path: str | Path) -> dict:
+    path = Path(path)
+    model = load_model(path)
+    externals = defaultdict(int)
+    for tensor in external_tensors(model):
+        externals[tensor.location] += tensor.nbytes
+    return {
+        "file": path.name,
+        "ir_version": model.ir_version,
+        "opsets": dict(sorted(model.opset_imports.items())),
+        "producer": f"{model.producer_name or ''} {model.producer_version or ''}".strip(),
+        "inputs": [_describe(v) for v in model.graph.inputs],
+        "outputs": [_describe(v) for v in model.graph.outputs],
+        **graph_summary(model),
+        "external_data": dict(sorted(externals.items())),
+        "weights_quantized": quantized_fraction(model),
+        "repeated_blocks": repeated_blocks(model),
+        "qtc_metadata": {k: v for k, v in sorted(model.metadata_props.items()) if k.startswith("qtc.")},
+    }
+
+
+def _describe(value: ir.Value) -> dict:
+    dims = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None
+    return {"name": value.name, "dtype": value.dtype.name if value.dtype else None, "shape": dims}

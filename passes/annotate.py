@@ -1,0 +1,153 @@
+"""Policy: decide, per node, what the recipe quantizes. Nothing in the graph changes here.
+
+The decision is stored as a `QuantAnnotation` in `node.meta[ANNOTATION]`; calibration and QDQ insertion read it.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from qtc.recipes import QuantSpec, Recipe
+
+ANNOTATION = "qtc.quant"
+ROLE = "qtc.role"
+# Ops a logits tensor may pass through on its way from the LM head's MatMul to a graph output.
+_LOGIT_PASSTHROUGH = {"Reshape", "Identity", "Cast", "Add", "Mul", "Div", "Tanh", "Squeeze", "Unsqueeze"}
+
+
+@dataclass
+class QuantAnnotation:
+    """What to quantize on one node: the weight (an initializer, maybe behind a Transpose) and the activation."""
+
+    weight: ir.Value  # the float initializer
+    weight_input: int  # which input of the node reads it (directly or through `transpose`)
+    axis: int | None  # per-channel axis *of the initializer*; None for per-tensor
+    transpose: ir.Node | None  # a Transpose between initializer and node (kept; DQ goes before it)
+    weight_spec: QuantSpec
+    activation_input: int | None
+    activation_spec: QuantSpec | None
+
+
+def _initializer(value: ir.Value | None) -> ir.Value | None:
+    if value is not None and value.is_initializer() and value.const_value is not None:
+        return value
+    return None
+
+
+def find_weight(node: ir.Node) -> tuple[ir.Value, int, int, ir.Node | None] | None:
+    """(initializer, input index, output-channel axis of the initializer, transpose node) or None."""
+    if node.op_type == "Conv":
+        weight = _initializer(node.inputs[1] if len(node.inputs) > 1 else None)
+        return (weight, 1, 0, None) if weight is not None else None
+    if node.op_type == "Gemm":
+        weight = _initializer(node.inputs[1])
+        trans_b = node.attributes.get_int("transB", 0)
+        return (weight, 1, 0 if trans_b else 1, None) if weight is not None else None
+    if node.op_type == "MatMul":
+        b = node.inputs[1]
+        if (weight := _initializer(b)) is not None:
+            return (weight, 1, weight.const_value.shape.rank() - 1, None) if weight.const_value.shape.rank() >= 2 else None
+        producer = b.producer() if b is not None else None
+        if producer is not None and producer.op_type == "Transpose" and (weight := _initializer(producer.inputs[0])):
+            rank = weight.const_value.shape.rank()
+            perm = producer.attributes.get_ints("perm", list(range(rank))[::-1])
+            return (weight, 1, perm[rank - 1], producer) if rank >= 2 else None
+    return None
+
+
+def _activation_input(node: ir.Node) -> int | None:
+    value = node.inputs[0]
+    return 0 if value is not None and value.const_value is None and not value.is_initializer() else None
+
+
+def original_name(value: ir.Value) -> str:
+    """The name a weight had before constant folding renamed it (onnxscript records it), else its own."""
+    folded = value.metadata_props.get("pkg.onnxscript.optimizer.folded_from", "")
+    names = ast.literal_eval(folded) if folded.startswith("[") else []
+    return names[0] if len(names) == 1 else value.name or ""
+
+
+def module_path(node: ir.Node) -> str:
+    """`model.layers.0.mlp.down_proj` from the torch exporter's name scopes, or ""."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    parts = ast.literal_eval(scopes) if scopes.startswith("[") else []
+    return ".".join(p for p in parts[:-1] if p)  # the last scope is the aten op itself
+
+
+def match_names(node: ir.Node, weight: ir.Value) -> tuple[str, ...]:
+    return tuple(sorted({n for n in (weight.name or "", original_name(weight), module_path(node)) if n}))
+
+
+def mark_roles(graph: ir.Graph) -> None:
+    """Tag embedding Gathers and the LM head (the weighted MatMul/Gemm that feeds a graph output)."""
+    embedding_tables = set()
+    for node in graph:
+        if node.op_type == "Gather" and _initializer(node.inputs[0]) is not None:
+            node.meta[ROLE] = "embedding"
+            embedding_tables.add(node.inputs[0].name)
+    for node in graph:
+        found = find_weight(node) if node.op_type in ("MatMul", "Gemm") else None
+        if found is not None and found[0].name in embedding_tables:
+            node.meta[ROLE] = "lm_head"  # tied to the embedding table
+    for output in graph.outputs:
+        node = output.producer()
+        while node is not None and node.op_type in _LOGIT_PASSTHROUGH:
+            feeders = [v for v in node.inputs if v is not None and v.producer() is not None]
+            node = feeders[0].producer() if feeders else None
+        if node is not None and node.op_type in ("MatMul", "Gemm") and find_weight(node) is not None:
+            node.meta[ROLE] = "lm_head"
+
+
+class AnnotateQuantizationPass(ir.passes.InPlacePass):
+    """Attach a QuantAnnotation to every top-level node the recipe quantizes (subgraphs are left alone)."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        self.recipe = recipe
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        mark_roles(graph)
+        count = 0
+        for node in graph:
+            found = find_weight(node)
+            if found is None:
+                continue
+            weight, index, axis, transpose = found
+            decision = self.recipe.resolve(node.name or "", node.op_type, match_names(node, weight), node.meta.get(ROLE))
+            if decision is None:
+                continue
+            act_input = _activation_input(node) if decision.activation is not None else None
+            node.meta[ANNOTATION] = QuantAnnotation(
+                weight=weight,
+                weight_input=index,
+                axis=axis if decision.weight.granularity == "channel" else None,
+                transpose=transpose,
+                weight_spec=decision.weight,
+                activation_input=act_input,
+                activation_spec=decision.activation if act_input is not None else None,
+            )
+            count += 1
+        model.meta["qtc.annotated"] = count
+        return ir.passes.PassResult(model, modified=False)
+
+
+def annotated_nodes(graph: ir.Graph) -> list[tuple[ir.Node, QuantAnnotation]]:
+    return [(node, node.meta[ANNOTATION]) for node in graph if ANNOTATION in node.meta]
+
+
+def activation_key(value: ir.Value, spec: QuantSpec) -> tuple:
+    """Identifies one observed activation: the same tensor under two calibrator settings needs two ranges."""
+    return (value.name, spec.calibrator, spec.percentile if spec.calibrator == "percentile" else None)
+
+
+def activations_to_observe(graph: ir.Graph) -> dict[tuple, tuple[ir.Value, QuantSpec]]:
+    wanted = {}
+    for node, note in annotated_nodes(graph):
+        if note.activation_spec is not None:
+            value = node.inputs[note.activation_input]
+            wanted.setdefault(activation_key(value, note.activation_spec), (value, note.activation_spec))
+    return dict(sorted(wanted.items(), key=lambda item: str(item[0])))

@@ -1,0 +1,43 @@
+"""The compile pipeline, top to bottom. Each step is a pass; the order is the design."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from qtc.backends import get_backend
+from qtc.backends.base import max_ir_version
+from qtc.calibration.data import CalibrationSet
+from qtc.passes.annotate import AnnotateQuantizationPass
+from qtc.passes.calibrate import CalibrateActivationsPass
+from qtc.passes.canonicalize import canonicalize_passes
+from qtc.passes.finalize import LimitIrVersionPass, RecordProvenancePass
+from qtc.passes.qdq import InsertQDQPass
+from qtc.recipes import Recipe
+
+
+def build_pipeline(
+    recipe: Recipe,
+    target: str,
+    calib: CalibrationSet | None = None,
+    provenance: dict[str, str] | None = None,
+    quiet: bool = False,
+) -> ir.passes.PassManager:
+    backend = get_backend(target)
+    return ir.passes.PassManager(
+        [
+            # 1. One canonical graph: constants lifted and folded, dead code gone, sorted, at the QDQ opset.
+            *canonicalize_passes(recipe.opset),
+            # 2. Policy: which nodes the recipe quantizes, and how (no graph change).
+            AnnotateQuantizationPass(recipe),
+            # 3. Calibration on the flat float graph, on the target's own runtime, streaming.
+            CalibrateActivationsPass(calib, backend, quiet=quiet),
+            # 4. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
+            InsertQDQPass(),
+            # 5. Cleanup and what the runtime needs to load the result; provenance last.
+            common.RemoveUnusedNodesPass(),
+            common.TopologicalSortPass(),
+            LimitIrVersionPass(max_ir_version()),
+            RecordProvenancePass(provenance or {}),
+        ]
+    )

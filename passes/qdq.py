@@ -1,0 +1,113 @@
+"""Materialization: turn annotations and calibrated ranges into QuantizeLinear / DequantizeLinear nodes.
+
+Weights become integer initializers feeding DequantizeLinear (the float copy is dropped when nothing else
+reads it); activations get a QuantizeLinear -> DequantizeLinear pair shared by every quantized consumer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qtc.errors import QtcError
+from qtc.passes.annotate import QuantAnnotation, original_name, activation_key, annotated_nodes
+from qtc.passes.calibrate import RANGES
+from qtc.passes.quant_math import activation_qparams, weight_qparams
+
+QDQ_OPSET = 21
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def _dequantize(graph: ir.Graph, name: str, inputs: list[ir.Value], axis: int | None) -> ir.Node:
+    attributes = {"axis": axis} if axis is not None else {}
+    return ir.node("DequantizeLinear", inputs, attributes, name=f"{name}_DequantizeLinear",
+                   outputs=[ir.Value(name=f"{name}_dequantized")])
+
+
+def _free_base(graph: ir.Graph, preferred: str, fallback: str) -> str:
+    """Readable names (`l1.weight_quantized`) unless another tensor already uses them."""
+    taken = graph.initializers
+    if all(f"{preferred}_{suffix}" not in taken for suffix in ("quantized", "scale", "zero_point")):
+        return preferred
+    return fallback
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    """Requires annotations (and ranges for static activations); ensures no annotated node reads a float weight."""
+
+    def requires(self, model: ir.Model) -> None:
+        if model.opset_imports.get("", 1) < QDQ_OPSET:
+            raise ir.passes.PreconditionError(f"QDQ needs default opset >= {QDQ_OPSET}")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        ranges = model.meta.get(RANGES, {})
+        weight_dq: dict[tuple, ir.Value] = {}
+        activation_dq: dict[tuple, ir.Value] = {}
+        quantized_weights = set()
+        for node, note in annotated_nodes(graph):
+            key = (note.weight.name, note.weight_spec, note.axis)
+            if key not in weight_dq:
+                weight_dq[key] = self._quantize_weight(graph, node, note)
+                quantized_weights.add(note.weight.name)
+            self._rewire_weight(node, note, weight_dq[key])
+            if note.activation_spec is not None:
+                value = node.inputs[note.activation_input]
+                act_key = activation_key(value, note.activation_spec)
+                if act_key not in ranges:
+                    raise QtcError(f"no calibrated range for activation {value.name!r}")
+                dq_key = (act_key, note.activation_spec)
+                if dq_key not in activation_dq:
+                    activation_dq[dq_key] = self._quantize_activation(graph, node, value, ranges[act_key], note)
+                node.replace_input_with(note.activation_input, activation_dq[dq_key])
+        for name in sorted(quantized_weights):
+            value = graph.initializers[name]
+            if not value.uses():
+                graph.initializers.pop(name)  # no float copy kept
+        return ir.passes.PassResult(model, modified=bool(weight_dq))
+
+    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, note: QuantAnnotation) -> ir.Value:
+        tensor = note.weight.const_value
+        q, scale, zero_point = weight_qparams(tensor.numpy(), note.weight_spec, note.axis)
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()  # drop the float mapping now: peak memory stays near one tensor, not the model
+        base = _free_base(graph, original_name(note.weight), note.weight.name)
+        dq = _dequantize(
+            graph,
+            base,
+            [_constant(graph, f"{base}_quantized", q), _constant(graph, f"{base}_scale", scale),
+             _constant(graph, f"{base}_zero_point", zero_point)],
+            note.axis,
+        )
+        graph.insert_before(note.transpose or node, dq)
+        return dq.outputs[0]
+
+    @staticmethod
+    def _rewire_weight(node: ir.Node, note: QuantAnnotation, dequantized: ir.Value) -> None:
+        if note.transpose is None:
+            node.replace_input_with(note.weight_input, dequantized)
+        elif note.transpose.inputs[0] is note.weight:
+            note.transpose.replace_input_with(0, dequantized)
+
+    def _quantize_activation(self, graph, node, value, value_range, note) -> ir.Value:
+        scale, zero_point = activation_qparams(*value_range, note.activation_spec)
+        base = value.name
+        scale_value = _constant(graph, f"{base}_scale", scale)
+        zero_value = _constant(graph, f"{base}_zero_point", zero_point)
+        quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{base}_QuantizeLinear",
+                           outputs=[ir.Value(name=f"{base}_quantized")])
+        dq = _dequantize(graph, base, [quantize.outputs[0], scale_value, zero_value], None)
+        graph.insert_before(node, [quantize, dq])
+        return dq.outputs[0]
+
+    def ensures(self, model: ir.Model) -> None:
+        for node, note in annotated_nodes(model.graph):
+            reader = note.transpose or node
+            source = reader.inputs[0 if note.transpose else note.weight_input]
+            if source.producer() is None or source.producer().op_type != "DequantizeLinear":
+                raise ir.passes.PostconditionError(f"node {node.name!r} still reads a float weight")

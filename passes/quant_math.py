@@ -1,0 +1,75 @@
+"""Integer quantization arithmetic shared by the QDQ passes (numpy only, no graph code)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qtc.recipes import QuantSpec
+
+INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
+NUMPY_DTYPES = {"int8": np.int8, "uint8": np.uint8}
+# Smallest scale we emit: keeps all-zero channels valid (DequantizeLinear needs scale > 0) without overflow.
+MIN_SCALE = np.float32(1e-12)
+
+
+def weight_qparams(w: np.ndarray, spec: QuantSpec, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize a weight: (q, scale, zero_point); per tensor when axis is None, else one scale per slice of axis.
+
+    Symmetric weights use the restricted range [-127, 127] so that +max and -max round to the same magnitude.
+    """
+    w = np.asarray(w, dtype=np.float32)
+    reduce_axes = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
+    qmin, qmax = INT_RANGES[spec.dtype]
+    if spec.symmetric:
+        amax = np.max(np.abs(w), axis=reduce_axes)
+        half = (qmax - qmin) // 2
+        scale = np.maximum(amax / half, MIN_SCALE).astype(np.float32)
+        zero_point = np.full(scale.shape, (qmin + qmax + 1) // 2, dtype=NUMPY_DTYPES[spec.dtype])
+    else:
+        lo = np.minimum(np.min(w, axis=reduce_axes), 0.0)
+        hi = np.maximum(np.max(w, axis=reduce_axes), 0.0)
+        scale, zero_point = _affine(lo, hi, spec.dtype)
+    q = quantize_array(w, scale, zero_point, axis, spec.dtype)
+    return q, scale, zero_point
+
+
+def activation_qparams(lo: float, hi: float, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tensor (scale, zero_point) for an observed clip range; the range is widened to contain 0 exactly."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if spec.symmetric:
+        qmin, qmax = INT_RANGES[spec.dtype]
+        amax = max(-lo, hi)
+        scale = np.float32(max(amax / ((qmax - qmin) / 2), float(MIN_SCALE)))
+        return np.array(scale, dtype=np.float32), np.array((qmin + qmax + 1) // 2, dtype=NUMPY_DTYPES[spec.dtype])
+    scale, zero_point = _affine(np.array(lo), np.array(hi), spec.dtype)
+    return scale.reshape(()), zero_point.reshape(())
+
+
+def _affine(lo: np.ndarray, hi: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    qmin, qmax = INT_RANGES[dtype]
+    scale = np.maximum((hi - lo) / (qmax - qmin), MIN_SCALE).astype(np.float32)
+    zero_point = np.clip(np.round(qmin - lo / scale), qmin, qmax).astype(NUMPY_DTYPES[dtype])
+    return scale, zero_point
+
+
+def quantize_array(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None, dtype: str) -> np.ndarray:
+    """Round-half-to-even, as ONNX QuantizeLinear does."""
+    if axis is not None:
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    qmin, qmax = INT_RANGES[dtype]
+    # In-place steps: one float temporary the size of x, whatever the tensor's size (2 GB models).
+    q = np.divide(x, scale, dtype=np.float32)
+    np.rint(q, out=q)
+    q += zero_point.astype(np.float32)
+    np.clip(q, qmin, qmax, out=q)
+    return q.astype(NUMPY_DTYPES[dtype])
+
+
+def dequantize_array(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None) -> np.ndarray:
+    if axis is not None:
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return (q.astype(np.float32) - zero_point.astype(np.float32)) * scale

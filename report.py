@@ -1,0 +1,101 @@
+"""The compile report: provenance, what was quantized, sizes, and float-vs-compiled agreement on held-out data."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import onnx_ir as ir
+
+from qtc.backends.base import Backend
+
+
+class _OutputStats:
+    """Running agreement statistics for one output, accumulated sample by sample."""
+
+    def __init__(self) -> None:
+        self.dot = self.ref_sq = self.out_sq = 0.0
+        self.max_abs = 0.0
+        self.top1_same = self.top1_total = 0
+
+    def update(self, ref: np.ndarray, out: np.ndarray, logits: bool) -> None:
+        ref64, out64 = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
+        self.dot += float(ref64 @ out64)
+        self.ref_sq += float(ref64 @ ref64)
+        self.out_sq += float(out64 @ out64)
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(ref64 - out64))) if ref64.size else 0.0)
+        if logits:
+            same = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
+            self.top1_same += int(same.sum())
+            self.top1_total += int(same.size)
+
+    def result(self) -> dict:
+        denominator = np.sqrt(self.ref_sq * self.out_sq)
+        data = {"cosine": float(self.dot / denominator) if denominator > 0 else 1.0, "max_abs_diff": self.max_abs}
+        if self.top1_total:
+            data["top1_agreement"] = self.top1_same / self.top1_total
+            data["positions"] = self.top1_total
+        return data
+
+
+def compare_models(
+    backend: Backend,
+    reference: str | os.PathLike | bytes | ir.Model,
+    candidate: str | os.PathLike | bytes | ir.Model,
+    feeds: Iterable[dict[str, np.ndarray]],
+) -> dict:
+    """Per-output cosine, max |diff| (and top-1 agreement for logits) of candidate against reference.
+
+    The two models never sit in memory together: reference outputs go to a temporary folder first.
+    """
+    with tempfile.TemporaryDirectory(prefix="qtc-compare-") as folder:
+        session = backend.session(reference)
+        names = [o.name for o in session.get_outputs()]
+        saved = []
+        for i, feed in enumerate(feeds):
+            path = Path(folder) / f"{i}.npz"
+            np.savez(path, **dict(zip(names, session.run(names, feed))))
+            saved.append((path, feed))
+        del session
+        if not saved:
+            return {}
+        session = backend.session(candidate)
+        stats = {name: _OutputStats() for name in names}
+        for path, feed in saved:
+            outputs = dict(zip(names, session.run(names, feed)))
+            with np.load(path) as reference_outputs:
+                for name in names:
+                    stats[name].update(reference_outputs[name], outputs[name], logits="logit" in name)
+    return {"samples": len(saved), "outputs": {name: s.result() for name, s in stats.items()}}
+
+
+def graph_summary(model: ir.Model) -> dict:
+    """Op histogram and tensor bytes by dtype: the same numbers `qtc inspect` shows."""
+    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
+    by_dtype: Counter = Counter()
+    params: Counter = Counter()
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            by_dtype[tensor.dtype.name] += tensor.nbytes
+            params[tensor.dtype.name] += tensor.size
+    return {
+        "ops": dict(sorted(ops.items())),
+        "bytes_by_dtype": dict(sorted(by_dtype.items())),
+        "params_by_dtype": dict(sorted(params.items())),
+        "tensor_bytes": sum(by_dtype.values()),
+    }
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
