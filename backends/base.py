@@ -12,7 +12,6 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qtc.frontends.onnx_file import EXTERNAL_DATA_THRESHOLD, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -39,10 +38,8 @@ class Backend:
         return ort.InferenceSession(model, self.session_options(), providers=[self.provider])
 
     def _session_from_ir(self, model: ir.Model) -> ort.InferenceSession:
-        # Small models go through memory; big ones through a temporary file with external data, since a
-        # serialized protobuf cannot exceed 2 GiB.
-        if tensor_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
-            return self.session(ir.to_proto(model).SerializeToString())
+        # Through a temporary folder with external data: the model may be > 2 GiB, and may still point at the
+        # source's external data files, which a serialized protobuf in memory cannot carry.
         with tempfile.TemporaryDirectory(prefix="qtc-session-") as folder:
             path = Path(folder) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")

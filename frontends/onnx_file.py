@@ -78,6 +78,12 @@ def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
 
+def _inline_external_tensors(model: ir.Model) -> None:
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.tensor(value.const_value.numpy().copy(), name=value.name)
+
+
 def data_file_name(out_path: Path) -> str:
     return out_path.name + ".data"
 
@@ -86,12 +92,15 @@ def save_model(model: ir.Model, out_path: str | os.PathLike, *, external_data: b
     """Write the model (and its external data beside it) atomically: temp folder first, then rename.
 
     A failure leaves no partial output. Returns the files written. `external_data=None` chooses external data
-    for models whose tensors exceed EXTERNAL_DATA_THRESHOLD.
+    when the model came with external data or its tensors exceed EXTERNAL_DATA_THRESHOLD. Either way every
+    tensor ends up in the output's own files, never as a reference to the input's data file.
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
-        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+        external_data = bool(external_tensors(model)) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        _inline_external_tensors(model)
     data_name = data_file_name(out_path)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.", dir=out_path.parent))
     try:

@@ -1,0 +1,123 @@
+"""Helpers shared by the benchmark scripts: fresh-subprocess workers, peak RSS, tables, JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+MiB = 1 << 20
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far: VmHWM of /proc/self/status.
+
+    Not ru_maxrss: Linux carries ru_maxrss across fork + execve, so a worker started by a parent that had
+    imported torch would report the parent's RSS at fork time as its own peak. VmHWM belongs to the new
+    address space only.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssSampler:
+    """Samples this process's RSS every `interval` s in a thread, with labelled phases: where the peak happens."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.phase = "start"
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = current_rss_bytes()
+            if rss > self.peaks.get(self.phase, 0):
+                self.peaks[self.phase] = rss
+            time.sleep(self.interval)
+
+    def mark(self, phase: str) -> None:
+        self.phase = phase
+
+    def __enter__(self) -> "RssSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_worker(script: Path, args: list[str], result_path: Path, timeout: float | None = None) -> dict:
+    """Run `python script --worker ... --result result_path` in a fresh process; return its JSON result."""
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, str(script), *args, "--result", str(result_path)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = (proc.stderr or proc.stdout)[-3000:]
+        return {"ok": False, "returncode": proc.returncode, "error": tail, "process_seconds": round(elapsed, 2)}
+    data = json.loads(result_path.read_text())
+    data["ok"] = True
+    data["process_seconds"] = round(elapsed, 2)
+    return data
+
+
+def write_worker_result(path: str | os.PathLike, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_results(name: str, data: dict) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def mib(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / MiB:.0f}"
+
+
+def machine() -> dict:
+    import platform
+
+    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()}
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_bytes"] = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    for pkg in ("onnxruntime", "onnx", "onnx_ir", "numpy"):
+        try:
+            info[pkg] = __import__(pkg).__version__
+        except Exception:  # noqa: BLE001 - informational only
+            pass
+    return info

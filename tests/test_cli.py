@@ -1,0 +1,141 @@
+"""The CLI contract: bad input gets one line on stderr, exit code 2, and no output file."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+
+def qtc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "qtc.cli.main", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env={**os.environ, "COLUMNS": "200"})
+
+
+def assert_bad_input(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_recipes_listing_and_show():
+    listing = qtc("recipes")
+    assert listing.returncode == 0 and "w8a8" in listing.stdout and "w8a16" in listing.stdout
+    shown = yaml.safe_load(qtc("recipes", "show", "w8a8").stdout)
+    assert shown["weight"] == {"dtype": "int8", "granularity": "channel", "symmetric": True}
+    assert shown["keep_float"] == ["embedding", "lm_head"]
+
+
+def test_compile_and_inspect_json(tiny_llama, chinese_corpus, tmp_path):
+    out = tmp_path / "m.w8a8.onnx"
+    result = qtc("compile", tiny_llama, "--recipe", "w8a8", "--calib", chinese_corpus, "--samples", "4",
+                 "--seq-len", "64", "-o", out, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["calibration"]["samples"] == 4 and out.is_file()
+    info = json.loads(qtc("inspect", out, "--json").stdout)
+    assert 0.5 < info["weights_quantized"]["fraction"] < 1.0  # embedding and LM head stay float
+    assert info["repeated_blocks"][0]["count"] == 4
+    assert info["qtc_metadata"]["qtc.recipe"]
+
+
+@pytest.fixture()
+def case(tiny_llama, chinese_corpus, tmp_path):
+    """A writable copy of the model folder, and where an output would go."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
+        shutil.copyfile(tiny_llama.parent / name, folder / name)
+    return {"model": folder / "model.onnx", "corpus": chinese_corpus, "out": tmp_path / "out" / "x.onnx", "tmp": tmp_path}
+
+
+def _no_output(case):
+    assert not case["out"].exists() and not case["out"].with_name("x.qtc.json").exists()
+
+
+def test_truncated_model(case):
+    cut = case["tmp"] / "cut.onnx"
+    cut.write_bytes(case["model"].read_bytes()[:5000])
+    assert_bad_input(qtc("compile", cut, "--recipe", "w8a16", "-o", case["out"]), "cut.onnx")
+    _no_output(case)
+
+
+def test_not_onnx(case):
+    fake = case["tmp"] / "fake.onnx"
+    fake.write_text("这不是模型\n" * 50)
+    assert_bad_input(qtc("compile", fake, "--recipe", "w8a16", "-o", case["out"]), "fake.onnx")
+    _no_output(case)
+
+
+def test_unknown_recipe(case):
+    assert_bad_input(qtc("compile", case["model"], "--recipe", "w3a3", "-o", case["out"]), "unknown recipe 'w3a3'")
+    _no_output(case)
+
+
+def test_recipe_yaml_with_unknown_key(case):
+    recipe = case["tmp"] / "r.yaml"
+    recipe.write_text("base: w8a8\nweights: {dtype: int8}\n")
+    assert_bad_input(qtc("compile", case["model"], "--recipe", recipe, "-o", case["out"]), "unknown key 'weights'")
+    _no_output(case)
+
+
+def test_missing_calibration_file(case):
+    result = qtc("compile", case["model"], "--recipe", "w8a8", "--calib", case["tmp"] / "nope.txt", "-o", case["out"])
+    assert_bad_input(result, "nope.txt")
+    _no_output(case)
+
+
+def test_static_recipe_without_calibration(case):
+    assert_bad_input(qtc("compile", case["model"], "--recipe", "w8a8", "-o", case["out"]), "needs calibration data")
+    _no_output(case)
+
+
+def test_external_data_escaping_folder(case):
+    import onnx_ir as ir
+
+    model = ir.load(case["model"])
+    for value in model.graph.initializers.values():
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value._location = "../../secrets.bin"
+            break
+    evil = case["tmp"] / "model" / "evil.onnx"
+    ir.save(model, evil)
+    assert_bad_input(qtc("compile", evil, "--recipe", "w8a16", "-o", case["out"]), "outside the model's folder")
+    _no_output(case)
+
+
+def test_tokenizer_larger_than_embedding(case):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(case["model"].parent / "tokenizer.json"))
+    rows = tokenizer.get_vocab_size()
+    tokenizer.add_tokens([f"额外{i}" for i in range(10)])
+    big = case["tmp"] / "big-tokenizer.json"
+    tokenizer.save(str(big))
+    result = qtc("compile", case["model"], "--recipe", "w8a8", "--calib", case["corpus"], "--tokenizer", big,
+                 "--samples", "2", "--seq-len", "32", "-o", case["out"])
+    assert_bad_input(result, f"embedding has {rows} rows")
+    _no_output(case)
+
+
+def test_output_equal_to_input(case):
+    before = case["model"].read_bytes()
+    assert_bad_input(qtc("compile", case["model"], "--recipe", "w8a16", "-o", case["model"]), "input model itself")
+    assert case["model"].read_bytes() == before
+
+
+def test_symlinked_data_leaving_the_folder_is_refused(case):
+    data = case["model"].parent / "model.onnx.data"
+    data.rename(case["tmp"] / "elsewhere.data")
+    data.symlink_to(case["tmp"] / "elsewhere.data")
+    assert_bad_input(qtc("compile", case["model"], "--recipe", "w8a16", "-o", case["out"]), "outside the model's folder")
+    _no_output(case)
+
+
+def test_bad_option_is_one_line(case):
+    assert_bad_input(qtc("compile", case["model"], "--calibrator", "magic"), "magic")

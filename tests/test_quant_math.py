@@ -1,0 +1,56 @@
+"""Quantization arithmetic, checked against ONNX Runtime's own QuantizeLinear/DequantizeLinear."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qtc.passes.quant_math import activation_qparams, dequantize_array, quantize_array, weight_qparams
+from qtc.recipes import QuantSpec
+
+RNG = np.random.default_rng(0)
+
+
+def _ort_qdq(x, scale, zero_point, axis):
+    """Run QuantizeLinear -> DequantizeLinear at opset 21 through ORT CPU."""
+    values = [ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(x.shape))]
+    s = ir.Value(name="s", const_value=ir.tensor(scale))
+    z = ir.Value(name="z", const_value=ir.tensor(zero_point))
+    attrs = {"axis": axis} if axis is not None else {}
+    q = ir.node("QuantizeLinear", [values[0], s, z], attrs)
+    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], attrs)
+    dq.outputs[0].name = "y"
+    graph = ir.Graph(values, dq.outputs, nodes=[q, dq], initializers=[s, z], opset_imports={"": 21})
+    proto = ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString()
+    return ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_per_channel_weight_matches_ort_and_error_bound():
+    w = RNG.normal(size=(64, 32)).astype(np.float32) * np.linspace(0.01, 3, 32, dtype=np.float32)
+    q, scale, zp = weight_qparams(w, QuantSpec("int8", "channel", True), axis=1)
+    assert q.dtype == np.int8 and scale.shape == (32,) and not zp.any()
+    assert q.min() >= -127  # restricted symmetric range
+    ours = dequantize_array(q, scale, zp, axis=1)
+    assert np.all(np.abs(ours - w) <= scale / 2 + 1e-7)
+    np.testing.assert_allclose(_ort_qdq(w, scale, zp, axis=1), ours, rtol=0, atol=1e-6)
+
+
+def test_asymmetric_activation_range_contains_zero_exactly():
+    scale, zp = activation_qparams(0.5, 6.0, QuantSpec("int8", "tensor", False, calibrator="minmax"))
+    assert dequantize_array(zp.astype(np.int8), scale, zp, None) == 0.0  # 0 is widened in and exact
+    x = RNG.uniform(0, 6, size=(4, 100)).astype(np.float32)
+    np.testing.assert_allclose(_ort_qdq(x, scale, zp, None), dequantize_array(quantize_array(x, scale, zp, None, "int8"), scale, zp, None), atol=1e-6)
+    assert np.max(np.abs(_ort_qdq(x, scale, zp, None) - x)) <= scale / 2 + 1e-6
+
+
+def test_zero_channel_gets_valid_scale():
+    w = np.zeros((8, 4), dtype=np.float32)
+    w[:, 0] = 1.0
+    q, scale, _ = weight_qparams(w, QuantSpec("int8", "channel", True), axis=1)
+    assert np.all(scale > 0) and not q[:, 1:].any()
+
+
+def test_rounding_is_half_to_even_like_onnx():
+    scale, zp = np.float32(1.0), np.int8(0)
+    x = np.array([[0.5, 1.5, 2.5, -0.5, -1.5]], dtype=np.float32)
+    np.testing.assert_array_equal(quantize_array(x, np.array(scale), np.array(zp), None, "int8"), [[0, 2, 2, 0, -2]])
+    np.testing.assert_array_equal(_ort_qdq(x, np.array(scale), np.array(zp), None), [[0, 2, 2, 0, -2]])
