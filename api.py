@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ class CompileResult:
         """Write the model (external data beside it when large) and the sidecar `OUT.qtc.json`, atomically."""
         path = Path(path)
         _refuse_overwriting_source(path, self.source, self.model)
-        self.written = save_model(self.model, path)
+        self.written = save_model(self.model, path) + _copy_tokenizer(self.source, path)
         self.report["output"] = {
             "path": path.name,
             "files": {p.name: p.stat().st_size for p in self.written},
@@ -50,6 +51,17 @@ class CompileResult:
             self.report["output"]["ratio_to_source"] = self.report["output"]["bytes"] / source_bytes
         write_json_atomic(sidecar_path(path), self.report)
         return path
+
+
+def _copy_tokenizer(source: Path | None, out: Path) -> list[Path]:
+    """Ship the model's own tokenizer.json beside the output (never replacing one already there)."""
+    if source is None or not (source.parent / "tokenizer.json").is_file():
+        return []
+    target = out.parent / "tokenizer.json"
+    if target.exists():
+        return []
+    shutil.copyfile(source.parent / "tokenizer.json", target)
+    return [target]
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -124,8 +136,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     backend = get_backend(target)
     resolved = load_recipe(recipe).with_calibrator(calibrator)
     calib_set = _calibration(calib, source, tokenizer, samples, seq_len, seed)
-    if calib_set is not None:
-        check_vocabulary(calib_set, graph_model)
+    if calib_set is not None and calib_set.kind == "text":
+        check_vocabulary(graph_model, calib_set.vocab_size, calib_set.tokenizer)
     before = graph_summary(graph_model)
     reference = source if source is not None else ir.to_proto(graph_model).SerializeToString()
     inputs = model_inputs(graph_model)

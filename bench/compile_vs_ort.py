@@ -10,7 +10,11 @@ Variants:
 - ort:                 quantize_static(QDQ, per_channel, MinMax, QInt8/QInt8), default op types (everything ORT
                        knows how to quantize)
 - ort-matmul:          the same with op_types_to_quantize=["MatMul"]
-- ort-matmul-nolmhead: the same, also excluding the LM head MatMul: the same node set as qtc's w8a8
+- ort-matmul-nolmhead: the same, also excluding the LM head MatMul
+- ort-matmul-weights:  the same, also excluding the activation x activation MatMuls (attention QK^T and
+                       scores x V): exactly qtc's MatMul set. What still differs from qtc: ORT's QDQ quantizer
+                       also puts Q/DQ on each quantized MatMul's *output* (residual Adds, SiLU, RoPE inputs read
+                       int8-rounded values), qtc only on its inputs.
 
 Both qtc and ORT calibrate on exactly the same samples: qtc's calibration set (load_calibration) is fed to ORT
 through a CalibrationDataReader. The compile time of both includes building that set (tokenization).
@@ -44,7 +48,7 @@ from _util import (  # noqa: E402
 
 NAME = "compile_vs_ort"
 WORKLOAD = "zh-news"
-VARIANTS = ("qtc", "ort", "ort-matmul", "ort-matmul-nolmhead")
+VARIANTS = ("qtc", "ort", "ort-matmul", "ort-matmul-nolmhead", "ort-matmul-weights")
 
 
 # --------------------------------------------------------------------------------------------- workers
@@ -122,9 +126,12 @@ def _ort_worker(args) -> dict:
     variant = args.worker
     op_types = ["MatMul"] if variant.startswith("ort-matmul") else None
     exclude = None
-    if variant == "ort-matmul-nolmhead":
+    if variant in ("ort-matmul-nolmhead", "ort-matmul-weights"):
         graph = onnx.load(args.model, load_external_data=False).graph
+        weights = {i.name for i in graph.initializer}
         exclude = [n.name for n in graph.node if n.op_type == "MatMul" and "lm_head" in "".join(n.input)]
+        if variant == "ort-matmul-weights":
+            exclude += [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] not in weights]
     started = time.perf_counter()
     calib = load_calibration(WORKLOAD, tokenizer=Path(args.tokenizer), n_samples=args.samples,
                              seq_len=args.seq_len, seed=0)
@@ -190,10 +197,27 @@ class _Stats:
         }
 
 
-def _eval_worker(args) -> dict:
-    """Quality on held-out feeds and latency, one model after another in this (fresh) process."""
-    import numpy as np
+def _optimized_ops(path: str, threads: int, folder: str) -> dict:
+    """Op histogram of the graph ORT CPU actually runs (after its QDQ fusions), from optimized_model_filepath."""
+    import onnx
+    import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+    ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    ops: dict[str, int] = {}
+    for node in onnx.load(options.optimized_model_filepath, load_external_data=False).graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+        ops[key] = ops.get(key, 0) + 1
+    interesting = ("MatMul", "Gemm", "QLinear", "Integer", "Quantize", "Dequantize", "FusedMatMul")
+    return dict(sorted((k, v) for k, v in ops.items() if any(t in k for t in interesting)))
+
+
+def _eval_worker(args) -> dict:
+    """Quality on held-out feeds, then latency measured round-robin over all models (one run of each model in
+    turn, --runs rounds) so that load from other processes on the machine hits every model alike."""
     from qtc.calibration.data import load_calibration, model_inputs
     from qtc.frontends.onnx_file import load_model
 
@@ -202,16 +226,15 @@ def _eval_worker(args) -> dict:
     inputs = model_inputs(load_model(args.model))
     heldout = list(calib.feeds(inputs, heldout=True))
     latency_feed = heldout[0]
-    candidates = json.loads(args.candidates)  # {name: path}
+    paths = {"float": args.model, **json.loads(args.candidates)}
     out: dict = {"heldout_samples": len(heldout), "threads": threads,
                  "latency_input_shape": list(latency_feed[inputs[0].name].shape), "models": {}}
-    reference = []
-    for name, path in {"float": args.model, **candidates}.items():
+    sessions, reference = {}, []
+    for name, path in paths.items():
         started = time.perf_counter()
         session = _session(path, threads)
-        load_seconds = time.perf_counter() - started
+        entry: dict = {"session_load_seconds": round(time.perf_counter() - started, 3)}
         output = session.get_outputs()[0].name
-        entry: dict = {"session_load_seconds": round(load_seconds, 3)}
         if name == "float":
             reference = [session.run([output], feed)[0] for feed in heldout]
         else:
@@ -219,18 +242,23 @@ def _eval_worker(args) -> dict:
             for feed, ref in zip(heldout, reference):
                 stats.update(ref, session.run([output], feed)[0])
             entry["quality"] = stats.result()
-        for _ in range(args.warmup):
-            session.run([output], latency_feed)
-        times = []
-        for _ in range(args.runs):
+        with tempfile.TemporaryDirectory(prefix="qtc-bench-opt-") as folder:
+            entry["ort_optimized_ops"] = _optimized_ops(path, threads, folder)
+        sessions[name] = (session, output)
+        out["models"][name] = entry
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    load_before = os.getloadavg()
+    for round_ in range(args.warmup + args.runs):
+        for name, (session, output) in sessions.items():
             t = time.perf_counter()
             session.run([output], latency_feed)
-            times.append(time.perf_counter() - t)
-        entry["latency_ms"] = {"median": statistics.median(times) * 1e3, "min": min(times) * 1e3,
-                               "max": max(times) * 1e3, "runs": args.runs, "warmup": args.warmup}
-        out["models"][name] = entry
-        del session
-    _ = np  # numpy imported for _Stats in this process
+            if round_ >= args.warmup:
+                times[name].append(time.perf_counter() - t)
+    out["loadavg_before_after_latency"] = [load_before, os.getloadavg()]
+    for name, samples in times.items():
+        out["models"][name]["latency_ms"] = {
+            "median": statistics.median(samples) * 1e3, "min": min(samples) * 1e3, "max": max(samples) * 1e3,
+            "runs": args.runs, "warmup": args.warmup}
     return out
 
 
@@ -325,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             out = workdir / f"{variant}.onnx"
             print(f"[{NAME}] compiling {variant} ...", flush=True)
+            load = os.getloadavg()
             data = run_worker(script, ["--worker", variant, *common, "--out", str(out)], workdir / f"{variant}.json")
+            data["loadavg_before_after"] = [load, os.getloadavg()]
             results["compile"][variant] = data
             if data["ok"]:
                 candidates[variant] = str(out)
@@ -368,22 +398,29 @@ def render(results: dict) -> str:
             name,
             f"{comp['total_seconds']:.1f}" if comp.get("ok") else ("-" if name == "float" else "FAILED"),
             mib(comp.get("peak_rss_bytes")) if comp.get("ok") else "-",
+            mib(comp["peak_rss_bytes"] - comp["rss_after_imports_bytes"]) if comp.get("ok") else "-",
             f"{q['cosine']:.5f}" if q else "-",
             f"{q['max_abs_diff']:.4f}" if q else "-",
             f"{q['top1_agreement']:.4f}" if q else "-",
             f"{ev['latency_ms']['median']:.1f}" if ev else "-",
+            f"{ev['latency_ms']['min']:.1f}" if ev else "-",
             facts.get("QuantizeLinear", "-"),
             facts.get("DequantizeLinear", "-"),
             f"{facts['bytes_on_disk'] / MiB:.1f}" if facts.get("bytes_on_disk") else "-",
         ])
-    lines.append(table(["variant", "compile s", "peak RSS MiB", "cosine", "max|diff|", "top-1", "latency ms",
+    lines.append(table(["variant", "compile s", "peak RSS MiB", "over imports", "cosine", "max|diff|", "top-1", "lat. median ms", "lat. min ms",
                         "#Q", "#DQ", "size MiB"], rows))
     if evaluation.get("ok"):
         lines.append(f"quality: logits vs float on {evaluation['heldout_samples']} held-out windows; latency: "
                      f"batch 1 x {evaluation['latency_input_shape'][-1]} tokens, median of {s['runs']} runs after "
                      f"{s['warmup']} warmup, {evaluation['threads']} threads")
+        load = evaluation["loadavg_before_after_latency"]
+        lines.append(f"1-min load average before/after the latency runs: {load[0][0]:.1f} / {load[1][0]:.1f} "
+                     f"on {results['machine']['cpus']} CPUs (other processes share this machine: compare min too)")
     for name, facts in results["outputs"].items():
         lines.append(f"{name}: ops reading a DequantizeLinear output: {facts['ops_reading_dequantized']}")
+    for name, entry in models.items():
+        lines.append(f"{name}: matmul-like ops ORT CPU runs after its fusions: {entry['ort_optimized_ops']}")
     for name, comp in results["compile"].items():
         for note in comp.get("notes", []):
             lines.append(f"note ({name}): {note}")

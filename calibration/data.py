@@ -223,12 +223,11 @@ def embedding_rows(model: ir.Model) -> int | None:
     return None
 
 
-def check_vocabulary(calib: CalibrationSet, model: ir.Model) -> None:
-    rows = embedding_rows(model) if calib.kind == "text" else None
-    if rows is not None and calib.vocab_size is not None and calib.vocab_size > rows:
-        raise QtcError(
-            f"tokenizer {calib.tokenizer} has {calib.vocab_size} tokens but the model's embedding has {rows} rows"
-        )
+def check_vocabulary(model: ir.Model, vocab_size: int | None, tokenizer_name: str | None) -> None:
+    """A tokenizer with more tokens than the embedding has rows would index past the table at run time."""
+    rows = embedding_rows(model) if vocab_size is not None else None
+    if rows is not None and vocab_size > rows:
+        raise QtcError(f"tokenizer {tokenizer_name} has {vocab_size} tokens but the model's embedding has {rows} rows")
 
 
 # ---------------------------------------------------------------------------------------------- npz

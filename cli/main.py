@@ -23,6 +23,9 @@ class QtcGroup(click.Group):
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(4)  # ORT's own log lines would break the one-line error contract
         try:
             result = super().main(*args, **kwargs)
         except QtcError as exc:
@@ -138,6 +141,64 @@ def inspect_command(model, as_json):
     for op, count in sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
         ops.add_row(op, str(count))
     out.print(ops)
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--task", required=True, help="zh-news-ppl | zh-reviews-acc | minilm-sts")
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path), help="Float model to compare against.")
+@click.option("--backend", default="cpu", show_default=True, help="Execution backend.")
+@click.option("--limit", type=int, help="Score only the first N units (paragraphs, reviews, sentences).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: the one beside MODEL).")
+@click.option("--max-len", default=512, show_default=True, help="Longest token window fed to the model.")
+@click.option("--seed", default=0, show_default=True, help="Bootstrap seed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def eval_command(model, task, baseline, backend, limit, tokenizer, max_len, seed, as_json):
+    """Score MODEL on a Chinese workload TASK, with 95 % bootstrap intervals (paired against --baseline)."""
+    from qtc.evaluation import evaluate
+
+    result = evaluate(model, task, baseline=baseline, backend=backend, limit=limit, tokenizer=tokenizer,
+                      max_len=max_len, seed=seed, quiet=as_json)
+    if as_json:
+        _print_json(result)
+    else:
+        show_eval(result)
+
+
+def show_eval(result: dict) -> None:
+    data = result["data"]
+    title = (f"{result['task']}: {result['model']['file']}"
+             + (f" vs {result['baseline']['file']}" if result["baseline"] else "")
+             + f"  ({data['units_scored']} of {data['n_items']} {data['name']}:{data['split']} items,"
+               f" sha256 {data['sha256'][:12]}…, {result['backend']})")
+    table = Table("metric", "value", "95 % interval", title=title)
+    for name, metric in result["metrics"].items():
+        interval = metric.get("ci95")
+        table.add_row(name.replace("_", " "), f"{metric['value']:.4f}",
+                      f"[{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "-")
+    recipe = result["model"]["metadata"].get("qtc.recipe")
+    if recipe:
+        calib = result["model"]["metadata"]
+        table.caption = (f"recipe {json.loads(recipe)['name']}, calibrated on {calib.get('qtc.calibration.source')} "
+                         f"({calib.get('qtc.calibration.samples')} x {calib.get('qtc.calibration.seq_len')} tokens, "
+                         f"{calib.get('qtc.calibration.calibrator')}, seed {calib.get('qtc.calibration.seed')})")
+    out.print(table)
+
+
+@main.command("workloads")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def workloads_command(as_json):
+    """List the Chinese workloads with each split's size and sha256."""
+    from qtc.models.workloads import WORKLOADS
+
+    rows = [w.split_info(split) | {"source": w.source} for w in WORKLOADS.values() for split in w.splits]
+    if as_json:
+        _print_json({"workloads": rows})
+        return
+    table = Table("workload", "split", "items", "characters", "sha256", "source")
+    for row in rows:
+        table.add_row(row["name"], row["split"], f"{row['n_items']:,}", f"{row['n_chars']:,}", row["sha256"][:16] + "…", row["source"])
+    out.print(table)
 
 
 @main.group("recipes", invoke_without_command=True)
