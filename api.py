@@ -40,7 +40,7 @@ class CompileResult:
         """Write the model (external data beside it when large) and the sidecar `OUT.qtc.json`, atomically."""
         path = Path(path)
         _refuse_overwriting_source(path, self.source, self.model)
-        self.written = save_model(self.model, path) + _copy_tokenizer(self.source, path)
+        self.written = save_model(self.model, path)
         self.report["output"] = {
             "path": path.name,
             "files": {p.name: p.stat().st_size for p in self.written},
@@ -50,6 +50,7 @@ class CompileResult:
         if source_bytes:
             self.report["output"]["ratio_to_source"] = self.report["output"]["bytes"] / source_bytes
         write_json_atomic(sidecar_path(path), self.report)
+        self.written += _copy_tokenizer(self.source, path)
         return path
 
 
