@@ -115,6 +115,17 @@ def machine() -> dict:
             info["mem_total_bytes"] = int(f.readline().split()[1]) * 1024
     except OSError:
         pass
+    try:
+        flags = set()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+        wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+        info["cpu_flags"] = [flag for flag in wanted if flag in flags]
+    except OSError:
+        pass
     for pkg in ("onnxruntime", "onnx", "onnx_ir", "numpy"):
         try:
             info[pkg] = __import__(pkg).__version__

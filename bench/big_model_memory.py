@@ -95,7 +95,7 @@ def _build_worker(args) -> dict:
     seconds = time.perf_counter() - started
     import numpy as np
 
-    np.save(Path(args.out).with_name("x.npy"), _input(hidden, args.seed))
+    np.save(args.input, _input(hidden, args.seed))
     return {
         "seconds": round(seconds, 3),
         "peak_rss_bytes": peak_rss_bytes(),
@@ -157,7 +157,7 @@ def _run_worker(args) -> dict:
     import onnxruntime as ort
 
     rss_after_imports = peak_rss_bytes()
-    x = np.load(Path(args.model).with_name("x.npy"))
+    x = np.load(args.input)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = os.cpu_count() or 1
@@ -195,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=["build", "compile", "run"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--input", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     script = Path(__file__).resolve()
     float_path, quant_path = folder / "float" / "model.onnx", folder / "w8a16" / "model.onnx"
     float_path.parent.mkdir()
+    x_path = folder / "x.npy"
     results: dict = {
         "benchmark": NAME,
         "settings": {"layers": args.layers, "hidden": args.hidden, "seed": args.seed},
@@ -222,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     try:
         steps = [
-            ("build", ["--worker", "build", *size, "--out", str(float_path)]),
+            ("build", ["--worker", "build", *size, "--out", str(float_path), "--input", str(x_path)]),
             ("compile", ["--worker", "compile", "--model", str(float_path), "--out", str(quant_path)]),
-            ("float", ["--worker", "run", "--model", str(float_path), "--out", str(folder / "y_float.npy")]),
-            ("w8a16", ["--worker", "run", "--model", str(quant_path), "--out", str(folder / "y_w8a16.npy")]),
+            ("float", ["--worker", "run", "--model", str(float_path), "--out", str(folder / "y_float.npy"),
+                       "--input", str(x_path)]),
+            ("w8a16", ["--worker", "run", "--model", str(quant_path), "--out", str(folder / "y_w8a16.npy"),
+                       "--input", str(x_path)]),
         ]
         for name, step_args in steps:
             print(f"[{NAME}] {name} ...", flush=True)

@@ -7,6 +7,11 @@ batch 1 x --seq-len tokens, median of --runs runs after warmup.
 Variants:
 - qtc:                 qtc.compile(recipe="w8a8") (minmax, int8 weights per channel symmetric, int8 activations
                        per tensor asymmetric, MatMul/Gemm/Conv, embedding and LM head kept float)
+- qtc-u8act:           an experiment, not a built-in recipe: w8a8 with uint8 activations (same asymmetric
+                       grid, zero point shifted by 128). ORT CPU turns an int8 activation Q/DQ into uint8 only
+                       where the QuantizeLinear has a single consumer, so with int8 activations the shared
+                       q/k/v and gate/up inputs stay float MatMuls; with uint8 every quantized MatMul becomes
+                       MatMulIntegerToFloat (see "matmul-like ops ORT CPU runs" in the output).
 - ort:                 quantize_static(QDQ, per_channel, MinMax, QInt8/QInt8), default op types (everything ORT
                        knows how to quantize)
 - ort-matmul:          the same with op_types_to_quantize=["MatMul"]
@@ -48,20 +53,32 @@ from _util import (  # noqa: E402
 
 NAME = "compile_vs_ort"
 WORKLOAD = "zh-news"
-VARIANTS = ("qtc", "ort", "ort-matmul", "ort-matmul-nolmhead", "ort-matmul-weights")
+VARIANTS = ("qtc", "qtc-u8act", "ort", "ort-matmul", "ort-matmul-nolmhead", "ort-matmul-weights")
 
 
 # --------------------------------------------------------------------------------------------- workers
 
 
+def _qtc_recipe(variant: str):
+    if variant == "qtc":
+        return "w8a8"
+    import dataclasses
+
+    from qtc.recipes import load_recipe
+
+    base = load_recipe("w8a8")
+    return dataclasses.replace(base, name="w8a8-u8act", activation=dataclasses.replace(base.activation, dtype="uint8"))
+
+
 def _qtc_worker(args) -> dict:
     import qtc
 
+    recipe = _qtc_recipe(args.worker)
     rss_after_imports = peak_rss_bytes()
     notes = []
     started = time.perf_counter()
     try:
-        result = qtc.compile(args.model, recipe="w8a8", calib=WORKLOAD, tokenizer=args.tokenizer,
+        result = qtc.compile(args.model, recipe=recipe, calib=WORKLOAD, tokenizer=args.tokenizer,
                              samples=args.samples, seq_len=args.seq_len, seed=0, compare=False, quiet=True)
     except Exception as exc:  # noqa: BLE001 - a qtc bug should not hide the rest of the benchmark
         # Known failure mode (qtc skeleton): sessions built from an in-memory ir.Model whose initializers are
@@ -74,7 +91,7 @@ def _qtc_worker(args) -> dict:
 
         started = time.perf_counter()
         model = ir.external_data.load_to_model(ir.load(args.model))
-        result = qtc.compile(model, recipe="w8a8", calib=WORKLOAD, tokenizer=args.tokenizer,
+        result = qtc.compile(model, recipe=recipe, calib=WORKLOAD, tokenizer=args.tokenizer,
                              samples=args.samples, seq_len=args.seq_len, seed=0, compare=False, quiet=True)
     compiled = time.perf_counter()
     result.save(args.out)
@@ -159,12 +176,14 @@ def _ort_worker(args) -> dict:
     }
 
 
-def _session(path: str, threads: int):
+def _session(path: str, threads: int, qdq_fusion: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
+    if not qdq_fusion:  # Q/DQ run as written (float math on fake-quantized values): no integer kernels
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
@@ -242,6 +261,11 @@ def _eval_worker(args) -> dict:
             for feed, ref in zip(heldout, reference):
                 stats.update(ref, session.run([output], feed)[0])
             entry["quality"] = stats.result()
+            unfused, stats = _session(path, threads, qdq_fusion=False), _Stats()
+            for feed, ref in zip(heldout, reference):
+                stats.update(ref, unfused.run([output], feed)[0])
+            entry["quality_qdq_fusion_off"] = stats.result()
+            del unfused
         with tempfile.TemporaryDirectory(prefix="qtc-bench-opt-") as folder:
             entry["ort_optimized_ops"] = _optimized_ops(path, threads, folder)
         sessions[name] = (session, output)
@@ -317,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        worker = {"qtc": _qtc_worker, "eval": _eval_worker}.get(args.worker, _ort_worker)
+        worker = {"qtc": _qtc_worker, "qtc-u8act": _qtc_worker, "eval": _eval_worker}.get(args.worker, _ort_worker)
         write_worker_result(args.result, worker(args))
         return 0
 
@@ -393,7 +417,7 @@ def render(results: dict) -> str:
         comp = results["compile"].get(name, {})
         facts = results["outputs"].get(name, results["model"] if name == "float" else {})
         ev = models.get(name, {})
-        q = ev.get("quality", {})
+        q, qf = ev.get("quality", {}), ev.get("quality_qdq_fusion_off", {})
         rows.append([
             name,
             f"{comp['total_seconds']:.1f}" if comp.get("ok") else ("-" if name == "float" else "FAILED"),
@@ -402,18 +426,23 @@ def render(results: dict) -> str:
             f"{q['cosine']:.5f}" if q else "-",
             f"{q['max_abs_diff']:.4f}" if q else "-",
             f"{q['top1_agreement']:.4f}" if q else "-",
+            f"{qf['cosine']:.5f}" if qf else "-",
+            f"{qf['top1_agreement']:.4f}" if qf else "-",
             f"{ev['latency_ms']['median']:.1f}" if ev else "-",
             f"{ev['latency_ms']['min']:.1f}" if ev else "-",
             facts.get("QuantizeLinear", "-"),
             facts.get("DequantizeLinear", "-"),
             f"{facts['bytes_on_disk'] / MiB:.1f}" if facts.get("bytes_on_disk") else "-",
         ])
-    lines.append(table(["variant", "compile s", "peak RSS MiB", "over imports", "cosine", "max|diff|", "top-1", "lat. median ms", "lat. min ms",
+    lines.append(table(["variant", "compile s", "peak RSS MiB", "over imports", "cosine", "max|diff|", "top-1", "cos (no fusion)", "top-1 (no fusion)", "lat. median ms", "lat. min ms",
                         "#Q", "#DQ", "size MiB"], rows))
     if evaluation.get("ok"):
         lines.append(f"quality: logits vs float on {evaluation['heldout_samples']} held-out windows; latency: "
                      f"batch 1 x {evaluation['latency_input_shape'][-1]} tokens, median of {s['runs']} runs after "
                      f"{s['warmup']} warmup, {evaluation['threads']} threads")
+        lines.append("'no fusion': the same model with session.disable_quant_qdq=1, i.e. Q/DQ evaluated in float "
+                     "(the quantization scheme's own error, without ORT's integer kernels); "
+                     f"CPU flags: {results['machine'].get('cpu_flags')}")
         load = evaluation["loadavg_before_after_latency"]
         lines.append(f"1-min load average before/after the latency runs: {load[0][0]:.1f} / {load[1][0]:.1f} "
                      f"on {results['machine']['cpus']} CPUs (other processes share this machine: compare min too)")
