@@ -168,6 +168,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     }
     if compare and calib_set is not None and calib_set.heldout_samples:
         report["heldout_comparison"] = compare_models(backend, reference, graph_model, calib_set.feeds(inputs, heldout=True))
+    if compare:
+        report["runtime_ops"] = {"provider": backend.provider, "ops": backend.runtime_ops(graph_model)}
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
     return CompileResult(graph_model, report, source)
 

@@ -23,6 +23,26 @@ class Backend:
     provider_options: dict = field(default_factory=dict)
     recipes_native: tuple[str, ...] = ()
 
+    def runtime_ops(self, model: ir.Model) -> dict[str, int]:
+        """The op histogram after ORT's own graph optimizations: which kernels (and numerics) really run.
+
+        E.g. block-int4 DequantizeLinear -> MatMul becomes com.microsoft::MatMulNBits on CPU; QDQ around a
+        MatMul becomes QLinearMatMul / MatMulIntegerToFloat; what stays DequantizeLinear runs in float.
+        """
+        with tempfile.TemporaryDirectory(prefix="qtc-optimized-") as folder:
+            source, optimized = Path(folder) / "model.onnx", Path(folder) / "optimized.onnx"
+            ir.save(model, source, external_data="model.onnx.data")
+            options = self.session_options()
+            options.optimized_model_filepath = str(optimized)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            ort.InferenceSession(str(source), options, providers=[self.provider])
+            counts: dict[str, int] = {}
+            for node in onnx.load(str(optimized), load_external_data=False).graph.node:
+                key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+                counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))
+
     def session_options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # ORT's warnings about unused initializers etc. are noise to our users

@@ -131,7 +131,9 @@ def _quiet_hf():
     levels = [lg.level for lg in loggers]
     verbosity = transformers.logging.get_verbosity()
     bars = transformers.utils.logging.is_progress_bar_enabled()
+    tqdm_env = os.environ.get("TQDM_DISABLE")
     try:
+        os.environ["TQDM_DISABLE"] = "1"  # the GGUF reader's own tqdm bar ignores transformers' switch
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         for lg in loggers:
@@ -140,6 +142,10 @@ def _quiet_hf():
             warnings.simplefilter("ignore")
             yield
     finally:
+        if tqdm_env is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = tqdm_env
         transformers.logging.set_verbosity(verbosity)
         if bars:
             transformers.utils.logging.enable_progress_bar()
@@ -232,6 +238,7 @@ def gguf_to_hf(gguf: Path, *, gguf_sha256: str | None = None) -> Path:
             if not (Path(tmp) / TOKENIZER_FILE).is_file():
                 tokenizer.backend_tokenizer.save(str(Path(tmp) / TOKENIZER_FILE))
             for path in sorted(Path(tmp).iterdir()):
+                path.chmod(0o644)
                 os.replace(path, folder / path.name)
     del model
     record = {

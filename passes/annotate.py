@@ -24,7 +24,7 @@ class QuantAnnotation:
 
     weight: ir.Value  # the float initializer
     weight_input: int  # which input of the node reads it (directly or through `transpose`)
-    axis: int | None  # per-channel axis *of the initializer*; None for per-tensor
+    axis: int | None  # DequantizeLinear axis *of the initializer*: channels, or blocks; None per tensor
     transpose: ir.Node | None  # a Transpose between initializer and node (kept; DQ goes before it)
     weight_spec: QuantSpec
     activation_input: int | None
@@ -37,24 +37,35 @@ def _initializer(value: ir.Value | None) -> ir.Value | None:
     return None
 
 
-def find_weight(node: ir.Node) -> tuple[ir.Value, int, int, ir.Node | None] | None:
-    """(initializer, input index, output-channel axis of the initializer, transpose node) or None."""
+@dataclass(frozen=True)
+class WeightRef:
+    """Where a node's constant weight is: the initializer, the input that reads it, and its axes."""
+
+    value: ir.Value
+    input_index: int
+    out_axis: int  # output channels, in the initializer's own layout
+    reduce_axis: int  # the axis the node sums over (blocks run along it)
+    transpose: ir.Node | None  # a Transpose between initializer and node
+
+
+def find_weight(node: ir.Node) -> WeightRef | None:
     if node.op_type == "Conv":
         weight = _initializer(node.inputs[1] if len(node.inputs) > 1 else None)
-        return (weight, 1, 0, None) if weight is not None else None
+        return WeightRef(weight, 1, 0, 1, None) if weight is not None else None
     if node.op_type == "Gemm":
         weight = _initializer(node.inputs[1])
         trans_b = node.attributes.get_int("transB", 0)
-        return (weight, 1, 0 if trans_b else 1, None) if weight is not None else None
+        return WeightRef(weight, 1, 0 if trans_b else 1, 1 if trans_b else 0, None) if weight is not None else None
     if node.op_type == "MatMul":
         b = node.inputs[1]
         if (weight := _initializer(b)) is not None:
-            return (weight, 1, weight.const_value.shape.rank() - 1, None) if weight.const_value.shape.rank() >= 2 else None
+            rank = weight.const_value.shape.rank()
+            return WeightRef(weight, 1, rank - 1, rank - 2, None) if rank >= 2 else None
         producer = b.producer() if b is not None else None
         if producer is not None and producer.op_type == "Transpose" and (weight := _initializer(producer.inputs[0])):
             rank = weight.const_value.shape.rank()
             perm = producer.attributes.get_ints("perm", list(range(rank))[::-1])
-            return (weight, 1, perm[rank - 1], producer) if rank >= 2 else None
+            return WeightRef(weight, 1, perm[rank - 1], perm[rank - 2], producer) if rank >= 2 else None
     return None
 
 
@@ -90,7 +101,7 @@ def mark_roles(graph: ir.Graph) -> None:
             embedding_tables.add(node.inputs[0].name)
     for node in graph:
         found = find_weight(node) if node.op_type in ("MatMul", "Gemm") else None
-        if found is not None and found[0].name in embedding_tables:
+        if found is not None and found.value.name in embedding_tables:
             node.meta[ROLE] = "lm_head"  # tied to the embedding table
     for output in graph.outputs:
         node = output.producer()
@@ -116,16 +127,17 @@ class AnnotateQuantizationPass(ir.passes.InPlacePass):
             found = find_weight(node)
             if found is None:
                 continue
-            weight, index, axis, transpose = found
-            decision = self.recipe.resolve(node.name or "", node.op_type, match_names(node, weight), node.meta.get(ROLE))
+            names = match_names(node, found.value)
+            decision = self.recipe.resolve(node.name or "", node.op_type, names, node.meta.get(ROLE))
             if decision is None:
                 continue
             act_input = _activation_input(node) if decision.activation is not None else None
+            axes = {"channel": found.out_axis, "block": found.reduce_axis, "tensor": None}
             node.meta[ANNOTATION] = QuantAnnotation(
-                weight=weight,
-                weight_input=index,
-                axis=axis if decision.weight.granularity == "channel" else None,
-                transpose=transpose,
+                weight=found.value,
+                weight_input=found.input_index,
+                axis=axes[decision.weight.granularity],
+                transpose=found.transpose,
                 weight_spec=decision.weight,
                 activation_input=act_input,
                 activation_spec=decision.activation if act_input is not None else None,

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from qtc.errors import QtcError
 from qtc.passes.annotate import QuantAnnotation, original_name, activation_key, annotated_nodes
 from qtc.passes.calibrate import RANGES
-from qtc.passes.quant_math import activation_qparams, weight_qparams
+from qtc.passes.quant_math import activation_qparams, storage_array, weight_qparams
 
 QDQ_OPSET = 21
 
@@ -23,8 +23,10 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def _dequantize(graph: ir.Graph, name: str, inputs: list[ir.Value], axis: int | None) -> ir.Node:
+def _dequantize(graph: ir.Graph, name: str, inputs: list[ir.Value], axis: int | None, block_size: int | None = None) -> ir.Node:
     attributes = {"axis": axis} if axis is not None else {}
+    if block_size is not None:
+        attributes["block_size"] = block_size
     return ir.node("DequantizeLinear", inputs, attributes, name=f"{name}_DequantizeLinear",
                    outputs=[ir.Value(name=f"{name}_dequantized")])
 
@@ -77,13 +79,11 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if isinstance(tensor, ir.ExternalTensor):
             tensor.release()  # drop the float mapping now: peak memory stays near one tensor, not the model
         base = _free_base(graph, original_name(note.weight), note.weight.name)
-        dq = _dequantize(
-            graph,
-            base,
-            [_constant(graph, f"{base}_quantized", q), _constant(graph, f"{base}_scale", scale),
-             _constant(graph, f"{base}_zero_point", zero_point)],
-            note.axis,
-        )
+        dtype = note.weight_spec.dtype
+        inputs = [_constant(graph, f"{base}_quantized", storage_array(q, dtype)), _constant(graph, f"{base}_scale", scale)]
+        if zero_point.any():  # an all-zero zero point is the default: leaving it out saves a byte per 2 blocks
+            inputs.append(_constant(graph, f"{base}_zero_point", storage_array(zero_point, dtype)))
+        dq = _dequantize(graph, base, inputs, note.axis, note.weight_spec.block_size)
         graph.insert_before(note.transpose or node, dq)
         return dq.outputs[0]
 

@@ -2,22 +2,34 @@
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from qtc.recipes import QuantSpec
 
-INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255)}
-NUMPY_DTYPES = {"int8": np.int8, "uint8": np.uint8}
+INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
+# Integer values are computed in int8/uint8; `storage_array` casts 4-bit ones to the packed ONNX types.
+NUMPY_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "uint4": np.uint8}
+STORAGE_DTYPES = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4}
 # Smallest scale we emit: keeps all-zero channels valid (DequantizeLinear needs scale > 0) without overflow.
 MIN_SCALE = np.float32(1e-12)
 
 
-def weight_qparams(w: np.ndarray, spec: QuantSpec, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quantize a weight: (q, scale, zero_point); per tensor when axis is None, else one scale per slice of axis.
+def storage_array(q: np.ndarray, dtype: str) -> np.ndarray:
+    """The array as ONNX stores it (4-bit types become ml_dtypes arrays that onnx_ir packs two to a byte)."""
+    return q.astype(STORAGE_DTYPES[dtype]) if dtype in STORAGE_DTYPES else q
 
-    Symmetric weights use the restricted range [-127, 127] so that +max and -max round to the same magnitude.
+
+def weight_qparams(w: np.ndarray, spec: QuantSpec, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quantize a weight: (q, scale, zero_point); per tensor when axis is None, else one scale per slice of axis
+    (per channel), or per block of `spec.block_size` along axis (block granularity).
+
+    Symmetric weights use the restricted range [-127, 127] (int4: [-7, 7]) so that +max and -max round to the
+    same magnitude.
     """
     w = np.asarray(w, dtype=np.float32)
+    if spec.granularity == "block":
+        return block_qparams(w, spec, axis)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
     qmin, qmax = INT_RANGES[spec.dtype]
     if spec.symmetric:
@@ -31,6 +43,30 @@ def weight_qparams(w: np.ndarray, spec: QuantSpec, axis: int | None) -> tuple[np
         scale, zero_point = _affine(lo, hi, spec.dtype)
     q = quantize_array(w, scale, zero_point, axis, spec.dtype)
     return q, scale, zero_point
+
+
+def _to_blocks(w: np.ndarray, axis: int, block: int) -> np.ndarray:
+    """[.., K, ..] -> [K/block, block, rest...] with axis moved first; K is zero-padded up to whole blocks."""
+    moved = np.moveaxis(w, axis, 0)
+    pad = -moved.shape[0] % block
+    if pad:
+        moved = np.concatenate([moved, np.zeros((pad, *moved.shape[1:]), dtype=moved.dtype)])
+    return moved.reshape(-1, block, *moved.shape[1:])
+
+
+def block_qparams(w: np.ndarray, spec: QuantSpec, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blockwise quantization as DequantizeLinear(axis, block_size) reads it: scale shape = w.shape with
+    w.shape[axis] replaced by ceil(K / block_size)."""
+    blocks = _to_blocks(w, axis, spec.block_size)  # [nb, block, rest...]
+    qmin, qmax = INT_RANGES[spec.dtype]
+    if spec.symmetric:
+        scale = np.maximum(np.abs(blocks).max(axis=1) / ((qmax - qmin) // 2), MIN_SCALE).astype(np.float32)
+        zero_point = np.zeros(scale.shape, dtype=NUMPY_DTYPES[spec.dtype]) + (qmin + qmax + 1) // 2
+    else:
+        scale, zero_point = _affine(np.minimum(blocks.min(axis=1), 0.0), np.maximum(blocks.max(axis=1), 0.0), spec.dtype)
+    q = np.rint(blocks / scale[:, None]) + zero_point[:, None].astype(np.float32)
+    q = np.clip(q, qmin, qmax).astype(NUMPY_DTYPES[spec.dtype]).reshape(-1, *blocks.shape[2:])[: w.shape[axis]]
+    return np.moveaxis(q, 0, axis), np.moveaxis(scale, 0, axis), np.moveaxis(zero_point.astype(NUMPY_DTYPES[spec.dtype]), 0, axis)
 
 
 def activation_qparams(lo: float, hi: float, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:

@@ -31,9 +31,10 @@ import yaml
 from qtc.calibration.observers import CALIBRATORS
 from qtc.errors import QtcError
 
-WEIGHT_DTYPES = ("int8", "uint8")
+WEIGHT_DTYPES = ("int8", "uint8", "int4", "uint4")
 ACTIVATION_DTYPES = ("int8", "uint8")
-GRANULARITIES = ("tensor", "channel")
+GRANULARITIES = ("tensor", "channel", "block")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
 ROLES = ("embedding", "lm_head")
 SELECTORS = ("op_type", "name", "node")
@@ -51,17 +52,23 @@ INHERIT: Any = _Inherit()
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How one tensor is quantized. `calibrator` is for activations only."""
+    """How one tensor is quantized. `calibrator` is for activations only; `block_size` for block granularity,
+    where blocks run along the reduction axis (K of a MatMul weight [K, N]), one scale per block and column."""
 
     dtype: str = "int8"
     granularity: str = "tensor"
     symmetric: bool = True
     calibrator: str | None = None
     percentile: float = 99.999
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
         _check_choice("dtype", self.dtype, WEIGHT_DTYPES)
         _check_choice("granularity", self.granularity, GRANULARITIES)
+        if self.granularity == "block":
+            _check_choice("block_size", self.block_size, BLOCK_SIZES)
+        elif self.block_size is not None:
+            raise QtcError(f"block_size is only for granularity: block (got granularity {self.granularity})")
         if self.calibrator is not None:
             _check_choice("calibrator", self.calibrator, CALIBRATORS)
         if not 50.0 < self.percentile <= 100.0:
@@ -73,6 +80,8 @@ class QuantSpec:
             data.pop("percentile")
         if self.calibrator is None:
             data.pop("calibrator")
+        if self.block_size is None:
+            data.pop("block_size")
         return data
 
 
@@ -128,8 +137,9 @@ class Recipe:
             _check_choice("op_types entry", op, QUANTIZABLE_OPS)
         for role in self.keep_float:
             _check_choice("keep_float entry", role, ROLES)
-        if self.activation is not None and self.activation.calibrator is None:
-            raise QtcError(f"recipe '{self.name}': activation needs a calibrator ({', '.join(CALIBRATORS)})")
+        activations = [self.activation] + [r.activation for r in self.rules if r.activation not in (INHERIT, None)]
+        for spec in filter(None, activations):
+            _check_activation(self.name, spec)
 
     @property
     def needs_calibration(self) -> bool:
@@ -193,6 +203,13 @@ RULE_KEYS = (*SELECTORS, "quantize", "weight", "activation", "recipe")
 def _check_choice(what: str, value: Any, choices: tuple) -> None:
     if value not in choices:
         raise QtcError(f"unknown {what} {value!r} (choose from {', '.join(map(str, choices))})")
+
+
+def _check_activation(recipe: str, spec: QuantSpec) -> None:
+    if spec.calibrator is None:
+        raise QtcError(f"recipe '{recipe}': activation needs a calibrator ({', '.join(CALIBRATORS)})")
+    if spec.dtype not in ACTIVATION_DTYPES or spec.granularity != "tensor":
+        raise QtcError(f"recipe '{recipe}': activations are quantized per tensor to {' or '.join(ACTIVATION_DTYPES)}")
 
 
 def _check_keys(where: str, data: Any, allowed: tuple[str, ...]) -> dict:

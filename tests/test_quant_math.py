@@ -54,3 +54,34 @@ def test_rounding_is_half_to_even_like_onnx():
     x = np.array([[0.5, 1.5, 2.5, -0.5, -1.5]], dtype=np.float32)
     np.testing.assert_array_equal(quantize_array(x, np.array(scale), np.array(zp), None, "int8"), [[0, 2, 2, 0, -2]])
     np.testing.assert_array_equal(_ort_qdq(x, np.array(scale), np.array(zp), None), [[0, 2, 2, 0, -2]])
+
+
+def _ort_dequantize_blocks(q, scale, axis, block):
+    import ml_dtypes
+
+    qv = ir.Value(name="q", const_value=ir.tensor(q.astype(ml_dtypes.int4)))
+    s = ir.Value(name="s", const_value=ir.tensor(scale))
+    dq = ir.node("DequantizeLinear", [qv, s], {"axis": axis, "block_size": block})
+    dq.outputs[0].name = "y"
+    graph = ir.Graph([], dq.outputs, nodes=[dq], initializers=[qv, s], opset_imports={"": 21})
+    proto = ir.to_proto(ir.Model(graph, ir_version=10)).SerializeToString()
+    return ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, {})[0]
+
+
+def test_int4_blocks_match_ort_dequantize_including_ragged_last_block():
+    w = RNG.normal(size=(80, 24)).astype(np.float32)  # K=80 is not a multiple of 32: last block has 16 rows
+    spec = QuantSpec("int4", "block", True, block_size=32)
+    q, scale, zp = weight_qparams(w, spec, axis=0)
+    assert q.shape == w.shape and scale.shape == (3, 24) and not zp.any()
+    assert q.min() >= -7 and q.max() <= 7
+    ours = np.repeat(scale, 32, axis=0)[:80] * q
+    np.testing.assert_allclose(_ort_dequantize_blocks(q, scale, 0, 32), ours, atol=1e-6)
+    assert np.all(np.abs(ours - w) <= np.repeat(scale, 32, axis=0)[:80] / 2 + 1e-6)
+
+
+def test_asymmetric_uint4_blocks_use_zero_points():
+    w = RNG.uniform(0.5, 2.0, size=(64, 8)).astype(np.float32)  # all positive: asymmetric wins
+    q, scale, zp = weight_qparams(w, QuantSpec("uint4", "block", False, block_size=32), axis=0)
+    assert q.dtype == np.uint8 and q.max() <= 15 and scale.shape == (2, 8)
+    error = np.abs((q.astype(np.float32) - np.repeat(zp, 32, 0)) * np.repeat(scale, 32, 0) - w)
+    assert error.max() <= np.repeat(scale, 32, 0).max() / 2 + 1e-6
