@@ -164,6 +164,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         "size": {"source_file_bytes": _source_file_bytes(source, graph_model), "source_tensor_bytes": before["tensor_bytes"],
                  "compiled_tensor_bytes": tensor_bytes(graph_model)},
         "activation_ranges": _ranges(graph_model),
+        "smoothing": graph_model.meta.get("qtc.smoothing"),
+        "rounding": graph_model.meta.get("qtc.rounding"),
         "warnings": graph_model.meta.get("qtc.warnings", []),
     }
     if compare and calib_set is not None and calib_set.heldout_samples:

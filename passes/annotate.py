@@ -29,6 +29,8 @@ class QuantAnnotation:
     weight_spec: QuantSpec
     activation_input: int | None
     activation_spec: QuantSpec | None
+    reduce_axis: int = 0  # the initializer's axis the node sums over
+    precomputed: tuple | None = None  # (q, scale, zero_point) chosen by a rounding algorithm (GPTQ, AWQ)
 
 
 def _initializer(value: ir.Value | None) -> ir.Value | None:
@@ -141,6 +143,7 @@ class AnnotateQuantizationPass(ir.passes.InPlacePass):
                 weight_spec=decision.weight,
                 activation_input=act_input,
                 activation_spec=decision.activation if act_input is not None else None,
+                reduce_axis=found.reduce_axis,
             )
             count += 1
         model.meta["qtc.annotated"] = count
@@ -149,6 +152,16 @@ class AnnotateQuantizationPass(ir.passes.InPlacePass):
 
 def annotated_nodes(graph: ir.Graph) -> list[tuple[ir.Node, QuantAnnotation]]:
     return [(node, node.meta[ANNOTATION]) for node in graph if ANNOTATION in node.meta]
+
+
+def layer_groups(graph: ir.Graph) -> dict[str, list[tuple[ir.Node, QuantAnnotation]]]:
+    """Annotated nodes grouped by the activation they read (q/k/v projections share one input)."""
+    groups: dict[str, list] = {}
+    for node, note in annotated_nodes(graph):
+        x = node.inputs[0]
+        if x is not None and x.const_value is None:
+            groups.setdefault(x.name, []).append((node, note))
+    return groups
 
 
 def activation_key(value: ir.Value, spec: QuantSpec) -> tuple:

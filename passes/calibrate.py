@@ -6,17 +6,51 @@ the number of samples. Ranges land in `model.meta[RANGES]` keyed by `activation_
 
 from __future__ import annotations
 
+from typing import Iterator
+
+import numpy as np
 import onnx_ir as ir
 
 from qtc.backends.base import Backend
 from qtc.calibration.data import CalibrationSet, model_inputs
 from qtc.calibration.observers import make_observer
 from qtc.errors import QtcError
-from qtc.passes.annotate import activations_to_observe
+from qtc.calibration.moments import ChannelAbsMax, Gram
+from qtc.passes.annotate import activations_to_observe, annotated_nodes
+from qtc.recipes import SmoothSpec
 from qtc.progress import progress_bar
 
 RANGES = "qtc.ranges"
+LAYER_STATS = "qtc.layer_stats"
 OBSERVERS = "qtc.observers"
+
+
+def _session_with_outputs(model: ir.Model, backend: Backend, names: set[str]):
+    """A session whose outputs include the named activations: graph outputs are added, then taken back."""
+    graph = model.graph
+    inputs = {v.name for v in graph.inputs}
+    existing = {v.name for v in graph.outputs}
+    by_name = {v.name: v for node in graph for v in node.outputs}
+    extra = [by_name[n] for n in sorted(names) if n not in existing and n not in inputs]
+    graph.outputs.extend(extra)
+    try:
+        return backend.session(model)
+    finally:
+        for _ in extra:
+            graph.outputs.pop()
+
+
+def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str], label: str,
+                       quiet: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Yield {name: activation} for each calibration sample, one sample at a time (nothing accumulates here)."""
+    session = _session_with_outputs(model, backend, names)
+    outputs = sorted(n for n in names if n not in {v.name for v in model.graph.inputs})
+    with progress_bar(label, total=calib.n_samples, quiet=quiet) as advance:
+        for feed in calib.feeds(model_inputs(model)):
+            produced = dict(zip(outputs, session.run(outputs, feed)))
+            produced.update({k: v for k, v in feed.items() if k in names})  # an activation may be a graph input
+            yield produced
+            advance()
 
 
 class CalibrateActivationsPass(ir.passes.InPlacePass):
@@ -41,37 +75,53 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
             key: make_observer(spec.calibrator, percentile=spec.percentile, symmetric=spec.symmetric)
             for key, (_, spec) in wanted.items()
         }
-        values = {key: value for key, (value, _) in wanted.items()}
-        session = self._session_with_outputs(model, sorted({v.name for v in values.values()}))
-        inputs = model_inputs(model)
-        with progress_bar("calibrating", total=self.calib.n_samples, quiet=self.quiet) as advance:
-            for feed in self.calib.feeds(inputs):
-                produced = dict(zip(self._output_names, session.run(self._output_names, feed)))
-                produced.update(feed)  # an activation may be a graph input itself
-                for key, observer in observers.items():
-                    observer.update(produced[values[key].name])
-                advance()
+        names = {key: value.name for key, (value, _) in wanted.items()}
+        for produced in stream_activations(model, self.backend, self.calib, set(names.values()), "calibrating", self.quiet):
+            for key, observer in observers.items():
+                observer.update(produced[names[key]])
         model.meta[RANGES] = {key: obs.range() for key, obs in observers.items()}
         model.meta[OBSERVERS] = {key: obs.summary() for key, obs in observers.items()}
         return ir.passes.PassResult(model, modified=False)
-
-    def _session_with_outputs(self, model: ir.Model, names: list[str]):
-        """A session whose outputs are the wanted activations: graph outputs are added, then taken back."""
-        graph = model.graph
-        inputs = {v.name for v in graph.inputs}
-        existing = {v.name for v in graph.outputs}
-        by_name = {v.name: v for node in graph for v in node.outputs}
-        extra = [by_name[n] for n in names if n not in existing and n not in inputs]
-        graph.outputs.extend(extra)
-        try:
-            session = self.backend.session(model)
-        finally:
-            for _ in extra:
-                graph.outputs.pop()
-        self._output_names = [n for n in names if n not in inputs]
-        return session
 
     def ensures(self, model: ir.Model) -> None:
         missing = set(activations_to_observe(model.graph)) - set(model.meta.get(RANGES, {}))
         if missing:
             raise ir.passes.PostconditionError(f"no range for {len(missing)} activations")
+
+
+class CollectLayerStatisticsPass(ir.passes.InPlacePass):
+    """Second moments (X^T X) and per-channel max |x| of quantized layers' inputs, for SmoothQuant, GPTQ, AWQ.
+
+    Only what the annotations ask for is kept: a Gram matrix for inputs of layers whose weights use a
+    data-driven algorithm (or when smoothing picks alpha automatically), a channel max when smoothing.
+    """
+
+    def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False):
+        super().__init__()
+        self.calib, self.backend, self.smooth, self.quiet = calib, backend, smooth, quiet
+
+    def _wanted(self, graph: ir.Graph) -> dict[str, dict]:
+        wanted: dict[str, dict] = {}
+        for node, note in annotated_nodes(graph):
+            x = node.inputs[0]
+            if x is None or x.const_value is not None:
+                continue
+            needs = wanted.setdefault(x.name, {})
+            if note.weight_spec.algorithm != "rtn" or (self.smooth and self.smooth.alpha == "auto"):
+                needs.setdefault("gram", Gram())
+            if self.smooth:
+                needs.setdefault("absmax", ChannelAbsMax())
+        return {name: needs for name, needs in sorted(wanted.items()) if needs}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        wanted = self._wanted(model.graph)
+        if not wanted:
+            return ir.passes.PassResult(model, modified=False)
+        if self.calib is None or self.calib.n_samples == 0:
+            raise QtcError("smoothing and GPTQ/AWQ rounding need calibration data: pass --calib")
+        for produced in stream_activations(model, self.backend, self.calib, set(wanted), "layer statistics", self.quiet):
+            for name, collectors in wanted.items():
+                for collector in collectors.values():
+                    collector.update(produced[name])
+        model.meta[LAYER_STATS] = wanted
+        return ir.passes.PassResult(model, modified=False)

@@ -9,7 +9,9 @@ from qtc.backends import get_backend
 from qtc.backends.base import max_ir_version
 from qtc.calibration.data import CalibrationSet
 from qtc.passes.annotate import AnnotateQuantizationPass
-from qtc.passes.calibrate import CalibrateActivationsPass
+from qtc.passes.calibrate import CalibrateActivationsPass, CollectLayerStatisticsPass
+from qtc.passes.outliers import SmoothActivationsPass
+from qtc.passes.rounding import RoundWeightsPass
 from qtc.passes.canonicalize import canonicalize_passes
 from qtc.passes.finalize import LimitIrVersionPass, RecordProvenancePass
 from qtc.passes.qdq import InsertQDQPass
@@ -30,11 +32,16 @@ def build_pipeline(
             *canonicalize_passes(recipe.opset),
             # 2. Policy: which nodes the recipe quantizes, and how (no graph change).
             AnnotateQuantizationPass(recipe),
-            # 3. Calibration on the flat float graph, on the target's own runtime, streaming.
+            # 3. Outliers and rounding from streamed layer statistics (X^T X, channel max): SmoothQuant moves
+            #    activation outliers into weights; GPTQ / AWQ choose the integers. Float semantics unchanged.
+            CollectLayerStatisticsPass(calib, backend, recipe.smooth, quiet=quiet),
+            *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
+            RoundWeightsPass(),
+            # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming.
             CalibrateActivationsPass(calib, backend, quiet=quiet),
-            # 4. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
+            # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
             InsertQDQPass(),
-            # 5. Cleanup and what the runtime needs to load the result; provenance last.
+            # 6. Cleanup and what the runtime needs to load the result; provenance last.
             common.RemoveUnusedNodesPass(),
             common.TopologicalSortPass(),
             LimitIrVersionPass(max_ir_version()),

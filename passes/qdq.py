@@ -75,7 +75,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _quantize_weight(self, graph: ir.Graph, node: ir.Node, note: QuantAnnotation) -> ir.Value:
         tensor = note.weight.const_value
-        q, scale, zero_point = weight_qparams(tensor.numpy(), note.weight_spec, note.axis)
+        if note.precomputed is not None:
+            q, scale, zero_point = note.precomputed
+        else:
+            q, scale, zero_point = weight_qparams(tensor.numpy(), note.weight_spec, note.axis)
         if isinstance(tensor, ir.ExternalTensor):
             tensor.release()  # drop the float mapping now: peak memory stays near one tensor, not the model
         base = _free_base(graph, original_name(note.weight), note.weight.name)

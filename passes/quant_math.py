@@ -109,3 +109,20 @@ def dequantize_array(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, a
         shape[axis] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
     return (q.astype(np.float32) - zero_point.astype(np.float32)) * scale
+
+
+def expand_scale(scale: np.ndarray, shape: tuple, axis: int | None, block_size: int | None) -> np.ndarray:
+    """A scale (or zero point) broadcast to the weight's full shape."""
+    if axis is None:
+        return np.broadcast_to(scale, shape)
+    if block_size is None:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return np.broadcast_to(scale.reshape(view), shape)
+    return np.take(np.repeat(scale, block_size, axis=axis), np.arange(shape[axis]), axis=axis)
+
+
+def dequantize_weight(q, scale, zero_point, axis: int | None, block_size: int | None) -> np.ndarray:
+    """What DequantizeLinear computes for a weight, for every granularity."""
+    zp = expand_scale(zero_point.astype(np.float32), q.shape, axis, block_size)
+    return (q.astype(np.float32) - zp) * expand_scale(scale, q.shape, axis, block_size)

@@ -35,6 +35,7 @@ WEIGHT_DTYPES = ("int8", "uint8", "int4", "uint4")
 ACTIVATION_DTYPES = ("int8", "uint8")
 GRANULARITIES = ("tensor", "channel", "block")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
+ALGORITHMS = ("rtn", "gptq", "awq")
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
 ROLES = ("embedding", "lm_head")
 SELECTORS = ("op_type", "name", "node")
@@ -61,8 +62,14 @@ class QuantSpec:
     calibrator: str | None = None
     percentile: float = 99.999
     block_size: int | None = None
+    algorithm: str = "rtn"  # weights: round-to-nearest, GPTQ (error feedback), or AWQ (scale + clip search)
+    damping: float = 0.01  # GPTQ: fraction of mean diag(H) added to the diagonal
+    act_order: bool = False  # GPTQ: quantize input channels in order of decreasing activation energy
 
     def __post_init__(self) -> None:
+        _check_choice("algorithm", self.algorithm, ALGORITHMS)
+        if not 0.0 < self.damping < 1.0:
+            raise QtcError(f"damping must be in (0, 1), got {self.damping}")
         _check_choice("dtype", self.dtype, WEIGHT_DTYPES)
         _check_choice("granularity", self.granularity, GRANULARITIES)
         if self.granularity == "block":
@@ -82,7 +89,25 @@ class QuantSpec:
             data.pop("calibrator")
         if self.block_size is None:
             data.pop("block_size")
+        if self.algorithm != "gptq":
+            data.pop("damping")
+            data.pop("act_order")
         return data
+
+
+@dataclass(frozen=True)
+class SmoothSpec:
+    """SmoothQuant: migrate activation outliers into the weights, s_j = max|X_j|^alpha / max|W_j|^(1-alpha).
+    `alpha: auto` picks alpha per activation from a grid by the predicted output error."""
+
+    alpha: float | str = 0.5
+
+    def __post_init__(self) -> None:
+        if self.alpha != "auto" and not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise QtcError(f"smooth.alpha must be a number in [0, 1] or 'auto', got {self.alpha!r}")
+
+    def to_dict(self) -> dict:
+        return {"alpha": self.alpha}
 
 
 @dataclass(frozen=True)
@@ -131,6 +156,7 @@ class Recipe:
     keep_float: tuple[str, ...] = ROLES
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     opset: int = 21
+    smooth: SmoothSpec | None = None
 
     def __post_init__(self) -> None:
         for op in self.op_types:
@@ -143,8 +169,13 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.activation is not None or any(
-            r.activation not in (INHERIT, None) for r in self.rules
+        """Static activations, smoothing, and data-driven rounding all need real calibration data."""
+        specs = [self.weight] + [r.weight for r in self.rules if r.weight is not INHERIT]
+        return (
+            self.activation is not None
+            or self.smooth is not None
+            or any(spec.algorithm != "rtn" for spec in specs)
+            or any(r.activation not in (INHERIT, None) for r in self.rules)
         )
 
     def resolve(
@@ -181,6 +212,7 @@ class Recipe:
             "keep_float": list(self.keep_float),
             "overrides": [r.to_dict() for r in self.rules],
             "opset": self.opset,
+            "smooth": self.smooth.to_dict() if self.smooth else None,
         }
 
     def to_json(self) -> str:
@@ -195,7 +227,8 @@ class Recipe:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
-RECIPE_KEYS = ("name", "description", "base", "weight", "activation", "op_types", "keep_float", "overrides", "opset")
+RECIPE_KEYS = ("name", "description", "base", "weight", "activation", "op_types", "keep_float", "overrides", "opset",
+               "smooth")
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 RULE_KEYS = (*SELECTORS, "quantize", "weight", "activation", "recipe")
 
@@ -282,7 +315,15 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         keep_float=tuple(data.get("keep_float", base.keep_float if base else ROLES)),
         rules=(base.rules if base else ()) + rules,
         opset=int(data.get("opset", base.opset if base else 21)),
+        smooth=_smooth(where, data["smooth"]) if "smooth" in data else (base.smooth if base else None),
     )
+
+
+def _smooth(where: str, data: Any) -> SmoothSpec | None:
+    if data is None:
+        return None
+    _check_keys(f"{where}.smooth", data, ("alpha",))
+    return SmoothSpec(**data)
 
 
 def _read_yaml(text: str, where: str) -> Any:

@@ -1,0 +1,144 @@
+"""Outlier migration by per-input-channel scaling: X' = X / s, W' = diag(s) W, so X' W' = X W exactly in float.
+
+SmoothQuant picks s to flatten activation outliers (s_j = max|X_j|^a / max|W_j|^(1-a)); AWQ picks s = rms(X_j)^a
+to protect the weights that meet large activations. Both are scored without stored activations: with
+H = E[x x^T], a weight error D costs tr(D^T H D) per token, and per-tensor activation rounding with step d costs
+about d^2 / 12 * ||W||_F^2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qtc.passes.annotate import QuantAnnotation, layer_groups
+from qtc.passes.calibrate import LAYER_STATS
+from qtc.passes.quant_math import dequantize_weight, weight_qparams
+from qtc.recipes import SmoothSpec
+
+ALPHA_GRID = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
+MIN_SCALE = 1e-5
+
+Member = tuple[ir.Node, QuantAnnotation]
+
+
+def node_layout(note: QuantAnnotation, array: np.ndarray) -> np.ndarray:
+    """A 2-D weight as [K (reduced), N (outputs)], whatever the initializer's own layout."""
+    return array.T if note.reduce_axis == 1 else array
+
+
+def initializer_layout(note: QuantAnnotation, array: np.ndarray) -> np.ndarray:
+    return array.T if note.reduce_axis == 1 else array
+
+
+def weight_matrix(note: QuantAnnotation) -> np.ndarray:
+    return node_layout(note, note.weight.const_value.numpy().astype(np.float64))
+
+
+def rounding_error(note: QuantAnnotation, w: np.ndarray, h: np.ndarray, scale: np.ndarray | None = None) -> float:
+    """tr(D^T H D) for the RTN error D of weight w ([K, N]); with `scale`, w is first scaled by rows and the
+    error measured back in the original space (AWQ)."""
+    scaled = w * scale[:, None] if scale is not None else w
+    layout = initializer_layout(note, scaled).astype(np.float32)
+    q, qs, zp = weight_qparams(layout, note.weight_spec, note.axis)
+    restored = node_layout(note, dequantize_weight(q, qs, zp, note.axis, note.weight_spec.block_size)).astype(np.float64)
+    if scale is not None:
+        restored = restored / scale[:, None]
+    d = restored - w
+    return float(np.sum((h @ d) * d))
+
+
+def _scalable(graph: ir.Graph, members: list[Member]) -> bool:
+    """Only 2-D weights read by nothing but this group can be rescaled in place."""
+    readers = {id(node) for node, _ in members} | {id(note.transpose) for _, note in members if note.transpose}
+    for _, note in members:
+        if note.weight.const_value.shape.rank() != 2:
+            return False
+        if any(id(user) not in readers for user, _ in note.weight.uses()):
+            return False
+    return True
+
+
+def _fold_into_producer(x: ir.Value, members: list[Member], inverse: np.ndarray) -> bool:
+    """X = Mul(a, gamma) with a constant per-channel gamma (an RMSNorm/LayerNorm weight): scale gamma instead."""
+    producer = x.producer()
+    if producer is None or producer.op_type != "Mul" or {id(u) for u, _ in x.uses()} != {id(n) for n, _ in members}:
+        return False
+    for gamma in producer.inputs:
+        tensor = gamma.const_value if gamma is not None else None
+        if tensor is not None and tensor.shape.rank() == 1 and tensor.shape[0] == len(inverse) and len(gamma.uses()) == 1:
+            gamma.const_value = ir.tensor((tensor.numpy() * inverse).astype(tensor.numpy().dtype), name=gamma.name)
+            return True
+    return False
+
+
+def apply_channel_scale(graph: ir.Graph, x: ir.Value, members: list[Member], s: np.ndarray) -> str:
+    """Rescale in place; returns how X was divided ("folded" into its producer, or an inserted "Mul")."""
+    for _, note in members:
+        w = weight_matrix(note) * s[:, None]
+        dtype = note.weight.const_value.numpy().dtype
+        note.weight.const_value = ir.tensor(initializer_layout(note, w).astype(dtype), name=note.weight.name)
+    inverse = (1.0 / s).astype(np.float32)
+    if _fold_into_producer(x, members, inverse):
+        return "folded"
+    scale = ir.Value(name=f"{x.name}_channel_scale", const_value=ir.tensor(inverse, name=f"{x.name}_channel_scale"))
+    graph.register_initializer(scale)
+    mul = ir.node("Mul", [x, scale], name=f"{x.name}_ChannelScale", outputs=[ir.Value(name=f"{x.name}_scaled")])
+    graph.insert_before(members[0][0], mul)
+    for node, _ in members:
+        node.replace_input_with(0, mul.outputs[0])
+    return "Mul"
+
+
+def update_statistics(stats: dict, s: np.ndarray) -> None:
+    """The statistics of X' = X / s follow from those of X: no second calibration run needed for them."""
+    if "absmax" in stats:
+        stats["absmax"].value = stats["absmax"].value / s
+    if "gram" in stats:
+        stats["gram"].matrix = stats["gram"].matrix / np.outer(s, s)
+
+
+def smooth_scale(absmax: np.ndarray, members: list[Member], alpha: float) -> np.ndarray:
+    wmax = np.max([np.abs(weight_matrix(note)).max(axis=1) for _, note in members], axis=0)
+    s = np.power(np.maximum(absmax, MIN_SCALE), alpha) / np.power(np.maximum(wmax, MIN_SCALE), 1 - alpha)
+    return np.clip(s, MIN_SCALE, None)
+
+
+def predicted_error(members: list[Member], stats: dict, s: np.ndarray) -> float:
+    """Weight rounding error plus per-tensor activation rounding noise, per token, for scale s."""
+    h = stats["gram"].mean / np.outer(s, s)
+    total = 0.0
+    step = 2 * float(np.max(stats["absmax"].value / s)) / 255
+    for _, note in members:
+        w = weight_matrix(note) * s[:, None]
+        total += rounding_error(note, w, h) + step**2 / 12 * float(np.sum(w * w))
+    return total
+
+
+class SmoothActivationsPass(ir.passes.InPlacePass):
+    """SmoothQuant on every activation shared by quantized layers (before range calibration)."""
+
+    def __init__(self, spec: SmoothSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, all_stats = model.graph, model.meta.get(LAYER_STATS, {})
+        record = {}
+        for name, members in sorted(layer_groups(graph).items()):
+            stats = all_stats.get(name)
+            if stats is None or "absmax" not in stats or not _scalable(graph, members):
+                continue
+            alpha = self._alpha(members, stats)
+            s = smooth_scale(stats["absmax"].value, members, alpha)
+            how = apply_channel_scale(graph, members[0][0].inputs[0], members, s)
+            update_statistics(stats, s)
+            record[name] = {"alpha": alpha, "applied": how, "max_scale": float(s.max()), "min_scale": float(s.min())}
+        model.meta["qtc.smoothing"] = record
+        return ir.passes.PassResult(model, modified=bool(record))
+
+    def _alpha(self, members: list[Member], stats: dict) -> float:
+        if self.spec.alpha != "auto":
+            return float(self.spec.alpha)
+        errors = {a: predicted_error(members, stats, smooth_scale(stats["absmax"].value, members, a)) for a in ALPHA_GRID}
+        return float(min(errors, key=errors.get))

@@ -1,0 +1,160 @@
+"""Data-driven weight rounding: GPTQ (error feedback through H^-1) and AWQ (activation-aware scales + clip search).
+
+Both run on the streamed second moment H = E[x x^T] of each layer's input (`CollectLayerStatisticsPass`), never on
+stored activations. The chosen integers are handed to `InsertQDQPass` as `note.precomputed`; layers whose
+weights are not 2-D, or that have no statistics, fall back to round-to-nearest (recorded in the report).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qtc.passes.annotate import QuantAnnotation, layer_groups
+from qtc.passes.calibrate import LAYER_STATS
+from qtc.passes.outliers import (
+    Member,
+    _scalable,
+    apply_channel_scale,
+    initializer_layout,
+    rounding_error,
+    update_statistics,
+    weight_matrix,
+)
+from qtc.passes.quant_math import INT_RANGES, expand_scale, weight_qparams
+from qtc.recipes import QuantSpec
+
+GPTQ_BLOCK = 128
+AWQ_ALPHAS = tuple(np.round(np.arange(0.0, 1.0001, 0.05), 2))
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+
+def node_axis(spec: QuantSpec) -> int | None:
+    """The DequantizeLinear axis in node layout [K, N]: blocks run along K (0), channels are N (1)."""
+    return {"block": 0, "channel": 1, "tensor": None}[spec.granularity]
+
+
+def quantize_with(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
+    axis = node_axis(spec)
+    s = expand_scale(scale, w.shape, axis, spec.block_size)
+    z = expand_scale(zero_point.astype(np.float64), w.shape, axis, spec.block_size)
+    qmin, qmax = INT_RANGES[spec.dtype]
+    return np.clip(np.rint(w / s) + z, qmin, qmax)
+
+
+def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ in node layout (rows = input channels K): quantize a row, push its error onto the rows not yet
+    quantized through the upper Cholesky factor of H^-1. Scales are fixed up front (static groups), so act-order
+    keeps the contiguous blocks DequantizeLinear needs."""
+    scale, zero_point = weight_qparams(w.astype(np.float32), spec, node_axis(spec))[1:]
+    axis, block = node_axis(spec), spec.block_size
+    s = expand_scale(scale, w.shape, axis, block).astype(np.float64)
+    z = expand_scale(zero_point.astype(np.float64), w.shape, axis, block)
+    qmin, qmax = INT_RANGES[spec.dtype]
+    work, h = w.astype(np.float64).copy(), h.astype(np.float64).copy()
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    work[dead] = 0.0
+    h[np.diag_indices_from(h)] += spec.damping * np.mean(np.diag(h))
+    order = np.argsort(-np.diag(h), kind="stable") if spec.act_order else np.arange(len(h))
+    work, h, s, z = work[order], h[order][:, order], s[order], z[order]
+    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    q = np.zeros_like(work)
+    for start in range(0, len(work), GPTQ_BLOCK):
+        end = min(start + GPTQ_BLOCK, len(work))
+        errors = np.zeros((end - start, work.shape[1]))
+        for r in range(start, end):
+            q[r] = np.clip(np.rint(work[r] / s[r]) + z[r], qmin, qmax)
+            errors[r - start] = (work[r] - (q[r] - z[r]) * s[r]) / upper[r, r]
+            work[r + 1 : end] -= np.outer(upper[r, r + 1 : end], errors[r - start])
+        work[end:] -= upper[start:end, end:].T @ errors
+    return q[np.argsort(order)], scale, zero_point
+
+
+def clip_search(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Shrink each output column's range by the ratio that minimises its error d^T H d (columns are independent;
+    a per-tensor scale gets one ratio for the whole tensor)."""
+    axis, block = node_axis(spec), spec.block_size
+    scale, zero_point = weight_qparams(w.astype(np.float32), spec, axis)[1:]
+    z = expand_scale(zero_point.astype(np.float64), w.shape, axis, block)
+    best_err = np.full(w.shape[1], np.inf)
+    best_q, best_scale, best_ratio = None, np.array(scale, dtype=np.float64), np.ones(w.shape[1])
+    for ratio in CLIP_RATIOS:
+        q = quantize_with(w, scale * ratio, zero_point, spec)
+        d = (q - z) * expand_scale(scale * ratio, w.shape, axis, block) - w
+        err = np.sum((h @ d) * d, axis=0)
+        if spec.granularity == "tensor":
+            err = np.full_like(err, err.sum())
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best_q = q.copy() if best_q is None else np.where(better[None, :], q, best_q)
+        best_scale = np.where(better, scale * ratio, best_scale) if spec.granularity != "tensor" else \
+            (scale * ratio if better.all() else best_scale)
+        best_ratio = np.where(better, ratio, best_ratio)
+    return best_q, np.asarray(best_scale, dtype=np.float32), zero_point, float(np.mean(best_ratio))
+
+
+def to_initializer(note: QuantAnnotation, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec):
+    dtype = np.int8 if spec.dtype in ("int8", "int4") else np.uint8
+    if spec.granularity == "block":
+        scale, zero_point = initializer_layout(note, scale), initializer_layout(note, zero_point)
+    return initializer_layout(note, q).astype(dtype), scale.astype(np.float32), zero_point.astype(dtype)
+
+
+def awq_scale(members: list[Member], h: np.ndarray) -> tuple[np.ndarray, float]:
+    """s = rms(x_j)^alpha (normalised), alpha from a grid by the summed weight-rounding error in original space."""
+    rms = np.sqrt(np.maximum(np.diag(h), 1e-12))
+    errors = {}
+    for alpha in AWQ_ALPHAS:
+        s = rms**alpha
+        s = s / np.sqrt(s.max() * s.min())
+        errors[alpha] = (sum(rounding_error(note, weight_matrix(note), h, s) for _, note in members), s)
+    alpha = min(errors, key=lambda a: errors[a][0])
+    return errors[alpha][1], float(alpha)
+
+
+class RoundWeightsPass(ir.passes.InPlacePass):
+    """GPTQ and AWQ for the layers whose recipe asks for them (before range calibration: AWQ rescales X)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, all_stats = model.graph, model.meta.get(LAYER_STATS, {})
+        record = {}
+        for name, members in sorted(layer_groups(graph).items()):
+            chosen = [(n, note) for n, note in members if note.weight_spec.algorithm != "rtn"]
+            stats = all_stats.get(name, {})
+            if not chosen or "gram" not in stats:
+                continue
+            if any(note.weight_spec.algorithm == "awq" for _, note in chosen) and _scalable(graph, members):
+                s, alpha = awq_scale(members, stats["gram"].mean)
+                record[f"{name} (awq scale)"] = {"alpha": alpha, "applied": apply_channel_scale(graph, graph_value(members), members, s)}
+                update_statistics(stats, s)
+            h = stats["gram"].mean
+            for node, note in chosen:
+                if note.weight.const_value.shape.rank() != 2:
+                    record[node.name] = {"algorithm": "rtn", "why": "weight is not 2-D"}
+                    continue
+                record[node.name] = self._round(note, h)
+        model.meta["qtc.rounding"] = record
+        return ir.passes.PassResult(model, modified=bool(record))
+
+    @staticmethod
+    def _round(note: QuantAnnotation, h: np.ndarray) -> dict:
+        spec, w = note.weight_spec, weight_matrix(note)
+        before = rounding_error(note, w, h)
+        if spec.algorithm == "gptq":
+            q, scale, zero_point = gptq(w, h, spec)
+            info = {"algorithm": "gptq", "act_order": spec.act_order}
+        else:
+            q, scale, zero_point, ratio = clip_search(w, h, spec)
+            info = {"algorithm": "awq", "mean_clip_ratio": ratio}
+        zp = expand_scale(zero_point.astype(np.float64), w.shape, node_axis(spec), spec.block_size)
+        d = (q - zp) * expand_scale(scale, w.shape, node_axis(spec), spec.block_size) - w
+        after = float(np.sum((h @ d) * d))
+        if after > before:  # never worse than round-to-nearest on the calibration statistics
+            return info | {"used": "rtn", "error_rtn": before, "error_algorithm": after}
+        note.precomputed = to_initializer(note, q, scale, zero_point, spec)
+        return info | {"used": spec.algorithm, "error_rtn": before, "error_algorithm": after}
+
+
+def graph_value(members: list[Member]) -> ir.Value:
+    return members[0][0].inputs[0]
