@@ -1,0 +1,105 @@
+"""SmoothQuant, GPTQ and AWQ: float semantics preserved by channel scaling; data-driven rounding beats RTN."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import qtc
+from qtc.calibration.moments import Gram
+from qtc.passes.rounding import clip_search, gptq, node_axis
+from qtc.passes.quant_math import expand_scale
+from qtc.recipes import QuantSpec, parse_recipe
+
+RNG = np.random.default_rng(0)
+
+
+def _h_error(q, scale, zero_point, w, h, spec):
+    axis = node_axis(spec)
+    d = (q - expand_scale(zero_point.astype(np.float64), w.shape, axis, spec.block_size)) * \
+        expand_scale(scale, w.shape, axis, spec.block_size) - w
+    return float(np.sum((h @ d) * d))
+
+
+def _correlated_inputs(n=4096, k=64):
+    """Activations with a few outlier channels and correlations, like a transformer's hidden states."""
+    x = RNG.normal(size=(n, k)) @ RNG.normal(size=(k, k)) * 0.3
+    x[:, :3] *= 20
+    gram = Gram()
+    gram.update(x)
+    return x, gram.mean
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "block", True, block_size=32, algorithm="gptq"),
+                                  QuantSpec("int8", "channel", True, algorithm="gptq"),
+                                  QuantSpec("int4", "block", True, block_size=32, algorithm="gptq", act_order=True)])
+def test_gptq_beats_round_to_nearest_on_output_error(spec):
+    _, h = _correlated_inputs()
+    w = RNG.normal(size=(64, 48))
+    q, scale, zp = gptq(w, h, spec)
+    rtn_q = np.clip(np.rint(w / expand_scale(scale, w.shape, node_axis(spec), spec.block_size)), -8, 7) \
+        if spec.dtype == "int4" else np.clip(np.rint(w / expand_scale(scale, w.shape, 1, None)), -127, 127)
+    assert _h_error(q, scale, zp, w, h, spec) < 0.8 * _h_error(rtn_q, scale, zp, w, h, spec)
+
+
+def test_clip_search_never_worse_than_full_range():
+    _, h = _correlated_inputs()
+    w = RNG.standard_t(df=3, size=(64, 48))  # heavy tails: clipping pays off
+    spec = QuantSpec("int4", "block", True, block_size=32, algorithm="awq")
+    q, scale, zp, ratio = clip_search(w, h, spec)
+    full_q, full_scale, full_zp, _ = clip_search(w, h, QuantSpec("int4", "block", True, block_size=32))  # first ratio 1.0
+    assert ratio < 1.0
+    assert _h_error(q, scale, zp, w, h, spec) <= _h_error(full_q, full_scale, full_zp, w, h, spec) + 1e-9
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_llama):
+    recipes = {
+        "rtn": "w4a16",
+        "gptq": parse_recipe({"base": "w4a16", "name": "g", "weight": {"algorithm": "gptq"}}),
+        "awq": parse_recipe({"base": "w4a16", "name": "a", "weight": {"algorithm": "awq"}}),
+        "smooth": parse_recipe({"base": "w8a8", "name": "s", "smooth": {"alpha": 0.5}}),
+    }
+    # 4096 calibration tokens: GPTQ's H must be well estimated for K up to 688 input channels
+    return {k: qtc.compile(tiny_llama, recipe=r, calib="zh-news", samples=16, seq_len=256, quiet=True) for k, r in recipes.items()}
+
+
+def test_gptq_end_to_end_closer_to_float_than_rtn(compiled):
+    cos = {k: r.report["heldout_comparison"]["outputs"]["logits"]["cosine"] for k, r in compiled.items()}
+    assert cos["gptq"] > cos["rtn"]
+    rounding = compiled["gptq"].report["rounding"]
+    assert len(rounding) == 28 and all(r["error_algorithm"] <= r["error_rtn"] for r in rounding.values())
+
+
+def test_awq_scales_fold_into_norm_weights(compiled):
+    record = compiled["awq"].report["rounding"]
+    scales = {k: v for k, v in record.items() if k.endswith("(awq scale)")}
+    assert scales and any(v["applied"] == "folded" for v in scales.values())
+
+
+def test_smoothing_keeps_float_semantics(tiny_llama):
+    """Channel scaling alone (weights left in float) must not change the float model's outputs."""
+    from qtc.backends import get_backend
+    from qtc.calibration.data import load_calibration
+    from qtc.frontends.onnx_file import load_model
+    from qtc.passes.annotate import AnnotateQuantizationPass
+    from qtc.passes.calibrate import CollectLayerStatisticsPass
+    from qtc.passes.outliers import SmoothActivationsPass
+
+    recipe = parse_recipe({"base": "w8a8", "name": "s", "smooth": {"alpha": 0.8}})
+    calib = load_calibration("zh-news", tokenizer=tiny_llama.parent / "tokenizer.json", n_samples=2, seq_len=64, seed=0)
+    model = load_model(tiny_llama)
+    AnnotateQuantizationPass(recipe)(model)
+    CollectLayerStatisticsPass(calib, get_backend("cpu"), recipe.smooth, quiet=True)(model)
+    SmoothActivationsPass(recipe.smooth)(model)
+    assert len(model.meta["qtc.smoothing"]) == 16  # 4 distinct inputs per layer, 4 layers
+    ids = np.arange(5, 69, dtype=np.int64).reshape(1, -1)
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    smoothed = get_backend("cpu").session(model).run(["logits"], feed)[0]
+    original = ort.InferenceSession(str(tiny_llama), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    np.testing.assert_allclose(smoothed, original, atol=2e-4, rtol=1e-4)
+
+
+def test_smooth_recipe_compiles_and_agrees(compiled):
+    report = compiled["smooth"].report
+    assert report["heldout_comparison"]["outputs"]["logits"]["cosine"] > 0.99
+    assert {v["alpha"] for v in report["smoothing"].values()} == {0.5}
