@@ -132,28 +132,12 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
 ) -> CompileResult:
     """Compile a float ONNX model with a recipe for a target. A path is loaded fresh; an ir.Model is changed in place."""
     started = time.perf_counter()
-    source = Path(model) if not isinstance(model, ir.Model) else None
-    graph_model = load_model(source) if source is not None else model
-    backend = get_backend(target)
-    resolved = load_recipe(recipe).with_calibrator(calibrator)
-    calib_set = _calibration(calib, source, tokenizer, samples, seq_len, seed)
-    if calib_set is not None and calib_set.kind == "text":
-        check_vocabulary(graph_model, calib_set.vocab_size, calib_set.tokenizer)
+    job = _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed)
+    source, graph_model, resolved, calib_set, backend = job.source, job.model, job.recipe, job.calib, job.backend
     before = graph_summary(graph_model)
     reference = source if source is not None else ir.to_proto(graph_model).SerializeToString()
     inputs = model_inputs(graph_model)
-    if resolved.needs_calibration and calib_set is None:
-        # No silent random calibration: static activation ranges need real data.
-        raise QtcError(f"recipe {resolved.name!r} quantizes activations statically and needs calibration data: pass --calib")
-    pipeline = build_pipeline(resolved, target, calib_set, _provenance(resolved, target, calib_set, source), quiet)
-    try:
-        pipeline(graph_model)
-    except ir.passes.PassError as exc:
-        # The pass manager wraps what a pass raises; a user error inside a pass is still a user error.
-        cause = exc.__cause__
-        if isinstance(cause, QtcError):
-            raise cause from None
-        raise
+    _run(build_pipeline(resolved, target, calib_set, _provenance(resolved, target, calib_set, source), quiet), graph_model)
     report = {
         "qtc_version": __version__,
         "recipe": resolved.to_dict(),
@@ -174,6 +158,72 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         report["runtime_ops"] = {"provider": backend.provider, "ops": backend.runtime_ops(graph_model)}
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
     return CompileResult(graph_model, report, source)
+
+
+@dataclass
+class _Job:
+    source: Path | None
+    model: ir.Model
+    recipe: Recipe
+    calib: CalibrationSet | None
+    backend: object
+
+
+def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed) -> _Job:
+    """Load and validate everything a compile or an analysis needs, before any work starts."""
+    source = Path(model) if not isinstance(model, ir.Model) else None
+    graph_model = load_model(source) if source is not None else model
+    backend = get_backend(target)
+    resolved = load_recipe(recipe).with_calibrator(calibrator)
+    calib_set = _calibration(calib, source, tokenizer, samples, seq_len, seed)
+    if calib_set is not None and calib_set.kind == "text":
+        check_vocabulary(graph_model, calib_set.vocab_size, calib_set.tokenizer)
+    if resolved.needs_calibration and calib_set is None:
+        # No silent random calibration: static ranges, smoothing and GPTQ/AWQ need real data.
+        raise QtcError(f"recipe {resolved.name!r} needs calibration data: pass --calib")
+    return _Job(source, graph_model, resolved, calib_set, backend)
+
+
+def _run(pipeline: ir.passes.PassManager, model: ir.Model) -> None:
+    try:
+        pipeline(model)
+    except ir.passes.PassError as exc:
+        # The pass manager wraps what a pass raises; a user error inside a pass is still a user error.
+        cause = exc.__cause__
+        if isinstance(cause, QtcError):
+            raise cause from None
+        raise
+
+
+def analyze(
+    model: str | os.PathLike | ir.Model,
+    recipe: str | os.PathLike | Recipe = "w8a8",
+    calib: str | os.PathLike | CalibrationSet | None = None,
+    target: str = "cpu",
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    samples: int = 16,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    calibrator: str | None = None,
+    seed: int = 0,
+    quiet: bool = False,
+) -> dict:
+    """Per-layer sensitivity of MODEL under RECIPE (lowest SQNR first), from one streamed calibration run."""
+    from qtc.passes.pipeline import build_analysis_pipeline
+    from qtc.passes.sensitivity import layer_sensitivity
+
+    job = _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed)
+    if job.calib is None:
+        raise QtcError("analysis measures layers on real data: pass --calib")
+    _run(build_analysis_pipeline(job.recipe, target, job.calib, quiet), job.model)
+    layers = layer_sensitivity(job.model)
+    return {
+        "qtc_version": __version__,
+        "recipe": job.recipe.to_dict(),
+        "calibration": _calibration_report(job.calib, job.recipe),
+        "layers": layers,
+        "dominant_noise": {kind: sum(1 for r in layers if r["dominant_noise"] == kind) for kind in ("weight", "activation")},
+    }
 
 
 def _calibration(calib, source, tokenizer, samples, seq_len, seed) -> CalibrationSet | None:

@@ -22,6 +22,9 @@ class Backend:
     provider: str
     provider_options: dict = field(default_factory=dict)
     recipes_native: tuple[str, ...] = ()
+    # How int8 QDQ is stored for this EP (same integer grid either way; see passes/qdq.py InsertQDQPass).
+    unsigned_activations: bool = False
+    unsigned_weights: bool = False
 
     def runtime_ops(self, model: ir.Model) -> dict[str, int]:
         """The op histogram after ORT's own graph optimizations: which kernels (and numerics) really run.

@@ -185,6 +185,40 @@ def show_eval(result: dict) -> None:
     out.print(table)
 
 
+@main.command("analyze")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--recipe", "-r", default="w8a8", show_default=True, help="Built-in recipe name or a recipe .yaml file.")
+@click.option("--calib", required=True, help="Calibration data: corpus file, workload name, or .npz file(s).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: the one beside MODEL).")
+@click.option("--samples", default=16, show_default=True, help="Calibration samples.")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per sample.")
+@click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--top", default=15, show_default=True, help="Rows to show (all go to --json).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def analyze_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, top, as_json):
+    """Rank MODEL's layers by how much noise RECIPE adds to each (SQNR), and say whether weights or activations."""
+    import qtc
+
+    result = qtc.analyze(model, recipe=recipe, calib=calib, tokenizer=tokenizer, samples=samples, seq_len=seq_len,
+                         calibrator=calibrator, seed=seed, quiet=as_json)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table("layer", "SQNR dB", "weights dB", "activations dB", "noise from", "activation range",
+                  "top |x| channels (median)", title=f"sensitivity under {result['recipe']['name']} (lowest SQNR first)")
+    for row in result["layers"][:top]:
+        rng = row.get("activation_range")
+        top3 = row.get("channel_absmax_top")
+        table.add_row(row["module"] or row["node"], f"{row['sqnr_db']:.1f}", f"{row['weight_sqnr_db']:.1f}",
+                      f"{row['activation_sqnr_db']:.1f}" if "activation_sqnr_db" in row else "-", row["dominant_noise"],
+                      f"[{rng[0]:.3g}, {rng[1]:.3g}]" if rng else "-",
+                      f"{', '.join(f'{v:.3g}' for v in top3)} ({row['channel_absmax_median']:.3g})" if top3 else "-")
+    out.print(table)
+    out.print(f"noise dominated by weights in {result['dominant_noise']['weight']} layers, "
+              f"by activations in {result['dominant_noise']['activation']}")
+
+
 @main.command("workloads")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def workloads_command(as_json):

@@ -87,7 +87,8 @@ def module_path(node: ir.Node) -> str:
     """`model.layers.0.mlp.down_proj` from the torch exporter's name scopes, or ""."""
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
     parts = ast.literal_eval(scopes) if scopes.startswith("[") else []
-    return ".".join(p for p in parts[:-1] if p)  # the last scope is the aten op itself
+    # Each scope is a full module path ('', 'model', 'model.layers.0', ...); the last one is the aten op itself.
+    return parts[-2] if len(parts) >= 2 else ""
 
 
 def match_names(node: ir.Node, weight: ir.Value) -> tuple[str, ...]:

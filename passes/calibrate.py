@@ -96,9 +96,11 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
     data-driven algorithm (or when smoothing picks alpha automatically), a channel max when smoothing.
     """
 
-    def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False):
+    def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False,
+                 every_layer: bool = False):
         super().__init__()
         self.calib, self.backend, self.smooth, self.quiet = calib, backend, smooth, quiet
+        self.every_layer = every_layer  # sensitivity analysis wants both statistics for every quantized layer
 
     def _wanted(self, graph: ir.Graph) -> dict[str, dict]:
         wanted: dict[str, dict] = {}
@@ -107,9 +109,9 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
             if x is None or x.const_value is not None:
                 continue
             needs = wanted.setdefault(x.name, {})
-            if note.weight_spec.algorithm != "rtn" or (self.smooth and self.smooth.alpha == "auto"):
+            if self.every_layer or note.weight_spec.algorithm != "rtn" or (self.smooth and self.smooth.alpha == "auto"):
                 needs.setdefault("gram", Gram())
-            if self.smooth:
+            if self.every_layer or self.smooth:
                 needs.setdefault("absmax", ChannelAbsMax())
         return {name: needs for name, needs in sorted(wanted.items()) if needs}
 

@@ -40,11 +40,26 @@ def build_pipeline(
             # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming.
             CalibrateActivationsPass(calib, backend, quiet=quiet),
             # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
-            InsertQDQPass(),
+            InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
             # 6. Cleanup and what the runtime needs to load the result; provenance last.
             common.RemoveUnusedNodesPass(),
             common.TopologicalSortPass(),
             LimitIrVersionPass(max_ir_version()),
             RecordProvenancePass(provenance or {}),
+        ]
+    )
+
+
+def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, quiet: bool = False) -> ir.passes.PassManager:
+    """The compile pipeline up to calibration, collecting every layer's statistics; nothing is materialized.
+    `qtc.passes.sensitivity.layer_sensitivity` then reads the result."""
+    backend = get_backend(target)
+    return ir.passes.PassManager(
+        [
+            *canonicalize_passes(recipe.opset),
+            AnnotateQuantizationPass(recipe),
+            CollectLayerStatisticsPass(calib, backend, recipe.smooth, quiet=quiet, every_layer=True),
+            *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
+            CalibrateActivationsPass(calib, backend, quiet=quiet),
         ]
     )

@@ -39,8 +39,23 @@ def _free_base(graph: ir.Graph, preferred: str, fallback: str) -> str:
     return fallback
 
 
+def _unsigned(values: np.ndarray) -> np.ndarray:
+    """int8 -> uint8 by adding 128 (to values and zero point alike: the same real numbers, exactly)."""
+    return (values.astype(np.int16) + 128).astype(np.uint8)
+
+
 class InsertQDQPass(ir.passes.InPlacePass):
-    """Requires annotations (and ranges for static activations); ensures no annotated node reads a float weight."""
+    """Requires annotations (and ranges for static activations); ensures no annotated node reads a float weight.
+
+    `unsigned_activations` / `unsigned_weights` store int8 activations (and the int8 weights that meet them) as
+    uint8 with the zero point shifted by 128: numerically identical, and the layout an EP's kernels fuse (ORT's
+    x86 CPU EP fuses QDQ MatMuls only for uint8 activations, and its AVX2 U8S8 kernel saturates: U8U8 is exact).
+    """
+
+    def __init__(self, unsigned_activations: bool = False, unsigned_weights: bool = False) -> None:
+        super().__init__()
+        self.unsigned_activations = unsigned_activations
+        self.unsigned_weights = unsigned_weights
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 1) < QDQ_OPSET:
@@ -83,6 +98,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             tensor.release()  # drop the float mapping now: peak memory stays near one tensor, not the model
         base = _free_base(graph, original_name(note.weight), note.weight.name)
         dtype = note.weight_spec.dtype
+        if self.unsigned_weights and dtype == "int8" and note.activation_spec is not None:
+            q, zero_point = _unsigned(q), _unsigned(zero_point)
+            dtype = "uint8"
         inputs = [_constant(graph, f"{base}_quantized", storage_array(q, dtype)), _constant(graph, f"{base}_scale", scale)]
         if zero_point.any():  # an all-zero zero point is the default: leaving it out saves a byte per 2 blocks
             inputs.append(_constant(graph, f"{base}_zero_point", storage_array(zero_point, dtype)))
@@ -99,6 +117,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _quantize_activation(self, graph, node, value, value_range, note) -> ir.Value:
         scale, zero_point = activation_qparams(*value_range, note.activation_spec)
+        if self.unsigned_activations and zero_point.dtype == np.int8:
+            zero_point = _unsigned(zero_point)
         base = value.name
         scale_value = _constant(graph, f"{base}_scale", scale)
         zero_value = _constant(graph, f"{base}_zero_point", zero_point)
