@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from qtc import __version__
 from qtc.backends import get_backend
+from qtc.backends.base import SESSION_PREFIX, runtime_numerics
 from qtc.cache import sha256_file
 from qtc.calibration.data import CalibrationSet, check_vocabulary, load_calibration, model_inputs
 from qtc.errors import QtcError
@@ -34,13 +35,14 @@ class CompileResult:
     model: ir.Model
     report: dict
     source: Path | None = None
+    external_data: bool | None = None
     written: list[Path] = field(default_factory=list)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the model (external data beside it when large) and the sidecar `OUT.qtc.json`, atomically."""
         path = Path(path)
         _refuse_overwriting_source(path, self.source, self.model)
-        self.written = save_model(self.model, path)
+        self.written = save_model(self.model, path, external_data=self.external_data)
         self.report["output"] = {
             "path": path.name,
             "files": {p.name: p.stat().st_size for p in self.written},
@@ -86,14 +88,18 @@ def _source_file_bytes(path: Path | None, model: ir.Model) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def _provenance(recipe: Recipe, target: str, calib: CalibrationSet | None, source: Path | None) -> dict[str, str]:
+def _provenance(job: "_Job") -> dict[str, str]:
     """metadata_props written into the model: strings, sorted keys, nothing time-dependent."""
+    recipe, target, calib, source = job.recipe, job.backend.name, job.calib, job.source
     props = {
         "qtc.version": __version__,
         "qtc.recipe": recipe.to_json(),
         "qtc.target": target,
         "qtc.calibration.calibrator": recipe.activation.calibrator if recipe.activation else "none",
     }
+    props |= {f"{SESSION_PREFIX}{key}": value for key, value in job.session_entries.items()}
+    if job.target_notes:
+        props["qtc.target.notes"] = json.dumps(job.target_notes, ensure_ascii=False)
     if source is not None:
         props["qtc.source.file"] = source.name
         props["qtc.source.sha256"] = sha256_file(source)
@@ -135,9 +141,11 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     job = _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed)
     source, graph_model, resolved, calib_set, backend = job.source, job.model, job.recipe, job.calib, job.backend
     before = graph_summary(graph_model)
+    source_bytes = _source_file_bytes(source, graph_model)
+    source_external = bool(external_tensors(graph_model))
     reference = source if source is not None else ir.to_proto(graph_model).SerializeToString()
     inputs = model_inputs(graph_model)
-    _run(build_pipeline(resolved, target, calib_set, _provenance(resolved, target, calib_set, source), quiet), graph_model)
+    _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet), graph_model)
     report = {
         "qtc_version": __version__,
         "recipe": resolved.to_dict(),
@@ -145,19 +153,23 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         "calibration": _calibration_report(calib_set, resolved),
         "source": {"file": source.name if source else None, "graph": before},
         "compiled": {"graph": graph_summary(graph_model), **_quantized_counts(graph_model)},
-        "size": {"source_file_bytes": _source_file_bytes(source, graph_model), "source_tensor_bytes": before["tensor_bytes"],
+        "size": {"source_file_bytes": source_bytes, "source_tensor_bytes": before["tensor_bytes"],
                  "compiled_tensor_bytes": tensor_bytes(graph_model)},
         "activation_ranges": _ranges(graph_model),
         "smoothing": graph_model.meta.get("qtc.smoothing"),
         "rounding": graph_model.meta.get("qtc.rounding"),
+        "target_notes": job.target_notes,
         "warnings": graph_model.meta.get("qtc.warnings", []),
     }
     if compare and calib_set is not None and calib_set.heldout_samples:
         report["heldout_comparison"] = compare_models(backend, reference, graph_model, calib_set.feeds(inputs, heldout=True))
     if compare:
-        report["runtime_ops"] = {"provider": backend.provider, "ops": backend.runtime_ops(graph_model)}
+        ops = backend.runtime_ops(graph_model)
+        report["runtime_ops"] = {"provider": backend.provider, "ops": ops, "numerics": runtime_numerics(ops, job.session_entries),
+                                 "session_config": job.session_entries}
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
-    return CompileResult(graph_model, report, source)
+    # A model that came with external data leaves with it (and saving stays streaming, not one huge protobuf).
+    return CompileResult(graph_model, report, source, external_data=source_external or None)
 
 
 @dataclass
@@ -167,6 +179,8 @@ class _Job:
     recipe: Recipe
     calib: CalibrationSet | None
     backend: object
+    target_notes: list[str]
+    session_entries: dict[str, str]
 
 
 def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed) -> _Job:
@@ -174,14 +188,14 @@ def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrat
     source = Path(model) if not isinstance(model, ir.Model) else None
     graph_model = load_model(source) if source is not None else model
     backend = get_backend(target)
-    resolved = load_recipe(recipe).with_calibrator(calibrator)
+    resolved, target_notes, session_entries = backend.adapt_recipe(load_recipe(recipe).with_calibrator(calibrator))
     calib_set = _calibration(calib, source, tokenizer, samples, seq_len, seed)
     if calib_set is not None and calib_set.kind == "text":
         check_vocabulary(graph_model, calib_set.vocab_size, calib_set.tokenizer)
     if resolved.needs_calibration and calib_set is None:
         # No silent random calibration: static ranges, smoothing and GPTQ/AWQ need real data.
         raise QtcError(f"recipe {resolved.name!r} needs calibration data: pass --calib")
-    return _Job(source, graph_model, resolved, calib_set, backend)
+    return _Job(source, graph_model, resolved, calib_set, backend, target_notes, session_entries)
 
 
 def _run(pipeline: ir.passes.PassManager, model: ir.Model) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import tempfile
@@ -11,6 +12,8 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+
+from qtc.recipes import Recipe
 
 
 
@@ -25,6 +28,25 @@ class Backend:
     # How int8 QDQ is stored for this EP (same integer grid either way; see passes/qdq.py InsertQDQPass).
     unsigned_activations: bool = False
     unsigned_weights: bool = False
+    # Block-int4 weights run as MatMulNBits, which quantizes activations itself (dynamic W4A8).
+    dynamic_activations_for_int4: bool = False
+
+    def adapt_recipe(self, recipe: Recipe) -> tuple[Recipe, list[str], dict[str, str]]:
+        """The recipe as this target runs it, a note for each change, and the session config entries that make
+        the runtime compute what the recipe says (written into the model as `qtc.session.*` metadata)."""
+        if not self.dynamic_activations_for_int4:
+            return recipe, [], {}
+        if recipe.activation is None:
+            # ORT fuses weight-only DQ -> MatMul into MatMulNBits, whose default accuracy_level 4 would quietly
+            # quantize the "a16" activations to int8: ask for float activations.
+            return recipe, [f"{recipe.name} on {self.name}: MatMulNBits runs with accuracy_level 0 (float activations)"], \
+                {ACCURACY_LEVEL: "0"}
+        if recipe.weight.dtype not in ("int4", "uint4"):
+            return recipe, [], {}
+        note = (f"{recipe.name} on {self.name}: static int8 activation QDQ would block ORT's MatMulNBits fusion "
+                "(its selector takes one DQ input); activations are quantized to int8 per block at run time instead "
+                "(MatMulNBits accuracy_level 4)")
+        return dataclasses.replace(recipe, activation=None), [note], {ACCURACY_LEVEL: "4"}
 
     def runtime_ops(self, model: ir.Model) -> dict[str, int]:
         """The op histogram after ORT's own graph optimizations: which kernels (and numerics) really run.
@@ -39,6 +61,8 @@ class Backend:
             options.optimized_model_filepath = str(optimized)
             options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+            for key, value in session_config(str(source)).items():
+                options.add_session_config_entry(key, value)
             ort.InferenceSession(str(source), options, providers=[self.provider])
             counts: dict[str, int] = {}
             for node in onnx.load(str(optimized), load_external_data=False).graph.node:
@@ -54,11 +78,15 @@ class Backend:
         return options
 
     def session(self, model: str | os.PathLike | bytes | ir.Model) -> ort.InferenceSession:
+        """A session that honours the model's `qtc.session.*` metadata (the numerics its recipe asked for)."""
         if isinstance(model, ir.Model):
             return self._session_from_ir(model)
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
-        return ort.InferenceSession(model, self.session_options(), providers=[self.provider])
+        options = self.session_options()
+        for key, value in session_config(model).items():
+            options.add_session_config_entry(key, value)
+        return ort.InferenceSession(model, options, providers=[self.provider])
 
     def _session_from_ir(self, model: ir.Model) -> ort.InferenceSession:
         # Through a temporary folder with external data: the model may be > 2 GiB, and may still point at the
@@ -67,6 +95,16 @@ class Backend:
             path = Path(folder) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
             return self.session(path)
+
+
+ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+SESSION_PREFIX = "qtc.session."
+
+
+def session_config(model: str | bytes) -> dict[str, str]:
+    """`qtc.session.<key>` metadata of a model file (or serialized bytes), as ORT session config entries."""
+    proto = onnx.load(model, load_external_data=False) if isinstance(model, str) else onnx.load_from_string(model)
+    return {p.key.removeprefix(SESSION_PREFIX): p.value for p in proto.metadata_props if p.key.startswith(SESSION_PREFIX)}
 
 
 @functools.cache
@@ -87,3 +125,20 @@ def max_ir_version() -> int:
         except Exception:  # ORT raises its own Fail/InvalidGraph types for unsupported IR versions
             continue
     raise RuntimeError("onnxruntime loads no IR version >= 7")
+
+
+# What each fused kernel computes, for the report: the numerics that actually run, not the ones in the recipe.
+KERNEL_NUMERICS = {
+    "com.microsoft::MatMulNBits": "block-quantized weights; activations quantized to int8 per block on the fly "
+    "(accuracy_level 4, ORT's default)",
+    "com.microsoft::MatMulIntegerToFloat": "integer GEMM of quantized activations and weights, float output",
+    "QLinearMatMul": "integer GEMM with quantized output",
+    "DequantizeLinear": "dequantized to float at run time; the consumer computes in float",
+}
+
+
+def runtime_numerics(ops: dict[str, int], config: dict[str, str]) -> dict[str, str]:
+    texts = dict(KERNEL_NUMERICS)
+    if config.get(ACCURACY_LEVEL) in ("0", "1"):
+        texts["com.microsoft::MatMulNBits"] = f"block-quantized weights, float activations ({ACCURACY_LEVEL}={config[ACCURACY_LEVEL]})"
+    return {op: f"{ops[op]} x {text}" for op, text in texts.items() if ops.get(op)}

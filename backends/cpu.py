@@ -11,4 +11,5 @@ CPU = Backend(
     recipes_native=("w8a8", "w8a16", "w4a16"),
     unsigned_activations=True,
     unsigned_weights=True,
+    dynamic_activations_for_int4=True,
 )

@@ -27,7 +27,7 @@ def test_recipes_listing_and_show():
     listing = qtc("recipes")
     assert listing.returncode == 0 and "w8a8" in listing.stdout and "w8a16" in listing.stdout
     shown = yaml.safe_load(qtc("recipes", "show", "w8a8").stdout)
-    assert shown["weight"] == {"dtype": "int8", "granularity": "channel", "symmetric": True}
+    assert shown["weight"] == {"dtype": "int8", "granularity": "channel", "symmetric": True, "algorithm": "rtn"}
     assert shown["keep_float"] == ["embedding", "lm_head"]
 
 
