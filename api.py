@@ -240,6 +240,38 @@ def analyze(
     }
 
 
+def compile_within(
+    model: str | os.PathLike,
+    budget: tuple[str, float],
+    recipe: str | os.PathLike | Recipe = "w8a8",
+    calib: str | os.PathLike | CalibrationSet | None = None,
+    target: str = "cpu",
+    **options,
+) -> CompileResult:
+    """Compile, falling back the most sensitive layers to higher precision until the held-out metric drop is
+    within `budget` (see qtc.fallback). The report's `fallback` section lists each attempt and the layers kept."""
+    from qtc.fallback import METRICS, fallback_sizes, measured_drop, with_fallback
+
+    metric, limit = budget
+    base = load_recipe(recipe).with_calibrator(options.get("calibrator"))
+    analysis_options = {k: options[k] for k in ("tokenizer", "samples", "seq_len", "seed") if k in options}
+    ranking = analyze(model, base, calib, target, quiet=options.get("quiet", False), **analysis_options)["layers"]
+    attempts = []
+    for k in fallback_sizes(len(ranking)):
+        kept = ranking[:k]
+        result = compile(model, with_fallback(base, [r["node"] for r in kept]), calib, target, **options)
+        drop = measured_drop(result.report, metric)
+        attempts.append({"kept_layers": k, "drop": drop})
+        if drop <= limit:
+            break
+    result.report["fallback"] = {
+        "metric": metric, "meaning": METRICS[metric][0], "budget": limit, "met": drop <= limit, "attempts": attempts,
+        "kept": [{"node": r["node"], "module": r["module"], "sqnr_db": r["sqnr_db"], "dominant_noise": r["dominant_noise"]}
+                 for r in kept],
+    }
+    return result
+
+
 def _calibration(calib, source, tokenizer, samples, seq_len, seed) -> CalibrationSet | None:
     if calib is None or isinstance(calib, CalibrationSet):
         return calib

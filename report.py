@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qtc.backends.base import Backend
+from qtc.stats import log_softmax
 
 
 class _OutputStats:
@@ -22,6 +23,7 @@ class _OutputStats:
         self.dot = self.ref_sq = self.out_sq = 0.0
         self.max_abs = 0.0
         self.top1_same = self.top1_total = 0
+        self.kl_sum = 0.0
 
     def update(self, ref: np.ndarray, out: np.ndarray, logits: bool) -> None:
         ref64, out64 = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
@@ -33,12 +35,15 @@ class _OutputStats:
             same = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
             self.top1_same += int(same.sum())
             self.top1_total += int(same.size)
+            ref_logp, out_logp = log_softmax(ref), log_softmax(out)
+            self.kl_sum += float((np.exp(ref_logp) * (ref_logp - out_logp)).sum())
 
     def result(self) -> dict:
         denominator = np.sqrt(self.ref_sq * self.out_sq)
         data = {"cosine": float(self.dot / denominator) if denominator > 0 else 1.0, "max_abs_diff": self.max_abs}
         if self.top1_total:
             data["top1_agreement"] = self.top1_same / self.top1_total
+            data["kl_per_position"] = self.kl_sum / self.top1_total
             data["positions"] = self.top1_total
         return data
 

@@ -71,14 +71,20 @@ def main() -> None:
 @click.option("--target", default="cpu", show_default=True, help="Execution target.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Output .onnx path.")
 @click.option("--no-compare", is_flag=True, help="Skip the float-vs-compiled comparison on held-out data.")
+@click.option("--max-drop", help="METRIC=VALUE (top1, kl, cosine): keep the most sensitive layers in higher "
+                                  "precision until the held-out drop is within VALUE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, target, output,
-                    no_compare, as_json):
+                    no_compare, max_drop, as_json):
     """Compile a float ONNX MODEL with a quantization recipe."""
     import qtc
+    from qtc.fallback import parse_budget
 
-    result = qtc.compile(model, recipe=recipe, calib=calib, target=target, tokenizer=tokenizer, samples=samples,
-                         seq_len=seq_len, calibrator=calibrator, seed=seed, compare=not no_compare, quiet=as_json)
+    options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json)
+    if max_drop:
+        result = qtc.compile_within(model, parse_budget(max_drop), recipe=recipe, calib=calib, target=target, **options)
+    else:
+        result = qtc.compile(model, recipe=recipe, calib=calib, target=target, compare=not no_compare, **options)
     output = output or model.with_name(f"{model.stem}.{result.report['recipe']['name']}.onnx")
     result.save(output)
     if as_json:
@@ -94,7 +100,7 @@ def _show_compile(report: dict, output: Path) -> None:
     calib = report["calibration"]
     if calib:
         table.add_row("calibration", f"{calib['source']} sha256 {calib['sha256'][:12]}… {calib['samples']} x "
-                                     f"{calib['seq_len']} tokens, {calib['calibrator']}, seed {calib['seed']}")
+                                     f"{calib['seq_len']} tokens, {calib['calibrator'] or 'weights only'}, seed {calib['seed']}")
     counts = report["compiled"]["quantized_nodes_by_op"]
     table.add_row("quantized", ", ".join(f"{n} {op}" for op, n in counts.items()) or "nothing")
     kept = sorted(set(report["compiled"]["kept_float_roles"].values()))
@@ -106,6 +112,16 @@ def _show_compile(report: dict, output: Path) -> None:
         if "top1_agreement" in stats:
             text += f", top-1 agreement {stats['top1_agreement']:.2%} of {stats['positions']} positions"
         table.add_row(f"vs float: {name}", text)
+    fallback = report.get("fallback")
+    if fallback:
+        table.add_row("--max-drop", f"{fallback['metric']} drop {fallback['attempts'][-1]['drop']:.4f} "
+                                    f"{'<=' if fallback['met'] else '>'} {fallback['budget']} with "
+                                    f"{len(fallback['kept'])} layers kept in higher precision")
+        for layer in fallback["kept"]:
+            table.add_row("  kept", f"{layer['module'] or layer['node']} (SQNR {layer['sqnr_db']:.1f} dB, "
+                                    f"{layer['dominant_noise']} noise)")
+    for note in report.get("target_notes", []):
+        table.add_row("target", note)
     table.add_row("time", f"{report['compile_seconds']:.1f} s")
     out.print(table)
 

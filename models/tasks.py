@@ -18,6 +18,7 @@ import numpy as np
 
 from qtc.calibration.data import InputSpec, text_feed
 from qtc.errors import QtcError
+from qtc.stats import log_softmax
 
 LN2 = np.log(2.0)
 BOS_TOKENS = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]")
@@ -36,12 +37,6 @@ class Runner:
 
     def run(self, ids: np.ndarray) -> np.ndarray:
         return self.session.run([self.output], text_feed(ids, self.inputs))[0]
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def _bos_id(tokenizer) -> int | None:

@@ -103,3 +103,21 @@ def test_smooth_recipe_compiles_and_agrees(compiled):
     report = compiled["smooth"].report
     assert report["heldout_comparison"]["outputs"]["logits"]["cosine"] > 0.99
     assert {v["alpha"] for v in report["smoothing"].values()} == {0.5}
+
+
+def test_analyze_ranks_layers_and_names_noise_source(tiny_llama):
+    result = qtc.analyze(tiny_llama, recipe="w8a8", calib="zh-news", samples=4, seq_len=128, quiet=True)
+    layers = result["layers"]
+    assert len(layers) == 28
+    assert [r["sqnr_db"] for r in layers] == sorted(r["sqnr_db"] for r in layers)
+    assert all(r["dominant_noise"] in ("weight", "activation") and "activation_range" in r for r in layers)
+    assert layers[0]["module"].startswith("model.layers.")
+
+
+def test_max_drop_keeps_sensitive_layers_until_budget_met(tiny_llama):
+    strict = qtc.compile_within(tiny_llama, ("kl", 0.002), recipe="w4a16", calib="zh-news", samples=4, seq_len=128,
+                                quiet=True)
+    fallback = strict.report["fallback"]
+    assert fallback["met"] and fallback["attempts"][-1]["drop"] <= 0.002
+    assert fallback["attempts"][0]["kept_layers"] == 0 and fallback["attempts"][0]["drop"] > 0.002
+    assert len(fallback["kept"]) == fallback["attempts"][-1]["kept_layers"] > 0
