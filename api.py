@@ -12,7 +12,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qtc import __version__
-from qtc.backends import get_backend
+from qtc.backends import compile_target
 from qtc.backends.base import SESSION_PREFIX, runtime_numerics
 from qtc.cache import sha256_file
 from qtc.calibration.data import CalibrationSet, check_vocabulary, load_calibration, model_inputs
@@ -187,7 +187,7 @@ def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrat
     """Load and validate everything a compile or an analysis needs, before any work starts."""
     source = Path(model) if not isinstance(model, ir.Model) else None
     graph_model = load_model(source) if source is not None else model
-    backend = get_backend(target)
+    backend = compile_target(target)
     resolved, target_notes, session_entries = backend.adapt_recipe(load_recipe(recipe).with_calibrator(calibrator))
     calib_set = _calibration(calib, source, tokenizer, samples, seq_len, seed)
     if calib_set is not None and calib_set.kind == "text":

@@ -16,7 +16,7 @@ from qtc.backends.base import Backend
 from qtc.stats import log_softmax
 
 
-class _OutputStats:
+class OutputStats:
     """Running agreement statistics for one output, accumulated sample by sample."""
 
     def __init__(self) -> None:
@@ -24,13 +24,18 @@ class _OutputStats:
         self.max_abs = 0.0
         self.top1_same = self.top1_total = 0
         self.kl_sum = 0.0
+        self.rel = 0.0
 
     def update(self, ref: np.ndarray, out: np.ndarray, logits: bool) -> None:
         ref64, out64 = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
         self.dot += float(ref64 @ out64)
         self.ref_sq += float(ref64 @ ref64)
         self.out_sq += float(out64 @ out64)
-        self.max_abs = max(self.max_abs, float(np.max(np.abs(ref64 - out64))) if ref64.size else 0.0)
+        if ref64.size:
+            diff = np.abs(ref64 - out64)
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            # relative error, robust to near-zero references: the 99.9th percentile, worst sample
+            self.rel = max(self.rel, float(np.percentile(diff / np.maximum(np.abs(ref64), 1e-6), 99.9)))
         if logits:
             same = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
             self.top1_same += int(same.sum())
@@ -40,7 +45,8 @@ class _OutputStats:
 
     def result(self) -> dict:
         denominator = np.sqrt(self.ref_sq * self.out_sq)
-        data = {"cosine": float(self.dot / denominator) if denominator > 0 else 1.0, "max_abs_diff": self.max_abs}
+        data = {"cosine": float(self.dot / denominator) if denominator > 0 else 1.0, "max_abs_diff": self.max_abs,
+                "p99.9_rel_diff": self.rel}
         if self.top1_total:
             data["top1_agreement"] = self.top1_same / self.top1_total
             data["kl_per_position"] = self.kl_sum / self.top1_total
@@ -70,7 +76,7 @@ def compare_models(
         if not saved:
             return {}
         session = backend.session(candidate)
-        stats = {name: _OutputStats() for name in names}
+        stats = {name: OutputStats() for name in names}
         for path, feed in saved:
             outputs = dict(zip(names, session.run(names, feed)))
             with np.load(path) as reference_outputs:

@@ -30,6 +30,25 @@ class Backend:
     unsigned_weights: bool = False
     # Block-int4 weights run as MatMulNBits, which quantizes activations itself (dynamic W4A8).
     dynamic_activations_for_int4: bool = False
+    compiles: bool = True  # whether `qtc compile --target NAME` is supported (legalization exists)
+
+    def availability(self) -> tuple[bool, str]:
+        """Really create a session on this provider with CPU fallback disabled: a provider that is listed but
+        cannot load its libraries (CANN without Ascend drivers) is unavailable, with the loader's reason."""
+        if self.provider not in ort.get_available_providers():
+            return False, (f"this onnxruntime {ort.__version__} build has no {self.provider} "
+                           f"(it has {', '.join(ort.get_available_providers())})")
+        options = ort.SessionOptions()
+        if self.provider != CPU_PROVIDER:
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        options.log_severity_level = 4
+        try:
+            session = ort.InferenceSession(_probe_model(), options, providers=[(self.provider, self.provider_options)])
+        except Exception as exc:  # ORT raises Fail / RuntimeException with the provider loader's message
+            return False, " ".join(str(exc).split())[:400]
+        if session.get_providers()[0] != self.provider:
+            return False, f"session fell back to {session.get_providers()[0]}"
+        return True, "ok"
 
     def adapt_recipe(self, recipe: Recipe) -> tuple[Recipe, list[str], dict[str, str]]:
         """The recipe as this target runs it, a note for each change, and the session config entries that make
@@ -86,7 +105,12 @@ class Backend:
         options = self.session_options()
         for key, value in session_config(model).items():
             options.add_session_config_entry(key, value)
-        return ort.InferenceSession(model, options, providers=[self.provider])
+        providers = [(self.provider, self.provider_options)] + ([] if self.provider == CPU_PROVIDER else [CPU_PROVIDER])
+        session = ort.InferenceSession(model, options, providers=providers)
+        if session.get_providers()[0] != self.provider:
+            # Never report a CPU run as an accelerator run.
+            raise BackendUnavailable(f"{self.name}: session runs on {session.get_providers()[0]}, not {self.provider}")
+        return session
 
     def _session_from_ir(self, model: ir.Model) -> ort.InferenceSession:
         # Through a temporary folder with external data: the model may be > 2 GiB, and may still point at the
@@ -97,7 +121,19 @@ class Backend:
             return self.session(path)
 
 
+CPU_PROVIDER = "CPUExecutionProvider"
 ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+
+
+class BackendUnavailable(RuntimeError):
+    """The provider could not run the session (and qtc will not substitute another)."""
+
+
+def _probe_model() -> bytes:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 2]))
+    node = ir.node("MatMul", [x, x], outputs=[ir.Value(name="y", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 2]))])
+    graph = ir.Graph([x], node.outputs, nodes=[node], opset_imports={"": 13})
+    return ir.to_proto(ir.Model(graph, ir_version=8)).SerializeToString()
 SESSION_PREFIX = "qtc.session."
 
 

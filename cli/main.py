@@ -235,6 +235,58 @@ def analyze_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
               f"by activations in {result['dominant_noise']['activation']}")
 
 
+@main.command("parity")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--backends", default="cpu", show_default=True, help="Comma list: cpu,cuda,cann.")
+@click.option("--reference", default="cpu", show_default=True, help="Backend the others are compared with.")
+@click.option("--against", type=click.Path(dir_okay=False, path_type=Path), help="Another model to compare with on the reference backend.")
+@click.option("--inputs", default="zh-news", show_default=True, help="Workload name, text file, or .npz file(s).")
+@click.option("--tokenizer", help="tokenizer.json (default: the one beside MODEL).")
+@click.option("--samples", default=4, show_default=True)
+@click.option("--seq-len", default=128, show_default=True)
+@click.option("--tolerance", help="Override bounds, e.g. cosine=0.999,top1_agreement=0.95.")
+@click.option("--json", "as_json", is_flag=True)
+def parity_command(model, backends, reference, against, inputs, tokenizer, samples, seq_len, tolerance, as_json):
+    """Check MODEL gives the same outputs on each backend (and close to --against). Exit 3 when out of tolerance."""
+    from qtc.parity import parity
+
+    bound = _parse_tolerance(tolerance) if tolerance else None
+    result = parity(model, [b.strip() for b in backends.split(",") if b.strip()], reference=reference,
+                    against=against, inputs=inputs, tokenizer=tokenizer, samples=samples, seq_len=seq_len, tolerance=bound)
+    if as_json:
+        _print_json(result)
+    else:
+        _show_parity(result)
+    return 0 if result["passed"] else 3
+
+
+def _parse_tolerance(text: str) -> dict[str, float]:
+    bound = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("cosine", "top1_agreement") or not value:
+            raise QtcError(f"--tolerance takes cosine=X,top1_agreement=Y (got {item!r})")
+        bound[key] = float(value)
+    return bound
+
+
+def _show_parity(result: dict) -> None:
+    table = Table("compared", "output", "cosine", "max |diff|", "p99.9 rel", "top-1", title=f"parity: {result['model']} "
+                  f"({result['samples']} held-out inputs from {result['inputs']}, reference {result['reference']})")
+    rows = [(f"{name} vs {result['reference']}", entry) for name, entry in result["backends"].items()]
+    if "against" in result:
+        rows.append((f"vs {result['against']['model']}", result["against"]))
+    for label, entry in rows:
+        if "outputs" not in entry:
+            table.add_row(label, "-", "unavailable" if not entry.get("available") else "reference", entry.get("reason", ""), "", "")
+            continue
+        for name, s in entry["outputs"].items():
+            table.add_row(label, name, f"{s['cosine']:.6f}", f"{s['max_abs_diff']:.4g}", f"{s['p99.9_rel_diff']:.3g}",
+                          f"{s['top1_agreement']:.2%}" if "top1_agreement" in s else "-")
+    out.print(table)
+    out.print("PASS" if result["passed"] else "FAIL: " + "; ".join(result["failures"]))
+
+
 @main.command("workloads")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def workloads_command(as_json):

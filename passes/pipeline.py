@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from qtc.backends import get_backend
+from qtc.backends import compile_target
 from qtc.backends.base import max_ir_version
 from qtc.calibration.data import CalibrationSet
 from qtc.passes.annotate import AnnotateQuantizationPass
@@ -25,7 +25,7 @@ def build_pipeline(
     provenance: dict[str, str] | None = None,
     quiet: bool = False,
 ) -> ir.passes.PassManager:
-    backend = get_backend(target)
+    backend = compile_target(target)
     return ir.passes.PassManager(
         [
             # 1. One canonical graph: constants lifted and folded, dead code gone, sorted, at the QDQ opset.
@@ -53,7 +53,7 @@ def build_pipeline(
 def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, quiet: bool = False) -> ir.passes.PassManager:
     """The compile pipeline up to calibration, collecting every layer's statistics; nothing is materialized.
     `qtc.passes.sensitivity.layer_sensitivity` then reads the result."""
-    backend = get_backend(target)
+    backend = compile_target(target)
     return ir.passes.PassManager(
         [
             *canonicalize_passes(recipe.opset),
