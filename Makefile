@@ -17,11 +17,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[torch,data,test,bench]"
 	touch $(STAMP)
 
+# The main job: the bundled Chinese decoder (zh-tiny-lm, trained on People's Daily 1998, weights in
+# models/weights/), compiled w8a8 on the zh-news calibration split, then evaluated against its float self on
+# held-out paragraphs (bits/char with paired 95 % bootstrap intervals).
 demo: setup
-	$(BIN)/python -m qtc.models.tiny_llama --out $(OUT)/tiny-llama
-	$(BIN)/qtc compile $(OUT)/tiny-llama/model.onnx --recipe w8a8 --calib zh-news --samples 32 --seq-len 256 \
-		-o $(OUT)/tiny-llama.w8a8.onnx
-	$(BIN)/qtc inspect $(OUT)/tiny-llama.w8a8.onnx
+	@model=$$($(BIN)/python -m qtc.models.reference zh-tiny-lm) && \
+	$(BIN)/qtc compile $$model --recipe w8a8 --calib zh-news --samples 64 --seq-len 256 -o $(OUT)/zh-tiny-lm.w8a8.onnx && \
+	$(BIN)/qtc eval $(OUT)/zh-tiny-lm.w8a8.onnx --task zh-news-ppl --baseline $$model --limit 400
 
 test: setup
 	$(BIN)/python -m pytest -q
