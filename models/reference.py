@@ -275,7 +275,7 @@ def lm_windows(tokenizer, texts: Iterable[str], max_len: int = 256) -> tuple[lis
     return windows, chars
 
 
-def _padded(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     from qtc.models.tokenizer import PAD_ID
 
     width = max(len(r) for r in rows)
@@ -297,7 +297,7 @@ def lm_nll_bits(logits_fn: LogitsFn, windows: Sequence[np.ndarray], batch_size: 
     total, count = 0.0, 0
     for batch in _length_batches(windows, batch_size):
         rows = [windows[i] for i in batch]
-        ids, mask = _padded(rows)
+        ids, mask = pad_rows(rows)
         logits = np.asarray(logits_fn(ids, mask), dtype=np.float64)[:, :-1]
         logits -= logits.max(-1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -331,7 +331,7 @@ def classify(logits_fn: LogitsFn, rows: Sequence[np.ndarray], batch_size: int = 
     """Argmax label of each row (batches of similar length, right padding)."""
     preds = np.zeros(len(rows), dtype=np.int64)
     for batch in _length_batches(rows, batch_size):
-        ids, mask = _padded([rows[i] for i in batch])
+        ids, mask = pad_rows([rows[i] for i in batch])
         preds[batch] = np.asarray(logits_fn(ids, mask)).argmax(-1)
     return preds
 
@@ -411,7 +411,7 @@ def _check_batch(name: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
         from qtc.models.tokenizer import BOS_ID
 
         rows = [np.concatenate([[BOS_ID], r]) for r in rows]
-    ids, mask = _padded(rows)
+    ids, mask = pad_rows(rows)
     assert ids.max() < vocab_size
     return ids, mask
 

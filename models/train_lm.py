@@ -50,17 +50,17 @@ NAME = "zh-tiny-lm"
 ARCH = dict(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688, max_positions=512)
 DEFAULTS = dict(
     seed=0,
-    steps=600,
+    steps=250,
     batch=8,
     seq_len=256,
-    lr=2e-3,
+    lr=3e-3,
     min_lr_ratio=0.1,
-    warmup=30,
+    warmup=20,
     weight_decay=0.1,
     betas=(0.9, 0.95),
     eps=1e-8,
     grad_clip=1.0,
-    threads=2,
+    threads=1,
 )
 
 
