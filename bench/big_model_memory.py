@@ -18,7 +18,6 @@ The multi-GB files live in a temporary folder under /tmp, removed at the end unl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
