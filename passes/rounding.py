@@ -124,6 +124,9 @@ class RoundWeightsPass(ir.passes.InPlacePass):
             stats = all_stats.get(name, {})
             if not chosen or "gram" not in stats:
                 continue
+            # plain round-to-nearest error of the untouched weights: the baseline every algorithm is reported against
+            plain = {node.name: rounding_error(note, weight_matrix(note), stats["gram"].mean) for node, note in chosen
+                     if note.weight.const_value.shape.rank() == 2}
             if any(note.weight_spec.algorithm == "awq" for _, note in chosen) and _scalable(graph, members):
                 s, alpha = awq_scale(members, stats["gram"].mean)
                 record[f"{name} (awq scale)"] = {"alpha": alpha, "applied": apply_channel_scale(graph, graph_value(members), members, s)}
@@ -133,8 +136,9 @@ class RoundWeightsPass(ir.passes.InPlacePass):
                 if note.weight.const_value.shape.rank() != 2:
                     record[node.name] = {"algorithm": "rtn", "why": "weight is not 2-D"}
                     continue
-                record[node.name] = self._round(note, h)
-        model.meta["qtc.rounding"] = record
+                record[node.name] = self._round(note, h) | {"error_rtn": plain[node.name]}
+        # In-sample figures: errors are tr(D^T H D) on the calibration statistics the algorithms optimised.
+        model.meta["qtc.rounding"] = {"measured_on": "calibration statistics (in-sample)", "layers": record} if record else {}
         return ir.passes.PassResult(model, modified=bool(record))
 
     @staticmethod
@@ -150,10 +154,10 @@ class RoundWeightsPass(ir.passes.InPlacePass):
         zp = expand_scale(zero_point.astype(np.float64), w.shape, node_axis(spec), spec.block_size)
         d = (q - zp) * expand_scale(scale, w.shape, node_axis(spec), spec.block_size) - w
         after = float(np.sum((h @ d) * d))
-        if after > before:  # never worse than round-to-nearest on the calibration statistics
-            return info | {"used": "rtn", "error_rtn": before, "error_algorithm": after}
+        if after > before:  # never worse than round-to-nearest of the same (possibly AWQ-scaled) weights
+            return info | {"used": "rtn", "error_algorithm": before}
         note.precomputed = to_initializer(note, q, scale, zero_point, spec)
-        return info | {"used": spec.algorithm, "error_rtn": before, "error_algorithm": after}
+        return info | {"used": spec.algorithm, "error_algorithm": after}
 
 
 def graph_value(members: list[Member]) -> ir.Value:

@@ -67,11 +67,13 @@ def test_gptq_end_to_end_closer_to_float_than_rtn(compiled):
     cos = {k: r.report["heldout_comparison"]["outputs"]["logits"]["cosine"] for k, r in compiled.items()}
     assert cos["gptq"] > cos["rtn"]
     rounding = compiled["gptq"].report["rounding"]
-    assert len(rounding) == 28 and all(r["error_algorithm"] <= r["error_rtn"] for r in rounding.values())
+    assert rounding["measured_on"].startswith("calibration statistics")
+    layers = rounding["layers"]
+    assert len(layers) == 28 and all(r["error_algorithm"] <= r["error_rtn"] for r in layers.values())
 
 
 def test_awq_scales_fold_into_norm_weights(compiled):
-    record = compiled["awq"].report["rounding"]
+    record = compiled["awq"].report["rounding"]["layers"]
     scales = {k: v for k, v in record.items() if k.endswith("(awq scale)")}
     assert scales and any(v["applied"] == "folded" for v in scales.values())
 
