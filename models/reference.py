@@ -154,20 +154,31 @@ def _make_classifier_class():
     import torch
 
     class ReviewClassifier(torch.nn.Module):
-        """BertModel (no pooler) -> mean over attended tokens -> dropout -> Linear(hidden, 2)."""
+        """BertModel (no pooler) -> pooling over the attended tokens -> dropout -> Linear(features, 2).
 
-        def __init__(self, bert_config):
+        `pooling` "mean": the masked mean (hidden features); "mean+max": the masked mean and the masked max
+        concatenated (2 x hidden features).
+        """
+
+        def __init__(self, bert_config, pooling: str = "mean"):
             super().__init__()
             from transformers import BertModel
 
+            if pooling not in ("mean", "mean+max"):
+                raise QtcError(f"unknown pooling {pooling!r}")
+            self.pooling = pooling
             self.bert = BertModel(bert_config, add_pooling_layer=False)
             self.dropout = torch.nn.Dropout(bert_config.hidden_dropout_prob)
-            self.classifier = torch.nn.Linear(bert_config.hidden_size, 2)
+            features = bert_config.hidden_size * (2 if pooling == "mean+max" else 1)
+            self.classifier = torch.nn.Linear(features, 2)
 
         def forward(self, input_ids, attention_mask):
             hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
             weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+            if self.pooling == "mean+max":
+                masked = hidden.masked_fill(weights == 0, -1e4)
+                pooled = torch.cat([pooled, masked.amax(1)], dim=-1)
             return self.classifier(self.dropout(pooled))
 
     # The class path lands in ONNX node metadata: pin it so every caller exports the same bytes.
@@ -203,7 +214,7 @@ def make_classifier(config: dict, *, seed: int = 0):
     import torch
 
     torch.manual_seed(seed)
-    model = _make_classifier_class()(bert_config(config))
+    model = _make_classifier_class()(bert_config(config), config.get("pooling", "mean"))
     return model.eval()
 
 
@@ -230,6 +241,7 @@ def save_weights(model, path: Path, metadata: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
