@@ -245,9 +245,14 @@ def analyze_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
 @click.option("--samples", default=4, show_default=True)
 @click.option("--seq-len", default=128, show_default=True)
 @click.option("--tolerance", help="Override bounds, e.g. cosine=0.999,top1_agreement=0.95.")
+@click.option("--allow-unavailable", is_flag=True, help="Exit 0 even when a requested backend cannot run here.")
 @click.option("--json", "as_json", is_flag=True)
-def parity_command(model, backends, reference, against, inputs, tokenizer, samples, seq_len, tolerance, as_json):
-    """Check MODEL gives the same outputs on each backend (and close to --against). Exit 3 when out of tolerance."""
+def parity_command(model, backends, reference, against, inputs, tokenizer, samples, seq_len, tolerance,
+                   allow_unavailable, as_json):
+    """Check MODEL gives the same outputs on each backend (and close to --against).
+
+    Exit 3 when out of tolerance; exit 4 when a requested backend is unavailable (a CI gate must not pass on a
+    machine where the accelerator silently never ran), unless --allow-unavailable."""
     from qtc.parity import parity
 
     bound = _parse_tolerance(tolerance) if tolerance else None
@@ -257,7 +262,10 @@ def parity_command(model, backends, reference, against, inputs, tokenizer, sampl
         _print_json(result)
     else:
         _show_parity(result)
-    return 0 if result["passed"] else 3
+    if not result["passed"]:
+        return 3
+    unavailable = [name for name, entry in result["backends"].items() if not entry["available"]]
+    return 4 if unavailable and not allow_unavailable else 0
 
 
 def _parse_tolerance(text: str) -> dict[str, float]:

@@ -51,11 +51,16 @@ def test_broken_scale_exits_3(builds, tiny_llama):
 
 
 def test_unavailable_backends_are_reported_not_substituted(builds):
-    data = json.loads(_parity(builds[0], "--backends", "cpu,cuda,cann", "--json").stdout)
+    result = _parity(builds[0], "--backends", "cpu,cuda,cann", "--json")
+    data = json.loads(result.stdout)
     for name in ("cuda", "cann"):
         entry = data["backends"][name]
         if not entry["available"]:
             assert entry["reason"] and "outputs" not in entry  # no CPU numbers under an accelerator's name
+    missing = [name for name, entry in data["backends"].items() if not entry["available"]]
+    assert result.returncode == (4 if missing else 0)  # a CI gate must not pass where the accelerator never ran
+    if missing:
+        assert _parity(builds[0], "--backends", "cpu,cann", "--allow-unavailable").returncode == 0
     assert data["backends"]["cann"]["provider_options"]["precision_mode"] == "must_keep_origin_dtype"
 
 
