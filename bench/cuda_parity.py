@@ -71,30 +71,28 @@ def _reference_model(name: str) -> Path:
     return export_reference(name)
 
 
-def run(windows: Path, gguf: Path | None, out: Path, work: Path) -> dict:
+def run(windows: Path, gguf: Path | None, out: Path, work: Path, models: list[str]) -> dict:
+    """Results are rewritten after every variant: a run cut short by a time limit still leaves its figures."""
     out.mkdir(parents=True, exist_ok=True)
     results = {"machine": _machine(), "models": {}}
     sources = {"zh-tiny-lm": None, "gemma-3-270m": gguf}
-    for name, source in sources.items():
+    for name in models:
         if not (windows / name).is_dir() or (name == "gemma-3-270m" and gguf is None):
-            continue
-        results["models"][name] = _run_model(name, source, windows / name, work / name)
-        _write(out, results)
+            raise SystemExit(f"{name}: no windows in {windows / name} (or no --gguf for gemma)")
+        (work / name).mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        float_path = _export(name, sources[name], work / name)
+        entry = results["models"][name] = {"export_seconds": round(time.perf_counter() - started, 1), "variants": {}}
+        for label, args in VARIANTS.items():
+            entry["variants"][label] = _run_variant(label, args, float_path, windows / name, work / name)
+            _write(out, results)
     return results
-
-
-def _run_model(name: str, source: Path | None, windows: Path, work: Path) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    float_path = _export(name, source, work)
-    entry = {"export_seconds": round(time.perf_counter() - started, 1), "variants": {}}
-    for label, args in VARIANTS.items():
-        entry["variants"][label] = _run_variant(label, args, float_path, windows, work)
-    return entry
 
 
 def _export(name: str, source: Path | None, work: Path) -> Path:
     target = work / "float.onnx"
+    if target.is_file():  # an earlier call on the same machine exported it already
+        return target
     if name == "zh-tiny-lm":
         built = subprocess.run([sys.executable, "-m", "qtc.models.reference", name], capture_output=True, text=True,
                                check=True).stdout.strip().splitlines()[-1]
@@ -179,11 +177,12 @@ def main() -> None:
     r.add_argument("--gguf", type=Path)
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--work", type=Path, default=Path("/tmp/qtc-cuda-parity"))
+    r.add_argument("--models", default="zh-tiny-lm,gemma-3-270m")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.out, args.models.split(","))
     else:
-        print(markdown(run(args.windows, args.gguf, args.out, args.work)))
+        print(markdown(run(args.windows, args.gguf, args.out, args.work, args.models.split(","))))
 
 
 if __name__ == "__main__":
