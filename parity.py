@@ -110,6 +110,8 @@ def parity(
                 entry["outputs"] = _compare(ref_outputs, _run_all(backend.session(path), feeds))
             except BackendUnavailable as exc:
                 available, why = False, str(exc)
+            except Exception as exc:  # noqa: BLE001 - ORT's run errors: this backend failed, the report goes on
+                available, why = False, f"run failed: {' '.join(str(exc).split())[:300]}"
         entry |= {"available": available, "reason": why}
         if "outputs" in entry:
             bound = tolerance or CROSS_BACKEND

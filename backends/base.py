@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import os
@@ -9,6 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -33,8 +35,9 @@ class Backend:
     compiles: bool = True  # whether `qtc compile --target NAME` is supported (legalization exists)
 
     def availability(self) -> tuple[bool, str]:
-        """Really create a session on this provider with CPU fallback disabled: a provider that is listed but
-        cannot load its libraries (CANN without Ascend drivers) is unavailable, with the loader's reason."""
+        """Really create a session on this provider with CPU fallback disabled, and run it: a provider that is
+        listed but cannot load its libraries (CANN without Ascend drivers) is unavailable, with the loader's
+        reason; so is one that creates a session but cannot run (a driver stub, a broken install)."""
         if self.provider not in ort.get_available_providers():
             return False, (f"this onnxruntime {ort.__version__} build has no {self.provider} "
                            f"(it has {', '.join(ort.get_available_providers())})")
@@ -43,11 +46,14 @@ class Backend:
             options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         options.log_severity_level = 4
         try:
-            session = ort.InferenceSession(_probe_model(), options, providers=[(self.provider, self.provider_options)])
+            session = _inference_session(_probe_model(), options, [(self.provider, self.provider_options)])
+            if session.get_providers()[0] != self.provider:
+                return False, f"session fell back to {session.get_providers()[0]}"
+            session.run(None, {"x": np.ones((2, 2), np.float32)})
         except Exception as exc:  # ORT raises Fail / RuntimeException with the provider loader's message
-            return False, " ".join(str(exc).split())[:400]
-        if session.get_providers()[0] != self.provider:
-            return False, f"session fell back to {session.get_providers()[0]}"
+            reason = " ".join(str(exc).split())
+            loader = _loader_error(self.provider)
+            return False, (f"{loader} ({reason})" if loader else reason)[:400]
         return True, "ok"
 
     def adapt_recipe(self, recipe: Recipe) -> tuple[Recipe, list[str], dict[str, str]]:
@@ -106,7 +112,7 @@ class Backend:
         for key, value in session_config(model).items():
             options.add_session_config_entry(key, value)
         providers = [(self.provider, self.provider_options)] + ([] if self.provider == CPU_PROVIDER else [CPU_PROVIDER])
-        session = ort.InferenceSession(model, options, providers=providers)
+        session = _inference_session(model, options, providers)
         if session.get_providers()[0] != self.provider:
             # Never report a CPU run as an accelerator run.
             raise BackendUnavailable(f"{self.name}: session runs on {session.get_providers()[0]}, not {self.provider}")
@@ -122,7 +128,28 @@ class Backend:
 
 
 CPU_PROVIDER = "CPUExecutionProvider"
+PROVIDER_LIBRARIES = {"CANNExecutionProvider": "libonnxruntime_providers_cann.so",
+                      "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so"}
 ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+
+
+def _inference_session(model, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:
+    # enable_fallback=0: after a provider fails, ORT's Python wrapper otherwise retries on CPU (printing a banner to
+    # stdout, which breaks --json), and the retry's error replaces the provider's own.
+    return ort.InferenceSession(model, options, providers=providers, enable_fallback=0)
+
+
+def _loader_error(provider: str) -> str | None:
+    """Why the provider's shared library cannot load (e.g. libascendcl.so missing), which ORT's own error hides."""
+    name = PROVIDER_LIBRARIES.get(provider)
+    path = Path(ort.__file__).parent / "capi" / name if name else None
+    if path is None or not path.exists():
+        return None
+    try:
+        ctypes.CDLL(str(path))
+    except OSError as exc:
+        return f"{name} cannot be loaded: {exc}"
+    return None
 
 
 class BackendUnavailable(RuntimeError):
