@@ -106,7 +106,9 @@ def _export(name: str, source: Path | None, work: Path) -> Path:
 def _run_variant(label: str, args: list[str] | None, float_path: Path, windows: Path, work: Path) -> dict:
     record: dict = {}
     model = float_path
-    if args is not None:
+    if args is not None and (work / f"{label}.onnx").is_file():  # compiled by an earlier call (saves are atomic)
+        model = work / f"{label}.onnx"
+    elif args is not None:
         model = work / f"{label}.onnx"
         started = time.perf_counter()
         done = _qtc("compile", str(float_path), *args, "--calib", str(windows), "--no-compare", "-o", str(model))

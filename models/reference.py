@@ -378,40 +378,10 @@ def ort_logits_fn(onnx_path: Path, threads: int | None = None) -> LogitsFn:
 
 
 def _export_classifier(model, path: Path) -> dict:
-    import time
+    from qtc.models.tiny_llama import export_ids_mask_model
 
-    import onnx_ir as ir
-    import torch
-
-    from qtc.models.tiny_llama import _fold_weight_transposes, _normalize_metadata, _optimize, _quiet
-
-    gen = torch.Generator().manual_seed(1234)
-    ids = torch.randint(4, model.bert.config.vocab_size, (2, 8), generator=gen)
-    mask = torch.ones_like(ids)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=model.bert.config.max_position_embeddings)
-    t0 = time.perf_counter()
-    with _quiet(), torch.no_grad():
-        program = torch.onnx.export(
-            model,
-            (ids, mask),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
-            dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-            dynamo=True,
-            optimize=False,
-            verbose=False,
-        )
-        onnx_model = program.model
-        folded = _fold_weight_transposes(onnx_model, {name for name, _ in model.named_parameters()})
-        _optimize(onnx_model)
-    _normalize_metadata(onnx_model)
-    graph = onnx_model.graph
-    if [v.name for v in graph.inputs] != ["input_ids", "attention_mask"] or [v.name for v in graph.outputs] != ["logits"]:
-        raise RuntimeError(f"unexpected graph signature: {[v.name for v in graph.inputs]} -> {[v.name for v in graph.outputs]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(onnx_model, path, external_data=path.name + ".data")
-    return {"export_s": round(time.perf_counter() - t0, 2), "opset": onnx_model.opset_imports.get("", None),
-            "folded_weight_transposes": folded}
+    config = model.bert.config
+    return export_ids_mask_model(model, path, vocab_size=config.vocab_size, max_seq=config.max_position_embeddings)
 
 
 def _check_batch(name: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

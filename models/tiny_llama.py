@@ -218,18 +218,23 @@ def _normalize_metadata(model) -> None:
 
 def export_tiny_llama(model, path: Path, *, vocab_size: int) -> dict:
     """Export `model` (a LlamaForCausalLM) to `path` (+ `path.name + '.data'`). Returns facts about the export."""
+    return export_ids_mask_model(_make_wrapper()(model).eval(), path, vocab_size=vocab_size)
+
+
+def export_ids_mask_model(module, path: Path, *, vocab_size: int, max_seq: int | None = None) -> dict:
+    """Dynamo-export a torch module taking (input_ids, attention_mask) -> logits, with dynamic batch and sequence,
+    weight transposes folded and the graph optimized; saved to `path` (+ `path.name + '.data'`)."""
     import onnx_ir as ir
     import torch
 
-    wrapper = _make_wrapper()(model).eval()
     gen = torch.Generator().manual_seed(1234)
     ids = torch.randint(4, vocab_size, (2, 8), generator=gen)
     mask = torch.ones_like(ids)
-    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=max_seq) if max_seq else torch.export.Dim("seq")
     t0 = time.perf_counter()
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
-            wrapper,
+            module,
             (ids, mask),
             input_names=["input_ids", "attention_mask"],
             output_names=["logits"],
@@ -239,8 +244,7 @@ def export_tiny_llama(model, path: Path, *, vocab_size: int) -> dict:
             verbose=False,
         )
         onnx_model = program.model
-        param_names = {name for name, _ in wrapper.named_parameters()}
-        folded = _fold_weight_transposes(onnx_model, param_names)
+        folded = _fold_weight_transposes(onnx_model, {name for name, _ in module.named_parameters()})
         _optimize(onnx_model)
     _normalize_metadata(onnx_model)
     graph = onnx_model.graph
