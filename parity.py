@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+
 from qtc.backends import get_backend
 from qtc.backends.base import BackendUnavailable
 from qtc.calibration.data import load_calibration, model_inputs

@@ -218,6 +218,26 @@ def make_classifier(config: dict, *, seed: int = 0):
     return model.eval()
 
 
+def training_environment() -> dict:
+    """Where and with what a reference model was trained, for its info file."""
+    import torch
+    import transformers
+
+    return {"cpu_count": os.cpu_count(), "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
+            "torch": torch.__version__, "transformers": transformers.__version__, "deterministic": True}
+
+
+def publish_weights(name: str, model, config: dict, info: dict) -> dict:
+    """Write a trained model's fp16 weights and its info file (with the weights' sha256 and size) into weights/."""
+    ref = get_reference(name)
+    save_weights(model, ref.weights, {"name": name, "config": json.dumps(config, sort_keys=True)})
+    info["weights_sha256"] = sha256_file(ref.weights)
+    info["weights_bytes"] = ref.weights.stat().st_size
+    ref.info.write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {ref.weights} ({info['weights_bytes']:,} bytes) and {ref.info.name}")
+    return info
+
+
 def load_weights(model, path: Path) -> None:
     """Load fp16 safetensors into `model` (upcast to the parameters' fp32); every tensor must match."""
     from safetensors.torch import load_file

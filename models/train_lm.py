@@ -32,9 +32,7 @@ steps). Then `python -m qtc.models.reference zh-tiny-lm` exports the ONNX model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -178,8 +176,6 @@ def train(hp: dict, *, measure: int = 0, log_every: int = 25) -> dict:
     print(f"eval: {metric['bits_per_char']:.4f} bits/char, token perplexity {metric['perplexity']:.2f} "
           f"({eval_s:.0f}s)", flush=True)
 
-    import transformers
-
     info = {
         "name": NAME,
         "architecture": "LlamaForCausalLM (qtc.models.tiny_llama.make_tiny_llama)",
@@ -205,11 +201,7 @@ def train(hp: dict, *, measure: int = 0, log_every: int = 25) -> dict:
             "train_wall_s": round(train_s, 1),
             "steps_per_s": round(steps / train_s, 3),
             "eval_wall_s": round(eval_s, 1),
-            "cpu_count": os.cpu_count(),
-            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "deterministic": True,
+            **reference.training_environment(),
         },
         "metric": {
             "workload": "zh-news",
@@ -220,13 +212,7 @@ def train(hp: dict, *, measure: int = 0, log_every: int = 25) -> dict:
             "uniform_bits_per_char": round(math.log2(vocab_size) * metric["tokens"] / metric["chars"], 4),
         },
     }
-    ref = reference.get_reference(NAME)
-    reference.save_weights(model, ref.weights, {"name": NAME, "config": json.dumps(config, sort_keys=True)})
-    info["weights_sha256"] = sha256_file(ref.weights)
-    info["weights_bytes"] = ref.weights.stat().st_size
-    ref.info.write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {ref.weights} ({info['weights_bytes']:,} bytes) and {ref.info.name}")
-    return info
+    return reference.publish_weights(NAME, model, config, info)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import sys
 import time
 
@@ -180,8 +178,6 @@ def train(hp: dict, *, limit: int | None = None) -> dict:
     if limit:
         return {"eval_accuracy": metric["eval"]}
 
-    import transformers
-
     info = {
         "name": NAME,
         "architecture": "BertModel (no pooler) + masked mean pooling + Linear(hidden, 2) "
@@ -209,11 +205,7 @@ def train(hp: dict, *, limit: int | None = None) -> dict:
             "selected_epoch": best["epoch"],
             "history": history,
             "train_wall_s": round(train_s, 1),
-            "cpu_count": os.cpu_count(),
-            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "deterministic": True,
+            **reference.training_environment(),
         },
         "metric": {
             "workload": "zh-reviews",
@@ -227,13 +219,7 @@ def train(hp: dict, *, limit: int | None = None) -> dict:
             "max_len": hp["max_len"],
         },
     }
-    ref = reference.get_reference(NAME)
-    reference.save_weights(model, ref.weights, {"name": NAME, "config": json.dumps(config, sort_keys=True)})
-    info["weights_sha256"] = sha256_file(ref.weights)
-    info["weights_bytes"] = ref.weights.stat().st_size
-    ref.info.write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    print(f"wrote {ref.weights} ({info['weights_bytes']:,} bytes) and {ref.info.name}")
-    return info
+    return reference.publish_weights(NAME, model, config, info)
 
 
 def main(argv: list[str] | None = None) -> int:
