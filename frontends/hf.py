@@ -96,9 +96,9 @@ def _gguf_needs() -> None:
 
 def versions() -> dict[str, str]:
     """Versions of everything that shapes the exported bytes."""
-    from qtc.models.tiny_llama import _versions
+    from qtc.models.tiny_llama import exporter_versions
 
-    return _versions()
+    return exporter_versions()
 
 
 def source_files(source: Path) -> dict[str, str]:

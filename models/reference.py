@@ -120,17 +120,9 @@ def load_tokenizer(path: Path | None = None):
 
 
 def versions() -> dict[str, str]:
-    import onnx_ir
-    import onnxscript
-    import torch
-    import transformers
+    from qtc.models.tiny_llama import exporter_versions
 
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "onnxscript": onnxscript.__version__,
-        "onnx_ir": onnx_ir.__version__,
-    }
+    return exporter_versions()
 
 
 # ---------------------------------------------------------------- torch models

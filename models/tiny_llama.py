@@ -50,7 +50,8 @@ _DROP_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 _DROP_GRAPH_METADATA = ("pkg.torch.export.ExportedProgram.range_constraints",)
 
 
-def _versions() -> dict[str, str]:
+def exporter_versions() -> dict[str, str]:
+    """The export stack's versions: part of every export cache key."""
     import onnx_ir
     import onnxscript
     import torch
@@ -281,7 +282,7 @@ def verify_onnx(model, onnx_path: Path, *, vocab_size: int, seed: int = 0) -> fl
 
 
 def _build_key(config: dict, tokenizer_sha: str) -> str:
-    return sha256_text(json.dumps([EXPORT_VERSION, config, tokenizer_sha, _versions()], sort_keys=True))
+    return sha256_text(json.dumps([EXPORT_VERSION, config, tokenizer_sha, exporter_versions()], sort_keys=True))
 
 
 def build_tiny_llama(
@@ -344,7 +345,7 @@ def build_tiny_llama(
         "export_version": EXPORT_VERSION,
         "config": config,
         "tokenizer_sha256": tokenizer_sha,
-        "versions": _versions(),
+        "versions": exporter_versions(),
         "n_params": n_params,
         "param_bytes_fp32": 4 * n_params,
         "max_abs_diff_vs_torch": max_diff,
