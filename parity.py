@@ -49,7 +49,8 @@ def tolerance_class(metadata: dict[str, str]) -> str:
 
 def _run_all(session, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
     names = [o.name for o in session.get_outputs()]
-    return [dict(zip(names, session.run(names, feed))) for feed in feeds]
+    accepted = {i.name for i in session.get_inputs()}  # an --against model may lack e.g. the `budget` input
+    return [dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in accepted}))) for feed in feeds]
 
 
 def _compare(reference: list[dict], candidate: list[dict]) -> dict:
@@ -78,6 +79,20 @@ def _feeds(model_path: Path, inputs: str, tokenizer: str | None, samples: int, s
     return list(calib.feeds(model_inputs(model), heldout=True))[:samples]
 
 
+def scalar_feeds(model_path: Path, values: dict[str, float] | None) -> dict[str, np.ndarray]:
+    """Extra scalar inputs for every run (e.g. a layer-skip model's `budget`), typed as the model declares them."""
+    if not values:
+        return {}
+    declared = {v.name: v for v in load_model(model_path).graph.inputs}
+    feeds = {}
+    for name, value in values.items():
+        if name not in declared:
+            raise QtcError(f"--feed {name}: the model has no input {name!r} (it has {', '.join(sorted(declared))})")
+        dtype = declared[name].dtype.numpy() if declared[name].dtype is not None else np.float32
+        feeds[name] = np.array(value, dtype=dtype)
+    return feeds
+
+
 def parity(
     model: str | os.PathLike,
     backends: list[str],
@@ -89,11 +104,13 @@ def parity(
     samples: int = 4,
     seq_len: int = 128,
     tolerance: dict | None = None,
+    feed: dict[str, float] | None = None,
 ) -> dict:
     """Run MODEL on each backend (and AGAINST on the reference backend); returns figures and a verdict."""
     path = Path(model)
     metadata = dict(load_model(path).metadata_props)
-    feeds = _feeds(path, inputs, tokenizer, samples, seq_len)
+    extra = scalar_feeds(path, feed)
+    feeds = [f | extra for f in _feeds(path, inputs, tokenizer, samples, seq_len)]
     if not feeds:
         raise QtcError(f"no held-out inputs from {inputs}")
     ref_backend = get_backend(reference)
@@ -102,6 +119,7 @@ def parity(
         raise QtcError(f"reference backend {reference} is unavailable: {why}")
     ref_outputs = _run_all(ref_backend.session(path), feeds)
     result = {"model": path.name, "reference": reference, "inputs": inputs, "samples": len(feeds),
+              "feed": {k: float(v) for k, v in extra.items()},
               "recipe_class": tolerance_class(metadata), "backends": {}, "failures": []}
     for name in backends:
         backend = get_backend(name)

@@ -245,9 +245,11 @@ def analyze_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
 @click.option("--samples", default=4, show_default=True)
 @click.option("--seq-len", default=128, show_default=True)
 @click.option("--tolerance", help="Override bounds, e.g. cosine=0.999,top1_agreement=0.95.")
+@click.option("--feed", "feeds", multiple=True, metavar="NAME=VALUE",
+              help="A scalar input for every run, e.g. budget=0.8 for a --layer-skip model (repeatable).")
 @click.option("--allow-unavailable", is_flag=True, help="Exit 0 even when a requested backend cannot run here.")
 @click.option("--json", "as_json", is_flag=True)
-def parity_command(model, backends, reference, against, inputs, tokenizer, samples, seq_len, tolerance,
+def parity_command(model, backends, reference, against, inputs, tokenizer, samples, seq_len, tolerance, feeds,
                    allow_unavailable, as_json):
     """Check MODEL gives the same outputs on each backend (and close to --against).
 
@@ -257,7 +259,8 @@ def parity_command(model, backends, reference, against, inputs, tokenizer, sampl
 
     bound = _parse_tolerance(tolerance) if tolerance else None
     result = parity(model, [b.strip() for b in backends.split(",") if b.strip()], reference=reference,
-                    against=against, inputs=inputs, tokenizer=tokenizer, samples=samples, seq_len=seq_len, tolerance=bound)
+                    against=against, inputs=inputs, tokenizer=tokenizer, samples=samples, seq_len=seq_len, tolerance=bound,
+                    feed=_parse_feeds(feeds))
     if as_json:
         _print_json(result)
     else:
@@ -266,6 +269,17 @@ def parity_command(model, backends, reference, against, inputs, tokenizer, sampl
         return 3
     unavailable = [name for name, entry in result["backends"].items() if not entry["available"]]
     return 4 if unavailable and not allow_unavailable else 0
+
+
+def _parse_feeds(items: tuple[str, ...]) -> dict[str, float]:
+    feeds = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        try:
+            feeds[name.strip()] = float(value)
+        except ValueError:
+            raise QtcError(f"--feed takes NAME=NUMBER (got {item!r})") from None
+    return feeds
 
 
 def _parse_tolerance(text: str) -> dict[str, float]:
