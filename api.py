@@ -214,6 +214,8 @@ def _run(pipeline: ir.passes.PassManager, model: ir.Model) -> None:
     except ir.passes.PassError as exc:
         # The pass manager wraps what a pass raises; a user error inside a pass is still a user error.
         cause = exc.__cause__
+        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:  # managers nest managers
+            cause = cause.__cause__
         if isinstance(cause, QtcError):
             raise cause from None
         raise
