@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-from onnxscript.rewriter import pattern
+from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.ort_fusions import (
     bias_gelu,
     cos_sin_cache,
@@ -59,6 +59,53 @@ class SiluFusion(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, **_):
         return op.QuickGelu(x, alpha=1.0, _domain=MS)
+
+
+class CosSinCacheByMulFusion(cos_sin_cache.CosSinCacheFusion):
+    """onnxscript's cos/sin cache fusion, with the run-time table computed by a broadcast Mul instead of a MatMul
+    against the constant inverse frequencies: the quantization policy would take that MatMul for a weighted
+    layer and put the rotary angles on an int8 grid."""
+
+    def _compute_dynamic_freqs(self, op, inv_freq, position_ids, dtype):
+        if self._max_pos_id is not None or position_ids.const_value is not None:
+            return super()._compute_dynamic_freqs(op, inv_freq, position_ids, dtype)
+        count = op.Add(op.ReduceMax(position_ids, keepdims=0), op.Constant(value_int=1))
+        positions = op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1))
+        positions = op.Cast(op.Reshape(positions, op.Constant(value_ints=[-1, 1])), to=ir.DataType.FLOAT)
+        angles = op.Mul(positions, op.Reshape(inv_freq, op.Constant(value_ints=[1, -1])))
+        return op.Cos(angles), op.Sin(angles)
+
+
+class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
+    """Rotary cos/sin tables as torch dynamo exports transformers' rotary embedding for a 1-D position range,
+    freqs = Cast(Unsqueeze(positions)) * inv_freq (a broadcast Mul; onnxscript's rules expect MatMul + Transpose),
+    -> com.microsoft RotaryEmbedding over tables indexed by position (built from the constant inverse frequencies
+    at run time, so no maximum length is baked in)."""
+
+    def __init__(self):
+        super().__init__("CosSinCache_broadcast")
+
+    def pattern(self, op, x, inv_freq, position_ids, interleaved, num_heads, extra_dims):
+        positions = op.Cast(op.Unsqueeze(position_ids, extra_dims), to=ir.DataType.FLOAT)
+        freqs = op.Mul(positions, inv_freq)
+        emb = op.Concat(freqs, freqs, axis=-1)
+        cos_4d = op.Unsqueeze(op.Cos(emb), [1])
+        sin_4d = op.Unsqueeze(op.Sin(emb), [1])
+        return op.RotaryEmbedding(x, cos_4d, sin_4d, interleaved=interleaved, num_heads=num_heads,
+                                  _domain=_INTERMEDIATE_DOMAIN)
+
+    def check(self, context, inv_freq, position_ids, extra_dims, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if not _ir_utils.has_rank(position_ids, 1):
+            return result.fail("positions are not a 1-D range", position_ids)
+        if not _ir_utils.is_1d_value(extra_dims, [0, 2]):
+            return result.fail("positions are not unsqueezed to [1, S, 1]", extra_dims)
+        if inv_freq.const_value is None or inv_freq.const_value.shape.rank() != 1:
+            return result.fail("inverse frequencies are not a constant vector", inv_freq)
+        return result
+
+    def rewrite(self, op, x, inv_freq, position_ids, interleaved, num_heads, **_):
+        return super().rewrite(op, x, inv_freq, position_ids, interleaved, num_heads, freqs=None, dtype=None)
 
 
 @dataclass(frozen=True)
@@ -101,8 +148,14 @@ FUSIONS: tuple[Fusion, ...] = (
            "x * sigmoid(x) (the SwiGLU gate's activation; gate and up MatMuls stay standalone)"),
     Fusion("rotary", rotary_embedding.rotary_embedding_rules, {},
            "x cos + rotate_half(x) sin: an intermediate function, kept only when its cos/sin cache fuses too"),
-    Fusion("rotary_cache", cos_sin_cache.cos_sin_cache_rules, _each(_ORT, f"{MS}::RotaryEmbedding"),
-           "position-indexed cos/sin tables from constant inverse frequencies", after=("rotary",)),
+    Fusion("rotary_cache", _rules(
+        CosSinCacheByMulFusion.rule("CosSinCache_cast", cast=True, const_freqs=False),
+        CosSinCacheByMulFusion.rule("CosSinCache_cast_const_freqs", cast=True, const_freqs=True),
+        CosSinCacheByMulFusion.rule("CosSinCache_const_freqs", cast=False, const_freqs=True),
+        CosSinCacheByMulFusion.rule("CosSinCache", cast=False),
+        BroadcastCosSinCacheFusion.rule()),
+           _each(_ORT, f"{MS}::RotaryEmbedding"), "position-indexed cos/sin tables from constant inverse frequencies",
+           after=("rotary",)),
     Fusion("sdpa", sdpa.sdpa_rules, {}, "softmax(Q K^T * scale + mask) V, with GQA's K/V head expansion",
            infer_shapes=True),
     Fusion("attention", sdpa_via_mha._rules, _each(_ORT, f"{MS}::MultiHeadAttention"),

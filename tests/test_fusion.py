@@ -50,11 +50,11 @@ def zh_tiny_lm():
 
 def test_llama_rules_fuse_and_keep_outputs(tiny_llama):
     # Each rule alone: 4 layers x 2 norms + the final one; with the residual Adds, 8 of the 9 become Skip norms.
-    check_rules(tiny_llama, {"rms_norm": 9, "skip_rms_norm": 8, "silu": 4, "attention": 4})
+    check_rules(tiny_llama, {"rms_norm": 9, "skip_rms_norm": 8, "silu": 4, "rotary_cache": 8, "attention": 4})
 
 
 def test_zh_tiny_lm_rules_fuse_and_keep_outputs(zh_tiny_lm):
-    results = check_rules(zh_tiny_lm, {"rms_norm": 9, "skip_rms_norm": 8, "silu": 4, "attention": 4})
+    results = check_rules(zh_tiny_lm, {"rms_norm": 9, "skip_rms_norm": 8, "silu": 4, "rotary_cache": 8, "attention": 4})
     assert {r["op"] for r in results.values()} >= {"com.microsoft::MultiHeadAttention", "com.microsoft::QuickGelu"}
 
 
