@@ -7,6 +7,7 @@ must_keep_origin_dtype kept it.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -170,7 +171,6 @@ def placement(model: ir.Model, mode: str) -> dict:
         elif previous == "cpu":
             partitions += 1
         previous = device[node]
-    to_device, to_host = _transfers(model.graph, device)
     npu = sum(1 for d in device.values() if d == "npu")
     return {
         "mode": mode,
@@ -183,16 +183,17 @@ def placement(model: ir.Model, mode: str) -> dict:
         "npu_partitions": partitions,
         "cpu_ops": dict(sorted(cpu_ops.items())),
         "cpu_reasons": dict(sorted(reasons.items())),
-        "host_to_device_tensors": to_device,
-        "device_to_host_tensors": to_host,
+        **_transfers(model.graph, device),
     }
 
 
-def _transfers(graph: ir.Graph, device: dict[ir.Node, str]) -> tuple[int, int]:
-    to_device = to_host = 0
-    values = list(graph.inputs) + [out for node in graph for out in node.outputs]
+def _transfers(graph: ir.Graph, device: dict[ir.Node, str]) -> dict[str, int]:
+    """Run-time tensors crossing host<->device, with the bytes of those whose shape is static (a dequantized
+    weight is; an activation with a symbolic sequence length is counted without bytes)."""
+    counts = {"host_to_device_tensors": 0, "device_to_host_tensors": 0,
+              "host_to_device_static_bytes": 0, "device_to_host_static_bytes": 0}
     graph_outputs = set(graph.outputs)
-    for value in values:
+    for value in list(graph.inputs) + [out for node in graph for out in node.outputs]:
         if value.is_initializer():
             continue
         producer = value.producer()
@@ -200,9 +201,23 @@ def _transfers(graph: ir.Graph, device: dict[ir.Node, str]) -> tuple[int, int]:
         readers = {device[user] for user, _ in value.uses() if user in device}
         if value in graph_outputs:
             readers.add("cpu")
-        to_device += where == "cpu" and "npu" in readers
-        to_host += where == "npu" and "cpu" in readers
-    return to_device, to_host
+        direction = "host_to_device" if where == "cpu" and "npu" in readers else \
+            "device_to_host" if where == "npu" and "cpu" in readers else None
+        if direction:
+            counts[f"{direction}_tensors"] += 1
+            counts[f"{direction}_static_bytes"] += _static_bytes(value)
+    return counts
+
+
+def _static_bytes(value: ir.Value) -> int:
+    shape, dtype = value.shape, value.dtype
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0].is_initializer():
+        # A dequantized weight: the integer tensor's shape, the scale's float type (QDQ insertion sets no shapes).
+        shape, dtype = producer.inputs[0].const_value.shape, producer.inputs[1].dtype
+    if shape is None or dtype is None or not all(isinstance(d, int) for d in shape):
+        return 0
+    return int(math.prod(shape) * dtype.itemsize)
 
 
 def offending_nodes(model: ir.Model) -> list[str]:

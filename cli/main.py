@@ -137,7 +137,8 @@ def _show_compile(report: dict, output: Path) -> None:
 def _placement_line(entry: dict) -> str:
     return (f"{entry['npu_nodes']}/{entry['nodes']} nodes on the NPU in {entry['npu_partitions']} partition(s), "
             f"{entry['cpu_nodes']} on the CPU, {entry['host_to_device_tensors']} host->device and "
-            f"{entry['device_to_host_tensors']} device->host tensor copies per run")
+            f"{entry['device_to_host_tensors']} device->host tensor copies per run "
+            f"(>= {entry['host_to_device_static_bytes'] / 1e6:.1f} MB to the device)")
 
 
 @main.command("inspect")
