@@ -169,10 +169,6 @@ _BY_NAME = {f.name: f for f in FUSIONS}
 _CONSUMERS = {f.name: [g for g in FUSIONS if f.name in g.after] for f in FUSIONS}
 
 
-def fusion_op(fusion: Fusion, target: str) -> str | None:
-    return fusion.produces.get(target)
-
-
 def _runs_on(fusion: Fusion, target: str) -> bool:
     return target in fusion.produces or any(target in g.produces for g in _CONSUMERS[fusion.name])
 
