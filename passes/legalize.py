@@ -182,7 +182,35 @@ class DecomposeQuickGelu(pattern.RewriteRuleClassBase):
         return op.Mul(x, op.Sigmoid(scaled))
 
 
+class TransposedWeightMatMulToGemm(pattern.RewriteRuleClassBase):
+    """MatMul(x, Transpose(W)) with W an initializer (a tied LM head reading the embedding table) -> Gemm(transB=1)
+    between Reshapes. The Transpose alone has only an initializer input, so the EP would run it on the host and
+    copy the whole transposed table to the device on every run (671 MB for Gemma-3's vocabulary)."""
+
+    def pattern(self, op, x, w):
+        return op.MatMul(x, op.Transpose(w, _outputs=["wt"]))
+
+    def check(self, context, x, w, wt, **_):
+        result = pattern.MatchResult()
+        if w.const_value is None or w.const_value.shape.rank() != 2:
+            return result.fail("the transposed weight is not a 2-D initializer", w)
+        if list(wt.producer().attributes.get_ints("perm", [1, 0])) != [1, 0]:
+            return result.fail("the Transpose is not a plain 2-D transpose", wt)
+        if x.shape is None or x.shape.rank() < 2:
+            return result.fail("the activation's rank is unknown or below 2", x)
+        return _float_input(x)
+
+    def rewrite(self, op, x, w, **_):
+        n, k = w.const_value.shape
+        if x.shape.rank() == 2:
+            return op.Gemm(x, w, transB=1)
+        rows = op.Gemm(op.Reshape(x, op.Constant(value_ints=[-1, k])), w, transB=1)
+        shape = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[n]), axis=0)
+        return op.Reshape(rows, shape)
+
+
 DECOMPOSITIONS = pattern.RewriteRuleSet([
+    TransposedWeightMatMulToGemm.rule(),
     DecomposeLayerNorm.rule(), DecomposeRmsNormalization.rule(), DecomposeSimplifiedLayerNormalization.rule(),
     DecomposeGelu.rule(), DecomposeMsGelu.rule(), DecomposeBiasGelu.rule(), DecomposeFastGelu.rule(),
     DecomposeQuickGelu.rule(),
@@ -205,7 +233,7 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
 
 
 def _is_decomposable(op: str) -> bool:
-    return op in {"LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
+    return op in {"Transpose", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
                   f"{MS}::Gelu", f"{MS}::BiasGelu", f"{MS}::FastGelu", f"{MS}::QuickGelu"}
 
 

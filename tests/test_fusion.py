@@ -164,3 +164,21 @@ def test_cann_compile_and_inspect_placement(tiny_llama, tmp_path):
     # Opset-21 Transpose / Reshape have no single-op kernel: registered since 1 and since 14 only.
     assert single["cpu_ops"]["Transpose"] > 0 and single["cpu_ops"]["Reshape"] > 0
     assert single["npu_nodes"] < graph_mode["npu_nodes"]
+
+
+def test_cann_tied_head_transpose_becomes_gemm():
+    # MatMul(x, Transpose(table)): the Transpose reads only an initializer, so the EP would leave it on the host.
+    rng = np.random.default_rng(2)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1, "seq", 16]))
+    table = ir.Value(name="table", const_value=ir.tensor(rng.normal(0, 1, (40, 16)).astype(np.float32)))
+    transpose = ir.node("Transpose", [table], attributes={"perm": [1, 0]})
+    matmul = ir.node("MatMul", [x, transpose.outputs[0]])
+    matmul.outputs[0].name, matmul.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
+    model = ir.Model(ir.Graph([x], matmul.outputs, nodes=[transpose, matmul], initializers=[table],
+                              opset_imports={"": 21}), ir_version=10)
+    feed = {"x": rng.normal(0, 1, (1, 7, 16)).astype(np.float32)}
+    expected = _run(model, feed)
+    assert placement(model, "graph")["cpu_reasons"] == {"every input is an initializer": 1}
+    ir.passes.PassManager(legalization_passes())(model)
+    assert "Gemm" in {n.op_type for n in model.graph} and placement(model, "graph")["cpu_nodes"] == 0
+    assert np.abs(_run(model, feed) - expected).max() < 1e-5
