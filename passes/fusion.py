@@ -77,8 +77,8 @@ class CosSinCacheByMulFusion(cos_sin_cache.CosSinCacheFusion):
 
 
 class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
-    """Rotary cos/sin tables as torch dynamo exports transformers' rotary embedding for a 1-D position range,
-    freqs = Cast(Unsqueeze(positions)) * inv_freq (a broadcast Mul; onnxscript's rules expect MatMul + Transpose),
+    """Rotary cos/sin tables as torch dynamo exports transformers' rotary embedding for positions shared by the
+    batch ([S] or [1, S]), freqs = Cast(Unsqueeze(positions)) * inv_freq (a broadcast Mul; onnxscript's rules expect MatMul + Transpose),
     -> com.microsoft RotaryEmbedding over tables indexed by position (built from the constant inverse frequencies
     at run time, so no maximum length is baked in)."""
 
@@ -96,16 +96,27 @@ class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
 
     def check(self, context, inv_freq, position_ids, extra_dims, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        if not _ir_utils.has_rank(position_ids, 1):
-            return result.fail("positions are not a 1-D range", position_ids)
-        if not _ir_utils.is_1d_value(extra_dims, [0, 2]):
-            return result.fail("positions are not unsqueezed to [1, S, 1]", extra_dims)
+        if _ir_utils.has_rank(position_ids, 1):  # a Range [S], unsqueezed to [1, S, 1]
+            wanted = [0, 2]
+        elif _ir_utils.has_rank(position_ids, 2) and position_ids.shape[0] == 1:  # [1, S] (Gemma 3), to [1, S, 1]
+            wanted = [2]
+        else:
+            return result.fail("positions are neither [S] nor [1, S]", position_ids)
+        if not _ir_utils.is_1d_value(extra_dims, wanted):
+            return result.fail(f"positions are not unsqueezed along {wanted}", extra_dims)
         if inv_freq.const_value is None or inv_freq.const_value.shape.rank() != 1:
             return result.fail("inverse frequencies are not a constant vector", inv_freq)
         return result
 
     def rewrite(self, op, x, inv_freq, position_ids, interleaved, num_heads, **_):
-        return super().rewrite(op, x, inv_freq, position_ids, interleaved, num_heads, freqs=None, dtype=None)
+        if inv_freq not in self._inv_freq_cos_sin_cache:  # one table pair per frequency set, shared by all layers
+            self._inv_freq_cos_sin_cache[inv_freq] = self._compute_dynamic_freqs(op, inv_freq, position_ids, None)
+        cos, sin = self._inv_freq_cos_sin_cache[inv_freq]
+        rows = op.Unsqueeze(position_ids, op.Constant(value_ints=[0])) if position_ids.shape.rank() == 1 else position_ids
+        # The positions are shared by the batch, but RotaryEmbedding wants one row of them per sequence.
+        batch = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[1]), axis=0)
+        return op.RotaryEmbedding(x, op.Expand(rows, batch), cos, sin, interleaved=interleaved, num_heads=num_heads,
+                                  _domain=MS)
 
 
 @dataclass(frozen=True)

@@ -182,3 +182,17 @@ def test_cann_tied_head_transpose_becomes_gemm():
     ir.passes.PassManager(legalization_passes())(model)
     assert "Gemm" in {n.op_type for n in model.graph} and placement(model, "graph")["cpu_nodes"] == 0
     assert np.abs(_run(model, feed) - expected).max() < 1e-5
+
+
+def test_fused_llama_runs_a_padded_batch(tiny_llama):
+    # Rotary positions are shared by the batch in the export; the fused RotaryEmbedding needs one row per sequence.
+    model = canonical(tiny_llama)
+    ir.external_data.load_to_model(model)
+    fused = ir.from_proto(ir.to_proto(model))
+    FuseOperatorsPass("cpu")(fused)
+    ids = np.random.default_rng(0).integers(0, 4000, (2, 48)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, 40:] = 0
+    feed = {"input_ids": ids, "attention_mask": mask}
+    expected, got = _run(model, feed), _run(fused, feed)
+    assert np.abs(expected[0] - got[0]).max() < TOLERANCE and np.abs(expected[1, :40] - got[1, :40]).max() < TOLERANCE
