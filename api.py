@@ -20,6 +20,8 @@ from qtc.errors import QtcError
 from qtc.frontends.onnx_file import data_file_name, external_tensors, load_model, save_model, tensor_bytes
 from qtc.passes.annotate import ROLE
 from qtc.passes.calibrate import OBSERVERS
+from qtc.passes.fusion import fusion_counts
+from qtc.passes.legalize import LEGALIZATION_META
 from qtc.passes.pipeline import build_pipeline
 from qtc.recipes import Recipe, load_recipe
 from qtc.report import compare_models, graph_summary, write_json_atomic
@@ -135,8 +137,11 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     seed: int = 0,
     compare: bool = True,
     quiet: bool = False,
+    allow_fallback: bool = False,
 ) -> CompileResult:
-    """Compile a float ONNX model with a recipe for a target. A path is loaded fresh; an ir.Model is changed in place."""
+    """Compile a float ONNX model with a recipe for a target. A path is loaded fresh; an ir.Model is changed in place.
+
+    A target that splits graphs (cann) refuses to produce nodes it cannot take unless `allow_fallback`."""
     started = time.perf_counter()
     job = _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed)
     source, graph_model, resolved, calib_set, backend = job.source, job.model, job.recipe, job.calib, job.backend
@@ -145,7 +150,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     source_external = bool(external_tensors(graph_model))
     reference = source if source is not None else ir.to_proto(graph_model).SerializeToString()
     inputs = model_inputs(graph_model)
-    _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet), graph_model)
+    _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback), graph_model)
+    measure = backend.measuring_backend()
     report = {
         "qtc_version": __version__,
         "recipe": resolved.to_dict(),
@@ -158,14 +164,18 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         "activation_ranges": _ranges(graph_model),
         "smoothing": graph_model.meta.get("qtc.smoothing"),
         "rounding": graph_model.meta.get("qtc.rounding"),
+        "fusions": fusion_counts(graph_model),
+        "legalization": graph_model.meta.get(LEGALIZATION_META),
+        "placement": backend.placement(graph_model),
         "target_notes": job.target_notes,
         "warnings": graph_model.meta.get("qtc.warnings", []),
     }
     if compare and calib_set is not None and calib_set.heldout_samples:
-        report["heldout_comparison"] = compare_models(backend, reference, graph_model, calib_set.feeds(inputs, heldout=True))
+        report["heldout_comparison"] = compare_models(measure, reference, graph_model, calib_set.feeds(inputs, heldout=True))
+        report["heldout_comparison"]["provider"] = measure.provider
     if compare:
-        ops = backend.runtime_ops(graph_model)
-        report["runtime_ops"] = {"provider": backend.provider, "ops": ops, "numerics": runtime_numerics(ops, job.session_entries),
+        ops = measure.runtime_ops(graph_model)
+        report["runtime_ops"] = {"provider": measure.provider, "ops": ops, "numerics": runtime_numerics(ops, job.session_entries),
                                  "session_config": job.session_entries}
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
     # A model that came with external data leaves with it (and saving stays streaming, not one huge protobuf).
@@ -204,6 +214,8 @@ def _run(pipeline: ir.passes.PassManager, model: ir.Model) -> None:
     except ir.passes.PassError as exc:
         # The pass manager wraps what a pass raises; a user error inside a pass is still a user error.
         cause = exc.__cause__
+        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:  # managers nest managers
+            cause = cause.__cause__
         if isinstance(cause, QtcError):
             raise cause from None
         raise

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from qtc.backends import get_backend
 from qtc.frontends.onnx_file import external_tensors, load_model
 from qtc.report import graph_summary
 
@@ -46,9 +47,11 @@ def repeated_blocks(model: ir.Model) -> list[dict]:
     return found
 
 
-def inspect_model(path: str | Path) -> dict:
+def inspect_model(path: str | Path, target: str | None = None) -> dict:
+    """What the model holds; with a target that splits graphs (cann), where each node is predicted to run."""
     path = Path(path)
     model = load_model(path)
+    backend = get_backend(target) if target else None
     externals = defaultdict(int)
     for tensor in external_tensors(model):
         externals[tensor.location] += tensor.nbytes
@@ -64,6 +67,7 @@ def inspect_model(path: str | Path) -> dict:
         "weights_quantized": quantized_fraction(model),
         "repeated_blocks": repeated_blocks(model),
         "qtc_metadata": {k: v for k, v in sorted(model.metadata_props.items()) if k.startswith("qtc.")},
+        **({"target": target, "placement": backend.placement(model)} if backend is not None else {}),
     }
 
 

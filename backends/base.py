@@ -34,6 +34,25 @@ class Backend:
     dynamic_activations_for_int4: bool = False
     compiles: bool = True  # whether `qtc compile --target NAME` is supported (legalization exists)
 
+    def fusion_passes(self) -> list[ir.passes.PassBase]:
+        """Fusions into the ops this runtime runs fastest, before quantization is decided (passes/fusion.py)."""
+        from qtc.passes.fusion import FuseOperatorsPass
+
+        return [FuseOperatorsPass(self.name)]
+
+    def legalization_passes(self, allow_fallback: bool = False) -> list[ir.passes.PassBase]:
+        """Rewrites after QDQ insertion that make the graph one this runtime takes (none: it takes everything)."""
+        return []
+
+    def measuring_backend(self) -> "Backend":
+        """Where calibration and float-vs-compiled comparisons run: the target itself when it computes the float
+        graph as the reference does."""
+        return self
+
+    def placement(self, model: ir.Model) -> dict | None:
+        """Which nodes run where, for runtimes that split graphs (None: every node runs on this provider)."""
+        return None
+
     def availability(self) -> tuple[bool, str]:
         """Really create a session on this provider with CPU fallback disabled, and run it: a provider that is
         listed but cannot load its libraries (CANN without Ascend drivers) is unavailable, with the loader's

@@ -7,8 +7,63 @@ must_keep_origin_dtype kept it.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import onnx
+import onnx_ir as ir
+
 from qtc.backends.base import Backend
 from qtc.errors import QtcError
+
+# Graph mode with enable_cann_subgraph=1: SupportONNXModel() (cann_graph.cc) keeps default-domain nodes on this list.
+GRAPH_WHITELIST = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BitShift Cast Ceil Celu Clip
+Compress Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace Det Div Dropout Elu Equal Erf
+Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater
+GreaterOrEqual Hardmax HardSigmoid HardSwish Identity InstanceNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
+LpNormalization LpPool LRN LSTM MatMul Max MaxPool MaxRoiPool MaxUnpool Mean MeanVarianceNormalization Min Mod Mul
+Multinomial Neg NonMaxSuppression NonZero Not OneHot Or Pad Pow PRelu RandomNormalLike RandomUniform RandomUniformLike
+Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare Relu Reshape Resize ReverseSequence RoiAlign Round Scatter ScatterElements ScatterND Selu Shape Shrink
+Sigmoid Sign Sin Sinh Size Slice Softmax SoftmaxCrossEntropyLoss Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub
+Sum Tanh TfIdfVectorizer ThresholdedRelu Tile TopK Transpose Unsqueeze Where Xor
+""".split())
+GRAPH_MIN_OPSET = 8
+# Q/DQ are expected on the host under the ORT CANN EP (Huawei's own route converts them with AMCT instead).
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+_F = ("FLOAT", "FLOAT16")
+_H = ("FLOAT16",)
+_ANY = None
+# Single-op mode (enable_cann_graph=0): the kernel registry of cann_execution_provider.cc, float-relevant entries.
+# (since, until) is a closed version range; until None is an open-ended "since N" registration, which ORT's
+# kernel lookup matches only for nodes whose schema since-version is exactly N.
+SINGLE_OP_KERNELS: dict[str, tuple[tuple[tuple[int, int | None], ...], tuple[str, ...] | None]] = {
+    "Add": (((7, 12), (13, 13), (14, None)), _ANY), "Sub": (((7, 12), (13, 13), (14, None)), _ANY),
+    "Mul": (((7, 12), (13, 13), (14, None)), _ANY), "Div": (((7, 12), (13, 13), (14, None)), _ANY),
+    "Relu": (((6, 12), (13, 13), (14, None)), _ANY),
+    "Gemm": (((7, 8), (9, 10), (11, 12), (13, None)), _H),
+    "Flatten": (((1, 8), (9, 10), (11, 12), (13, None)), _ANY),
+    "BatchNormalization": (((7, 8), (9, 13), (14, 14), (15, None)), _F),
+    "GlobalAveragePool": (((1, None),), _F), "GlobalMaxPool": (((1, None),), _F),
+    "AveragePool": (((7, 9), (10, 10), (11, None)), _F), "MaxPool": (((1, 7),), _F),
+    "Conv": (((1, 10), (11, None)), _F),
+    "Dropout": (((7, 9), (10, 11), (12, 12), (13, None)), _F),
+    "Identity": (((1, 12), (13, 13), (14, 18), (19, None)), _ANY),
+    "MatMul": (((1, 8), (9, 12), (13, None)), ("FLOAT", "FLOAT16", "BFLOAT16", "INT32")),
+    "Cast": (((6, 8), (9, 12), (13, None)), _ANY),
+    "Reshape": (((1, 4), (5, 12), (13, 13), (14, None)), _ANY),
+    "Transpose": (((1, None),), _ANY),
+    "Abs": (((1, 5), (6, 12), (13, None)), _ANY), "Neg": (((1, 5), (6, 12), (13, None)), _ANY),
+    "Floor": (((1, 5), (6, 12), (13, None)), _F), "Ceil": (((1, 5), (6, 12), (13, None)), _F),
+    "Reciprocal": (((1, 5), (6, 12), (13, None)), _F), "Sqrt": (((1, 5), (6, 12), (13, None)), _F),
+    "Log": (((1, 5), (6, 12), (13, None)), _F), "Exp": (((1, 5), (6, 12), (13, None)), _H),
+    "Erf": (((9, 12), (13, None)), _F), "Sin": (((7, None),), _F), "Cos": (((7, None),), _F),
+    "Round": (((11, None),), _F),
+}
+MODES = ("graph", "single_op")
 
 CANN_OPTIONS = {
     "device_id": "0",
@@ -47,10 +102,160 @@ def cann_options(overrides: dict[str, str] | None = None) -> dict[str, str]:
     return options
 
 
-CANN = Backend(
+def since_version(node: ir.Node, opset: int) -> int | None:
+    """The schema since-version a default-domain node resolves to at the model's opset (None: unknown op)."""
+    try:
+        return onnx.defs.get_schema(node.op_type, opset, node.domain or "").since_version
+    except onnx.defs.SchemaError:
+        return None
+
+
+def kernel_matches(ranges, version: int) -> bool:
+    return any(version == start if until is None else start <= version <= until for start, until in ranges)
+
+
+def _all_initializers(node: ir.Node) -> bool:
+    inputs = [v for v in node.inputs if v is not None]
+    return bool(inputs) and all(v.is_initializer() or v.const_value is not None for v in inputs)
+
+
+def graph_reason(node: ir.Node, opset: int) -> str | None:
+    """Why graph mode with enable_cann_subgraph=1 leaves this node on the CPU, or None when the NPU takes it."""
+    if node.domain not in ("", "ai.onnx"):
+        return f"{node.domain} op"
+    if node.op_type not in GRAPH_WHITELIST:
+        return "not on the graph-mode whitelist"
+    if opset < GRAPH_MIN_OPSET:
+        return f"opset {opset} < {GRAPH_MIN_OPSET}"
+    if _all_initializers(node):
+        return "every input is an initializer"
+    return None
+
+
+def single_op_reason(node: ir.Node, opset: int) -> str | None:
+    """Why single-op mode (enable_cann_graph=0) has no NPU kernel for this node, or None when it has one."""
+    if node.domain not in ("", "ai.onnx"):
+        return f"{node.domain} op"
+    entry = SINGLE_OP_KERNELS.get(node.op_type)
+    if entry is None:
+        return "no CANN kernel"
+    ranges, dtypes = entry
+    version = since_version(node, opset)
+    if version is None or not kernel_matches(ranges, version):
+        return f"no kernel for since-version {version} (registered {_ranges_text(ranges)})"
+    value = node.inputs[0] if node.inputs else None
+    if dtypes is not None and value is not None and value.dtype is not None and value.dtype.name not in dtypes:
+        return f"no {value.dtype.name} kernel"
+    return None
+
+
+def _ranges_text(ranges) -> str:
+    return ", ".join(f"[{a}, {b}]" if b is not None else f"={a}" for a, b in ranges)
+
+
+def placement(model: ir.Model, mode: str) -> dict:
+    """Predicted placement under the ORT CANN EP: nodes on the NPU, contiguous NPU partitions in topological
+    order, CPU fallbacks with reasons, and host<->device copies of run-time tensors (initializers are copied once)."""
+    opset = model.opset_imports.get("", 1)
+    judge = graph_reason if mode == "graph" else single_op_reason
+    device: dict[ir.Node, str] = {}
+    reasons: Counter = Counter()
+    cpu_ops: Counter = Counter()
+    partitions, previous = 0, "cpu"
+    for node in model.graph:
+        reason = judge(node, opset)
+        device[node] = "cpu" if reason else "npu"
+        if reason:
+            reasons[reason] += 1
+            cpu_ops[node.op_type if not node.domain else f"{node.domain}::{node.op_type}"] += 1
+        elif previous == "cpu":
+            partitions += 1
+        previous = device[node]
+    npu = sum(1 for d in device.values() if d == "npu")
+    return {
+        "mode": mode,
+        "provider_options": {"enable_cann_graph": "1", "enable_cann_subgraph": "1"} if mode == "graph"
+        else {"enable_cann_graph": "0"},
+        "opset": opset,
+        "nodes": len(device),
+        "npu_nodes": npu,
+        "cpu_nodes": len(device) - npu,
+        "npu_partitions": partitions,
+        "cpu_ops": dict(sorted(cpu_ops.items())),
+        "cpu_reasons": dict(sorted(reasons.items())),
+        **_transfers(model.graph, device),
+    }
+
+
+def _transfers(graph: ir.Graph, device: dict[ir.Node, str]) -> dict[str, int]:
+    """Run-time tensors crossing host<->device, with the bytes of those whose shape is static (a dequantized
+    weight is; an activation with a symbolic sequence length is counted without bytes)."""
+    counts = {"host_to_device_tensors": 0, "device_to_host_tensors": 0,
+              "host_to_device_static_bytes": 0, "device_to_host_static_bytes": 0}
+    graph_outputs = set(graph.outputs)
+    for value in list(graph.inputs) + [out for node in graph for out in node.outputs]:
+        if value.is_initializer():
+            continue
+        producer = value.producer()
+        where = device.get(producer, "cpu") if producer is not None else "cpu"
+        readers = {device[user] for user, _ in value.uses() if user in device}
+        if value in graph_outputs:
+            readers.add("cpu")
+        direction = "host_to_device" if where == "cpu" and "npu" in readers else \
+            "device_to_host" if where == "npu" and "cpu" in readers else None
+        if direction:
+            counts[f"{direction}_tensors"] += 1
+            counts[f"{direction}_static_bytes"] += _static_bytes(value)
+    return counts
+
+
+def _static_bytes(value: ir.Value) -> int:
+    shape, dtype = value.shape, value.dtype
+    producer = value.producer()
+    if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0].is_initializer():
+        # A dequantized weight: the integer tensor's shape, the scale's float type (QDQ insertion sets no shapes).
+        shape, dtype = producer.inputs[0].const_value.shape, producer.inputs[1].dtype
+    if shape is None or dtype is None or not all(isinstance(d, int) for d in shape):
+        return 0
+    return int(math.prod(shape) * dtype.itemsize)
+
+
+def offending_nodes(model: ir.Model) -> list[str]:
+    """Nodes outside the graph-mode whitelist, other than Q/DQ (which the EP leaves on the host by design)."""
+    opset = model.opset_imports.get("", 1)
+    found = []
+    for node in model.graph:
+        reason = graph_reason(node, opset)
+        if reason and reason != "every input is an initializer" and node.op_type not in QDQ_OPS:
+            op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            found.append(f"{node.name or '?'} ({op}: {reason})")
+    return found
+
+
+@dataclass(frozen=True)
+class CannBackend(Backend):
+    """The CANN EP takes only whitelisted standard ops: fusions run only where they produce one (MatMul + bias ->
+    Gemm); everything else is decomposed into primitives after QDQ insertion."""
+
+    def legalization_passes(self, allow_fallback: bool = False) -> list[ir.passes.PassBase]:
+        from qtc.passes.legalize import legalization_passes
+
+        return legalization_passes(allow_fallback)
+
+    def measuring_backend(self) -> Backend:
+        # Calibration and float comparisons need the float graph computed exactly; they run on ORT CPU whether or
+        # not an NPU is present (NPU-vs-CPU agreement is `qtc parity`'s job, with its precision mode recorded).
+        from qtc.backends.cpu import CPU
+
+        return CPU
+
+    def placement(self, model: ir.Model) -> dict:
+        return {mode: placement(model, mode) for mode in MODES}
+
+
+CANN = CannBackend(
     name="cann",
     provider="CANNExecutionProvider",
     provider_options=cann_options({"precision_mode": "must_keep_origin_dtype"}),
     recipes_native=(),
-    compiles=False,
 )

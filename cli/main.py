@@ -73,14 +73,17 @@ def main() -> None:
 @click.option("--no-compare", is_flag=True, help="Skip the float-vs-compiled comparison on held-out data.")
 @click.option("--max-drop", help="METRIC=VALUE (top1, kl, cosine): keep the most sensitive layers in higher "
                                   "precision until the held-out drop is within VALUE.")
+@click.option("--allow-fallback", is_flag=True, help="Let a target that splits graphs (cann) keep nodes it cannot "
+                                                    "take; they run on the CPU (default: refuse, listing them).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, target, output,
-                    no_compare, max_drop, as_json):
+                    no_compare, max_drop, allow_fallback, as_json):
     """Compile a float ONNX MODEL with a quantization recipe."""
     import qtc
     from qtc.fallback import parse_budget
 
-    options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json)
+    options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json,
+                   allow_fallback=allow_fallback)
     if max_drop:
         result = qtc.compile_within(model, parse_budget(max_drop), recipe=recipe, calib=calib, target=target, **options)
     else:
@@ -120,20 +123,33 @@ def _show_compile(report: dict, output: Path) -> None:
         for layer in fallback["kept"]:
             table.add_row("  kept", f"{layer['module'] or layer['node']} (SQNR {layer['sqnr_db']:.1f} dB, "
                                     f"{layer['dominant_noise']} noise)")
+    for name, entry in (report.get("fusions") or {}).get("fusions", {}).items():
+        if entry["applied"]:
+            table.add_row(f"fused {name}", f"{entry['in_graph']} x {entry['op']}")
+    for mode, entry in (report.get("placement") or {}).items():
+        table.add_row(f"placement {mode}", _placement_line(entry))
     for note in report.get("target_notes", []):
         table.add_row("target", note)
     table.add_row("time", f"{report['compile_seconds']:.1f} s")
     out.print(table)
 
 
+def _placement_line(entry: dict) -> str:
+    return (f"{entry['npu_nodes']}/{entry['nodes']} nodes on the NPU in {entry['npu_partitions']} partition(s), "
+            f"{entry['cpu_nodes']} on the CPU, {entry['host_to_device_tensors']} host->device and "
+            f"{entry['device_to_host_tensors']} device->host tensor copies per run "
+            f"(>= {entry['host_to_device_static_bytes'] / 1e6:.1f} MB to the device)")
+
+
 @main.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--target", help="Also predict where each node runs on this target (cann: graph and single-op mode).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def inspect_command(model, as_json):
+def inspect_command(model, target, as_json):
     """Show what MODEL holds: ops, parameters by dtype, opset, external data, quantization, blocks."""
     from qtc.inspection import inspect_model
 
-    info = inspect_model(model)
+    info = inspect_model(model, target)
     if as_json:
         _print_json(info)
         return
@@ -157,6 +173,13 @@ def inspect_command(model, as_json):
     for op, count in sorted(info["ops"].items(), key=lambda kv: (-kv[1], kv[0])):
         ops.add_row(op, str(count))
     out.print(ops)
+    for mode, entry in (info.get("placement") or {}).items():
+        table = Table("CPU op", "count", title=f"{target} {mode} mode: {_placement_line(entry)}")
+        for op, count in entry["cpu_ops"].items():
+            table.add_row(op, str(count))
+        for reason, count in entry["cpu_reasons"].items():
+            table.add_row(f"reason: {reason}", str(count))
+        out.print(table)
 
 
 @main.command("eval")

@@ -24,23 +24,30 @@ def build_pipeline(
     calib: CalibrationSet | None = None,
     provenance: dict[str, str] | None = None,
     quiet: bool = False,
+    allow_fallback: bool = False,
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
+    measure = backend.measuring_backend()
     return ir.passes.PassManager(
         [
             # 1. One canonical graph: constants lifted and folded, dead code gone, sorted, at the QDQ opset.
             *canonicalize_passes(recipe.opset),
+            # 1b. The float graph the target runs fastest (contrib ops for cpu/cuda; nothing for cann). Weight
+            #     MatMuls stay standalone, so the policy below still sees every projection.
+            *backend.fusion_passes(),
             # 2. Policy: which nodes the recipe quantizes, and how (no graph change).
             AnnotateQuantizationPass(recipe),
             # 3. Outliers and rounding from streamed layer statistics (X^T X, channel max): SmoothQuant moves
             #    activation outliers into weights; GPTQ / AWQ choose the integers. Float semantics unchanged.
-            CollectLayerStatisticsPass(calib, backend, recipe.smooth, quiet=quiet),
+            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
             RoundWeightsPass(),
             # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming.
-            CalibrateActivationsPass(calib, backend, quiet=quiet),
+            CalibrateActivationsPass(calib, measure, quiet=quiet),
             # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
+            # 5b. Legalization: what the target cannot take becomes primitives it can (cann); Q/DQ stay.
+            *backend.legalization_passes(allow_fallback),
             # 6. Cleanup and what the runtime needs to load the result; provenance last.
             common.RemoveUnusedNodesPass(),
             common.TopologicalSortPass(),
@@ -54,12 +61,14 @@ def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, 
     """The compile pipeline up to calibration, collecting every layer's statistics; nothing is materialized.
     `qtc.passes.sensitivity.layer_sensitivity` then reads the result."""
     backend = compile_target(target)
+    measure = backend.measuring_backend()
     return ir.passes.PassManager(
         [
             *canonicalize_passes(recipe.opset),
+            *backend.fusion_passes(),
             AnnotateQuantizationPass(recipe),
-            CollectLayerStatisticsPass(calib, backend, recipe.smooth, quiet=quiet, every_layer=True),
+            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, every_layer=True),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
-            CalibrateActivationsPass(calib, backend, quiet=quiet),
+            CalibrateActivationsPass(calib, measure, quiet=quiet),
         ]
     )

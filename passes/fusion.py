@@ -1,0 +1,268 @@
+"""Target-aware operator fusion: the float graph each runtime runs fastest, before quantization is decided.
+
+Each `Fusion` is a set of onnxscript rewrite rules (pattern / check / rewrite; `check` says why a match failed)
+and declares, per target, the op its fused form becomes there. A fusion with no op for a target never runs for
+it: the `cann` EP takes only standard whitelisted ops (../shared/docs/cann-ep.md), so nothing fuses for `cann`
+and `passes/legalize.py` decomposes instead.
+
+Fusions keep every weight MatMul standalone (attention fuses after the Q/K/V projections, never into ORT's
+packed-QKV `Attention`), so the quantization annotator still finds each projection, and QDQ lands on the
+MatMuls ORT's CPU EP turns into integer GEMMs.
+
+Most rules are onnxscript's own (`onnxscript.rewriter.ort_fusions`, written for torch-dynamo exports of
+transformers models); qtc adds SiLU, picks and orders them, and declares where each is legal.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter.ort_fusions import (
+    bias_gelu,
+    cos_sin_cache,
+    erfgelu,
+    gelu,
+    rms_normalization,
+    rotary_embedding,
+    sdpa,
+    sdpa_via_mha,
+    skip_normalization,
+)
+from onnxscript.rewriter.rules.common import _matmul_add_to_gemm
+from onnxscript.rewriter.rules.fusion import _layer_norm
+
+from qtc.passes.canonicalize import FoldConstantsPass, InferShapesPass
+
+FUSIONS_META = "qtc.fusions"
+MS = "com.microsoft"
+# onnxscript's fusions go through intermediate ops in this domain (SDPA, a RotaryEmbedding function) that a
+# later rule consumes; what is left of them is inlined back into standard ops at the end.
+_INTERMEDIATE_DOMAIN = "ai.onnxruntime._fusion"
+_ORT = ("cpu", "cuda")  # targets that run ORT's com.microsoft contrib kernels
+
+
+class SiluFusion(pattern.RewriteRuleClassBase):
+    """x * Sigmoid(x) -> com.microsoft QuickGelu(alpha=1), which computes x * sigmoid(alpha * x) in one pass."""
+
+    def pattern(self, op, x):
+        return op.Mul(x, op.Sigmoid(x))
+
+    def check(self, context, x, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if x.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            return result.fail(f"QuickGelu takes float / float16, not {x.dtype}", x)
+        return result
+
+    def rewrite(self, op, x, **_):
+        return op.QuickGelu(x, alpha=1.0, _domain=MS)
+
+
+class CosSinCacheByMulFusion(cos_sin_cache.CosSinCacheFusion):
+    """onnxscript's cos/sin cache fusion, with the run-time table computed by a broadcast Mul instead of a MatMul
+    against the constant inverse frequencies: the quantization policy would take that MatMul for a weighted
+    layer and put the rotary angles on an int8 grid."""
+
+    def _compute_dynamic_freqs(self, op, inv_freq, position_ids, dtype):
+        if self._max_pos_id is not None or position_ids.const_value is not None:
+            return super()._compute_dynamic_freqs(op, inv_freq, position_ids, dtype)
+        count = op.Add(op.ReduceMax(position_ids, keepdims=0), op.Constant(value_int=1))
+        positions = op.Range(op.Constant(value_int=0), count, op.Constant(value_int=1))
+        positions = op.Cast(op.Reshape(positions, op.Constant(value_ints=[-1, 1])), to=ir.DataType.FLOAT)
+        angles = op.Mul(positions, op.Reshape(inv_freq, op.Constant(value_ints=[1, -1])))
+        return op.Cos(angles), op.Sin(angles)
+
+
+class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
+    """Rotary cos/sin tables as torch dynamo exports transformers' rotary embedding for positions shared by the
+    batch ([S] or [1, S]), freqs = Cast(Unsqueeze(positions)) * inv_freq (a broadcast Mul; onnxscript's rules expect MatMul + Transpose),
+    -> com.microsoft RotaryEmbedding over tables indexed by position (built from the constant inverse frequencies
+    at run time, so no maximum length is baked in)."""
+
+    def __init__(self):
+        super().__init__("CosSinCache_broadcast")
+
+    def pattern(self, op, x, inv_freq, position_ids, interleaved, num_heads, extra_dims):
+        positions = op.Cast(op.Unsqueeze(position_ids, extra_dims), to=ir.DataType.FLOAT)
+        freqs = op.Mul(positions, inv_freq)
+        emb = op.Concat(freqs, freqs, axis=-1)
+        cos_4d = op.Unsqueeze(op.Cos(emb), [1])
+        sin_4d = op.Unsqueeze(op.Sin(emb), [1])
+        return op.RotaryEmbedding(x, cos_4d, sin_4d, interleaved=interleaved, num_heads=num_heads,
+                                  _domain=_INTERMEDIATE_DOMAIN)
+
+    def check(self, context, inv_freq, position_ids, extra_dims, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if _ir_utils.has_rank(position_ids, 1):  # a Range [S], unsqueezed to [1, S, 1]
+            wanted = [0, 2]
+        elif _ir_utils.has_rank(position_ids, 2) and position_ids.shape[0] == 1:  # [1, S] (Gemma 3), to [1, S, 1]
+            wanted = [2]
+        else:
+            return result.fail("positions are neither [S] nor [1, S]", position_ids)
+        if not _ir_utils.is_1d_value(extra_dims, wanted):
+            return result.fail(f"positions are not unsqueezed along {wanted}", extra_dims)
+        if inv_freq.const_value is None or inv_freq.const_value.shape.rank() != 1:
+            return result.fail("inverse frequencies are not a constant vector", inv_freq)
+        return result
+
+    def rewrite(self, op, x, inv_freq, position_ids, interleaved, num_heads, **_):
+        if inv_freq not in self._inv_freq_cos_sin_cache:  # one table pair per frequency set, shared by all layers
+            self._inv_freq_cos_sin_cache[inv_freq] = self._compute_dynamic_freqs(op, inv_freq, position_ids, None)
+        cos, sin = self._inv_freq_cos_sin_cache[inv_freq]
+        rows = op.Unsqueeze(position_ids, op.Constant(value_ints=[0])) if position_ids.shape.rank() == 1 else position_ids
+        # The positions are shared by the batch, but RotaryEmbedding wants one row of them per sequence.
+        batch = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[1]), axis=0)
+        return op.RotaryEmbedding(x, op.Expand(rows, batch), cos, sin, interleaved=interleaved, num_heads=num_heads,
+                                  _domain=MS)
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A family of rewrite rules and the op its fused form is on each target where it is legal."""
+
+    name: str
+    rules: pattern.RewriteRuleSet
+    produces: dict[str, str]  # target -> "domain::Op" of the fused form
+    note: str = ""
+    infer_shapes: bool = False  # later rules read shapes of the nodes this one creates
+    after: tuple[str, ...] = field(default=())  # fusions whose output this one consumes
+
+
+def _rules(*rules) -> pattern.RewriteRuleSet:
+    return pattern.RewriteRuleSet(list(rules), commute=False)
+
+
+def _each(targets: tuple[str, ...], op: str) -> dict[str, str]:
+    return {t: op for t in targets}
+
+
+# Order is the design: norms before their residual forms, erf/tanh GELU before the bias form, the rotary pair
+# (x*cos + rotate_half(x)*sin, then its cos/sin cache) before attention, SDPA before its MHA implementation.
+FUSIONS: tuple[Fusion, ...] = (
+    Fusion("rms_norm", rms_normalization.rms_normalization_ruleset, _each(_ORT, "SimplifiedLayerNormalization"),
+           "x * rsqrt(mean(x^2) + eps) * w (Gemma's (1 + w) is folded into w by canonicalization)"),
+    Fusion("layer_norm", _layer_norm.layer_normalization_ruleset, _each(_ORT, "LayerNormalization"),
+           "decomposed mean/variance normalization -> ONNX LayerNormalization (opset 17)"),
+    Fusion("skip_rms_norm", skip_normalization.skip_rms_normalization_ruleset,
+           _each(_ORT, f"{MS}::SkipSimplifiedLayerNormalization"), "residual Add + RMSNorm", after=("rms_norm",)),
+    Fusion("skip_layer_norm", skip_normalization.skip_layer_normalization_ruleset,
+           _each(_ORT, f"{MS}::SkipLayerNormalization"), "residual Add (+ bias) + LayerNorm",
+           after=("layer_norm",)),
+    Fusion("gelu_erf", erfgelu.rules, _each(_ORT, f"{MS}::Gelu"), "0.5 x (1 + erf(x / sqrt 2))"),
+    Fusion("gelu_tanh", gelu.gelu_rules, _each(_ORT, f"{MS}::FastGelu"), "0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))"),
+    Fusion("bias_gelu", bias_gelu.bias_gelu_rules, _each(_ORT, f"{MS}::BiasGelu"),
+           "Add(bias) + Gelu: the MatMul before it stays standalone", after=("gelu_erf",)),
+    Fusion("silu", _rules(SiluFusion.rule()), _each(_ORT, f"{MS}::QuickGelu"),
+           "x * sigmoid(x) (the SwiGLU gate's activation; gate and up MatMuls stay standalone)"),
+    Fusion("rotary", rotary_embedding.rotary_embedding_rules, {},
+           "x cos + rotate_half(x) sin: an intermediate function, kept only when its cos/sin cache fuses too"),
+    Fusion("rotary_cache", _rules(
+        CosSinCacheByMulFusion.rule("CosSinCache_cast", cast=True, const_freqs=False),
+        CosSinCacheByMulFusion.rule("CosSinCache_cast_const_freqs", cast=True, const_freqs=True),
+        CosSinCacheByMulFusion.rule("CosSinCache_const_freqs", cast=False, const_freqs=True),
+        CosSinCacheByMulFusion.rule("CosSinCache", cast=False),
+        BroadcastCosSinCacheFusion.rule()),
+           _each(_ORT, f"{MS}::RotaryEmbedding"), "position-indexed cos/sin tables from constant inverse frequencies",
+           after=("rotary",)),
+    Fusion("sdpa", sdpa.sdpa_rules, {}, "softmax(Q K^T * scale + mask) V, with GQA's K/V head expansion",
+           infer_shapes=True),
+    Fusion("attention", sdpa_via_mha._rules, _each(_ORT, f"{MS}::MultiHeadAttention"),
+           "SDPA -> MultiHeadAttention after the Q/K/V projections (which stay MatMuls for quantization)",
+           after=("sdpa",)),
+    Fusion("matmul_bias", _rules(_matmul_add_to_gemm.matmul_add_to_gemm_rule),
+           {"cpu": "Gemm", "cuda": "Gemm", "cann": "Gemm"}, "2-D MatMul + bias Add -> Gemm (whitelisted on cann)"),
+)
+# Intermediate steps run for a target whenever the fusion that consumes them is legal there.
+_BY_NAME = {f.name: f for f in FUSIONS}
+_CONSUMERS = {f.name: [g for g in FUSIONS if f.name in g.after] for f in FUSIONS}
+
+
+def _runs_on(fusion: Fusion, target: str) -> bool:
+    return target in fusion.produces or any(target in g.produces for g in _CONSUMERS[fusion.name])
+
+
+def op_key(node: ir.Node) -> str:
+    return f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+
+
+class FuseOperatorsPass(ir.passes.InPlacePass):
+    """Apply every fusion legal on `target`, in order; `model.meta["qtc.fusions"]` gets, per fusion, the rule
+    applications and the fused op's count in the final graph (an intermediate a later rule did not take is
+    inlined back, so applications can exceed what survives)."""
+
+    def __init__(self, target: str, only: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        self.target = target
+        # A subset of fusion names (per-rule numerical checks), with the intermediate steps they consume.
+        self.only = None if only is None else set(only) | {d for name in only for d in _BY_NAME[name].after}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        applied: dict[str, int] = {}
+        for fusion in FUSIONS:
+            if self.only is not None and fusion.name not in self.only:
+                continue
+            if not _runs_on(fusion, self.target):
+                continue
+            applied[fusion.name] = fusion.rules.apply_to_model(model)
+            if fusion.infer_shapes and applied[fusion.name]:
+                InferShapesPass()(model)
+        modified = any(applied.values())
+        if modified:
+            _inline_intermediates(model)
+        ops = Counter(op_key(n) for n in model.graph)
+        model.meta[FUSIONS_META] = {
+            "target": self.target,
+            "fusions": {
+                f.name: {"op": f.produces[self.target], "applied": applied.get(f.name, 0),
+                         "in_graph": ops.get(f.produces[self.target], 0) if applied.get(f.name) else 0}
+                for f in FUSIONS if self.target in f.produces and (self.only is None or f.name in self.only)
+            },
+        }
+        return ir.passes.PassResult(model, modified=modified)
+
+    def ensures(self, model: ir.Model) -> None:
+        left = sorted({n.op_type for n in model.graph if n.domain == _INTERMEDIATE_DOMAIN})
+        if left:
+            raise ir.passes.PostconditionError(f"intermediate fusion ops left in the graph: {', '.join(left)}")
+
+
+def _inline_intermediates(model: ir.Model) -> None:
+    common.InlinePass()(model)
+    common.RemoveUnusedFunctionsPass()(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.RemoveUnusedOpsetsPass()(model)
+    # Rewrites leave small Constant nodes (reshape targets, axes): fold and lift them like canonicalization does.
+    FoldConstantsPass()(model)
+    common.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.TopologicalSortPass()(model)
+    InferShapesPass()(model)
+
+
+def fusion_counts(model: ir.Model) -> dict:
+    return model.meta.get(FUSIONS_META, {})
+
+
+def measure_fusions(model: ir.Model, target: str, feeds: list[dict]) -> dict:
+    """Per fusion legal on `target`: applications, fused ops left, and the max |output difference| of the model
+    with only that fusion (and the steps it consumes) against the unfused model, on ORT CPU over `feeds`.
+    `model` is the canonicalized float model; its graph is not changed (its weights are loaded into memory)."""
+    from qtc.backends.cpu import CPU
+    from qtc.report import compare_models
+
+    ir.external_data.load_to_model(model)  # in memory, so that copies need no base folder
+    results = {}
+    for fusion in FUSIONS:
+        if target not in fusion.produces:
+            continue
+        candidate = ir.from_proto(ir.to_proto(model))
+        FuseOperatorsPass(target, only=(fusion.name,))(candidate)
+        entry = dict(fusion_counts(candidate)["fusions"][fusion.name])
+        if entry["applied"]:
+            outputs = compare_models(CPU, model, candidate, feeds)["outputs"]
+            entry["max_abs_diff"] = max(o["max_abs_diff"] for o in outputs.values())
+        results[fusion.name] = entry
+    return results

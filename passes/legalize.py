@@ -1,0 +1,286 @@
+"""Legalization for the `cann` target: every op outside the CANN graph-mode whitelist becomes whitelisted
+primitives, and what only initializers feed is folded (the EP refuses nodes whose inputs are all initializers).
+
+Facts: ../shared/docs/cann-ep.md. Q/DQ stay as they are (the EP runs them on the host; Huawei's AMCT route
+converts them). Decompositions are onnxscript rewrite rules on one op each; `check` says why an instance cannot
+be decomposed (e.g. a normalization over several axes), and such a node is then reported as offending.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.optimizer import _constant_folding
+from onnxscript.rewriter import pattern
+
+from qtc.backends.cann import QDQ_OPS, offending_nodes
+from qtc.errors import QtcError
+
+LEGALIZATION_META = "qtc.legalization"
+MS = "com.microsoft"
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
+
+
+def _float_input(x: ir.Value) -> pattern.MatchResult:
+    result = pattern.MatchResult()
+    if x.dtype is not None and x.dtype not in _FLOATS:
+        return result.fail(f"input is {x.dtype}, not floating point", x)
+    return result
+
+
+def _last_axis(node: ir.Node, x: ir.Value) -> pattern.MatchResult:
+    result = pattern.MatchResult()
+    axis = node.attributes.get_int("axis", -1)
+    rank = x.shape.rank() if x.shape is not None else None
+    if axis != -1 and (rank is None or axis != rank - 1):
+        return result.fail(f"normalizes from axis {axis}, not only the last axis", x)
+    if len([o for o in node.outputs if o.uses() or o.is_graph_output()]) > 1:
+        return result.fail("its mean / inverse-std outputs are used", node)
+    return _float_input(x)
+
+
+def _scalar(op, value: float, like: ir.Value):
+    # A scalar of the input's own float type (CastLike is not on the whitelist).
+    dtype = like.dtype if like.dtype in _FLOATS else ir.DataType.FLOAT
+    return op.Constant(value=ir.tensor(np.array(value, dtype=dtype.numpy())))
+
+
+def _rms(op, x, epsilon: float):
+    axes = op.Constant(value_ints=[-1])
+    mean_square = op.ReduceMean(op.Mul(x, x), axes, keepdims=1)
+    return op.Mul(x, op.Reciprocal(op.Sqrt(op.Add(mean_square, _scalar(op, epsilon, x)))))
+
+
+def _erf_gelu(op, x):
+    inner = op.Erf(op.Mul(x, _scalar(op, 1 / math.sqrt(2), x)))
+    return op.Mul(op.Mul(x, _scalar(op, 0.5, x)), op.Add(inner, _scalar(op, 1.0, x)))
+
+
+def _tanh_gelu(op, x):
+    cube = op.Mul(op.Mul(x, x), x)
+    inner = op.Mul(op.Add(x, op.Mul(cube, _scalar(op, 0.044715, x))), _scalar(op, math.sqrt(2 / math.pi), x))
+    return op.Mul(op.Mul(x, _scalar(op, 0.5, x)), op.Add(op.Tanh(inner), _scalar(op, 1.0, x)))
+
+
+class DecomposeLayerNorm(pattern.RewriteRuleClassBase):
+    """LayerNormalization(x, scale[, bias]) over the last axis -> ReduceMean / Sub / Mul / Sqrt / Div / Mul / Add."""
+
+    def pattern(self, op, x, scale):
+        return op.LayerNormalization(x, scale, _allow_other_inputs=True, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        return _last_axis(y.producer(), x)
+
+    def rewrite(self, op, x, scale, y, **_):
+        node = y.producer()
+        epsilon = node.attributes.get_float("epsilon", 1e-5)
+        axes = op.Constant(value_ints=[-1])
+        centered = op.Sub(x, op.ReduceMean(x, axes, keepdims=1))
+        variance = op.ReduceMean(op.Mul(centered, centered), axes, keepdims=1)
+        normed = op.Mul(op.Div(centered, op.Sqrt(op.Add(variance, _scalar(op, epsilon, x)))), scale)
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        return op.Add(normed, bias) if bias is not None else normed
+
+
+class _DecomposeRms(pattern.RewriteRuleClassBase):
+    """RMS normalization over the last axis -> Mul / ReduceMean / Add / Sqrt / Reciprocal / Mul."""
+
+    op_type, domain = "", ""
+
+    def pattern(self, op, x, scale):
+        return getattr(op, self.op_type)(x, scale, _domain=self.domain, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        return _last_axis(y.producer(), x)
+
+    def rewrite(self, op, x, scale, y, **_):
+        return op.Mul(_rms(op, x, y.producer().attributes.get_float("epsilon", 1e-5)), scale)
+
+
+class DecomposeRmsNormalization(_DecomposeRms):
+    op_type = "RMSNormalization"  # ONNX opset 23
+
+
+class DecomposeSimplifiedLayerNormalization(_DecomposeRms):
+    op_type = "SimplifiedLayerNormalization"  # ORT's contrib op in the ONNX domain
+
+
+class DecomposeGelu(pattern.RewriteRuleClassBase):
+    """ONNX Gelu (opset 20), exact or tanh-approximated -> Erf or Tanh with Mul / Add."""
+
+    def pattern(self, op, x):
+        return op.Gelu(x, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        result = _float_input(x)
+        approximate = y.producer().attributes.get_string("approximate", "none")
+        if result and approximate not in ("none", "tanh"):
+            return result.fail(f"unknown approximate={approximate!r}", x)
+        return result
+
+    def rewrite(self, op, x, y, **_):
+        tanh = y.producer().attributes.get_string("approximate", "none") == "tanh"
+        return _tanh_gelu(op, x) if tanh else _erf_gelu(op, x)
+
+
+class DecomposeMsGelu(pattern.RewriteRuleClassBase):
+    """com.microsoft Gelu -> the erf form."""
+
+    def pattern(self, op, x):
+        return op.Gelu(x, _domain=MS)
+
+    def check(self, context, x, **_):
+        return _float_input(x)
+
+    def rewrite(self, op, x, **_):
+        return _erf_gelu(op, x)
+
+
+class DecomposeBiasGelu(pattern.RewriteRuleClassBase):
+    """com.microsoft BiasGelu(x, bias) -> the erf form of x + bias."""
+
+    def pattern(self, op, x, bias):
+        return op.BiasGelu(x, bias, _domain=MS)
+
+    def check(self, context, x, **_):
+        return _float_input(x)
+
+    def rewrite(self, op, x, bias, **_):
+        return _erf_gelu(op, op.Add(x, bias))
+
+
+class DecomposeFastGelu(pattern.RewriteRuleClassBase):
+    """com.microsoft FastGelu(x[, bias]) -> the tanh form."""
+
+    def pattern(self, op, x):
+        return op.FastGelu(x, _domain=MS, _allow_other_inputs=True, _outputs=["y"])
+
+    def check(self, context, x, **_):
+        return _float_input(x)
+
+    def rewrite(self, op, x, y, **_):
+        node = y.producer()
+        bias = node.inputs[1] if len(node.inputs) > 1 else None
+        return _tanh_gelu(op, op.Add(x, bias) if bias is not None else x)
+
+
+class DecomposeQuickGelu(pattern.RewriteRuleClassBase):
+    """com.microsoft QuickGelu(x, alpha) -> x * Sigmoid(alpha * x) (SiLU when alpha is 1)."""
+
+    def pattern(self, op, x):
+        return op.QuickGelu(x, _domain=MS, _outputs=["y"])
+
+    def check(self, context, x, **_):
+        return _float_input(x)
+
+    def rewrite(self, op, x, y, **_):
+        alpha = y.producer().attributes.get_float("alpha", 1.702)
+        scaled = x if alpha == 1.0 else op.Mul(x, _scalar(op, alpha, x))
+        return op.Mul(x, op.Sigmoid(scaled))
+
+
+class TransposedWeightMatMulToGemm(pattern.RewriteRuleClassBase):
+    """MatMul(x, Transpose(W)) with W an initializer (a tied LM head reading the embedding table) -> Gemm(transB=1)
+    between Reshapes. The Transpose alone has only an initializer input, so the EP would run it on the host and
+    copy the whole transposed table to the device on every run (671 MB for Gemma-3's vocabulary)."""
+
+    def pattern(self, op, x, w):
+        return op.MatMul(x, op.Transpose(w, _outputs=["wt"]))
+
+    def check(self, context, x, w, wt, **_):
+        result = pattern.MatchResult()
+        if w.const_value is None or w.const_value.shape.rank() != 2:
+            return result.fail("the transposed weight is not a 2-D initializer", w)
+        if list(wt.producer().attributes.get_ints("perm", [1, 0])) != [1, 0]:
+            return result.fail("the Transpose is not a plain 2-D transpose", wt)
+        if x.shape is None or x.shape.rank() < 2:
+            return result.fail("the activation's rank is unknown or below 2", x)
+        return _float_input(x)
+
+    def rewrite(self, op, x, w, **_):
+        n, k = w.const_value.shape
+        if x.shape.rank() == 2:
+            return op.Gemm(x, w, transB=1)
+        rows = op.Gemm(op.Reshape(x, op.Constant(value_ints=[-1, k])), w, transB=1)
+        shape = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[n]), axis=0)
+        return op.Reshape(rows, shape)
+
+
+DECOMPOSITIONS = pattern.RewriteRuleSet([
+    TransposedWeightMatMulToGemm.rule(),
+    DecomposeLayerNorm.rule(), DecomposeRmsNormalization.rule(), DecomposeSimplifiedLayerNormalization.rule(),
+    DecomposeGelu.rule(), DecomposeMsGelu.rule(), DecomposeBiasGelu.rule(), DecomposeFastGelu.rule(),
+    DecomposeQuickGelu.rule(),
+])
+
+
+class DecomposeForCannPass(ir.passes.InPlacePass):
+    """Rewrite non-whitelisted ops into whitelisted primitives; counts go to `model.meta["qtc.legalization"]`."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _op_counts(model)
+        count = DECOMPOSITIONS.apply_to_model(model)
+        after = _op_counts(model)
+        model.meta[LEGALIZATION_META] = {
+            "decomposed": {op: n - after.get(op, 0) for op, n in sorted(before.items())
+                           if _is_decomposable(op) and n > after.get(op, 0)},
+            "rewrites": count,
+        }
+        return ir.passes.PassResult(model, modified=count > 0)
+
+
+def _is_decomposable(op: str) -> bool:
+    return op in {"Transpose", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
+                  f"{MS}::Gelu", f"{MS}::BiasGelu", f"{MS}::FastGelu", f"{MS}::QuickGelu"}
+
+
+def _op_counts(model: ir.Model) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def _never_qdq(node: ir.Node) -> bool | None:
+    # Folding DequantizeLinear would turn integer weights back into float ones; QuantizeLinear of a constant
+    # is the same question. Everything else follows the folder's size limits.
+    return False if node.op_type in QDQ_OPS else None
+
+
+class FoldInitializerOnlyNodesPass(ir.passes.InPlacePass):
+    """Fold nodes that only initializers and constants feed (the CANN EP refuses them), never Q/DQ; constants
+    become initializers so that no Constant node is left to be judged."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = _constant_folding.fold_constants(model, should_fold=_never_qdq)
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        common.RemoveUnusedNodesPass()(model)
+        common.RemoveUnusedOpsetsPass()(model)
+        common.TopologicalSortPass()(model)
+        return ir.passes.PassResult(model, modified=result.modified)
+
+
+class CheckCannGraphPass(ir.passes.InPlacePass):
+    """Refuse a graph with nodes outside the whitelist (other than Q/DQ), listing them, unless fallback to the
+    CPU is allowed; the list is recorded either way."""
+
+    def __init__(self, allow_fallback: bool) -> None:
+        super().__init__()
+        self.allow_fallback = allow_fallback
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        offending = offending_nodes(model)
+        model.meta.setdefault(LEGALIZATION_META, {})["cpu_fallback_nodes"] = offending
+        if offending and not self.allow_fallback:
+            shown = "; ".join(offending[:20]) + (f"; ... {len(offending) - 20} more" if len(offending) > 20 else "")
+            raise QtcError(f"target cann cannot take {len(offending)} node(s) outside its graph-mode whitelist "
+                           f"(pass --allow-fallback to run them on the CPU): {shown}")
+        return ir.passes.PassResult(model, modified=False)
+
+
+def legalization_passes(allow_fallback: bool = False) -> list[ir.passes.PassBase]:
+    return [DecomposeForCannPass(), FoldInitializerOnlyNodesPass(), CheckCannGraphPass(allow_fallback)]
