@@ -7,9 +7,11 @@ must_keep_origin_dtype kept it.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnx
 import onnx_ir as ir
@@ -17,51 +19,22 @@ import onnx_ir as ir
 from qtc.backends.base import Backend
 from qtc.errors import QtcError
 
-# Graph mode with enable_cann_subgraph=1: SupportONNXModel() (cann_graph.cc) keeps default-domain nodes on this list.
-GRAPH_WHITELIST = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BitShift Cast Ceil Celu Clip
-Compress Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace Det Div Dropout Elu Equal Erf
-Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater
-GreaterOrEqual Hardmax HardSigmoid HardSwish Identity InstanceNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
-LpNormalization LpPool LRN LSTM MatMul Max MaxPool MaxRoiPool MaxUnpool Mean MeanVarianceNormalization Min Mod Mul
-Multinomial Neg NonMaxSuppression NonZero Not OneHot Or Pad Pow PRelu RandomNormalLike RandomUniform RandomUniformLike
-Range Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-ReduceSumSquare Relu Reshape Resize ReverseSequence RoiAlign Round Scatter ScatterElements ScatterND Selu Shape Shrink
-Sigmoid Sign Sin Sinh Size Slice Softmax SoftmaxCrossEntropyLoss Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub
-Sum Tanh TfIdfVectorizer ThresholdedRelu Tile TopK Transpose Unsqueeze Where Xor
-""".split())
-GRAPH_MIN_OPSET = 8
+# What the CANN EP takes, read from the onnxruntime-cann wheel itself (bench/cann_wheel_check.py wrote the file from
+# the provider library's kernel registry and from the op-name table that SupportONNXModel() reads), not transcribed.
+_REGISTRY = json.loads(Path(__file__).with_name("cann_kernels.json").read_text(encoding="utf-8"))
+REGISTRY_VERSION = _REGISTRY["onnxruntime_version"]
+# Graph mode with enable_cann_subgraph=1: default-domain nodes on this list, at opset >= GRAPH_MIN_OPSET.
+GRAPH_WHITELIST = frozenset(_REGISTRY["graph_whitelist"]["ops"])
+GRAPH_MIN_OPSET = _REGISTRY["graph_whitelist"]["opset_lower_bound"]
 # Q/DQ are expected on the host under the ORT CANN EP (Huawei's own route converts them with AMCT instead).
 QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
-
-_F = ("FLOAT", "FLOAT16")
-_H = ("FLOAT16",)
-_ANY = None
-# Single-op mode (enable_cann_graph=0): the kernel registry of cann_execution_provider.cc, float-relevant entries.
-# (since, until) is a closed version range; until None is an open-ended "since N" registration, which ORT's
-# kernel lookup matches only for nodes whose schema since-version is exactly N.
-SINGLE_OP_KERNELS: dict[str, tuple[tuple[tuple[int, int | None], ...], tuple[str, ...] | None]] = {
-    "Add": (((7, 12), (13, 13), (14, None)), _ANY), "Sub": (((7, 12), (13, 13), (14, None)), _ANY),
-    "Mul": (((7, 12), (13, 13), (14, None)), _ANY), "Div": (((7, 12), (13, 13), (14, None)), _ANY),
-    "Relu": (((6, 12), (13, 13), (14, None)), _ANY),
-    "Gemm": (((7, 8), (9, 10), (11, 12), (13, None)), _H),
-    "Flatten": (((1, 8), (9, 10), (11, 12), (13, None)), _ANY),
-    "BatchNormalization": (((7, 8), (9, 13), (14, 14), (15, None)), _F),
-    "GlobalAveragePool": (((1, None),), _F), "GlobalMaxPool": (((1, None),), _F),
-    "AveragePool": (((7, 9), (10, 10), (11, None)), _F), "MaxPool": (((1, 7),), _F),
-    "Conv": (((1, 10), (11, None)), _F),
-    "Dropout": (((7, 9), (10, 11), (12, 12), (13, None)), _F),
-    "Identity": (((1, 12), (13, 13), (14, 18), (19, None)), _ANY),
-    "MatMul": (((1, 8), (9, 12), (13, None)), ("FLOAT", "FLOAT16", "BFLOAT16", "INT32")),
-    "Cast": (((6, 8), (9, 12), (13, None)), _ANY),
-    "Reshape": (((1, 4), (5, 12), (13, 13), (14, None)), _ANY),
-    "Transpose": (((1, None),), _ANY),
-    "Abs": (((1, 5), (6, 12), (13, None)), _ANY), "Neg": (((1, 5), (6, 12), (13, None)), _ANY),
-    "Floor": (((1, 5), (6, 12), (13, None)), _F), "Ceil": (((1, 5), (6, 12), (13, None)), _F),
-    "Reciprocal": (((1, 5), (6, 12), (13, None)), _F), "Sqrt": (((1, 5), (6, 12), (13, None)), _F),
-    "Log": (((1, 5), (6, 12), (13, None)), _F), "Exp": (((1, 5), (6, 12), (13, None)), _H),
-    "Erf": (((9, 12), (13, None)), _F), "Sin": (((7, None),), _F), "Cos": (((7, None),), _F),
-    "Round": (((11, None),), _F),
+# Single-op mode (enable_cann_graph=0): op -> (since-version ranges, element types of its kernels). A range
+# (since, until) is closed; until None is an open-ended "since N" registration, which ORT's kernel lookup matches
+# only for nodes whose schema since-version is exactly N.
+SINGLE_OP_KERNELS: dict[str, tuple[tuple[tuple[int, int | None], ...], tuple[str, ...]]] = {
+    op: (tuple((start, until) for start, until in entry["since_versions"]), tuple(t.upper() for t in entry["types"]))
+    for op, entry in _REGISTRY["single_op_kernels"].items()
+    if entry["domain"] in ("", "ai.onnx") and not op.startswith("Memcpy")
 }
 MODES = ("graph", "single_op")
 
@@ -174,6 +147,7 @@ def placement(model: ir.Model, mode: str) -> dict:
     npu = sum(1 for d in device.values() if d == "npu")
     return {
         "mode": mode,
+        "kernel_table": f"onnxruntime-cann {REGISTRY_VERSION} (read from the wheel)",
         "provider_options": {"enable_cann_graph": "1", "enable_cann_subgraph": "1"} if mode == "graph"
         else {"enable_cann_graph": "0"},
         "opset": opset,
