@@ -10,6 +10,7 @@ import pytest
 
 import qtc
 from qtc.errors import QtcError
+from qtc.inspection import inspect_model
 from qtc.models.reference import build_reference
 from qtc.passes.quant_math import dequantize_weight, weight_qparams
 from qtc.recipes import builtin_recipe, parse_recipe
@@ -83,6 +84,7 @@ def test_tied_table_is_stored_once_and_matches_dequantized_float(tied_lm, tmp_pa
         [(ir.DataType.UINT8, (4096, 256 // block, block * bits // 8))]
     assert not [n for n, t in big.items() if t.dtype in (ir.DataType.INT4, ir.DataType.FLOAT) and t.shape.rank() == 2
                 and tuple(t.shape.numpy()) in ((4096, 256), (256, 4096))]
+    assert inspect_model(path)["weights_quantized"]["quantized_elements"] == 4096 * 256  # counted as weights
     reference = _dequantized_reference(tied_lm, recipe.embedding, tmp_path / "reference.onnx")
     ids = _ids(4096)
     got, expected = _logits(path, ids), _logits(reference, ids)
