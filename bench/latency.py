@@ -7,10 +7,12 @@ timed in another fresh process: one ORT CPU session with intra_op threads = all 
 median (and p10 / p90) of --runs runs. The kernels column is the op histogram of the graph ORT really runs.
 
 Recipes (--recipes, comma list): float, w8a8, w8a16, w4a16, w4a8, fp8 (the built-ins) and w4a16-table
-(w4a16 with the embedding table int4 in blocks of 32, shared by a tied LM head).
+(w4a16 with the embedding table int8 in blocks of 32, shared by a tied LM head). `--compiled ROW=PATH` times a
+model compiled earlier instead of compiling it again (its compile time is then the `compile_seconds` of its
+sidecar report, which includes the held-out comparison, and is marked so); ROW may be any label.
 
-    python bench/latency.py MODEL_ONNX [--recipes ...] [--tokens 256] [--runs 10] [--warmup 3]
-                                       [--samples 64] [--seq-len 256] [--out NAME] [--workdir DIR]
+    python bench/latency.py MODEL_ONNX [--recipes ...] [--compiled ROW=PATH ...] [--tokens 256] [--runs 10]
+                                       [--warmup 3] [--samples 64] [--seq-len 256] [--out NAME] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ RECIPES: dict[str, str | dict] = {
     "w8a16": "w8a16",
     "w4a16": "w4a16",
     "w4a16-table": {"base": "w4a16", "name": "w4a16-table",
-                    "embedding": {"dtype": "int4", "granularity": "block", "block_size": 32}},
+                    "embedding": {"dtype": "int8", "granularity": "block", "block_size": 32}},
     "w4a8": "w4a8",
     "fp8": "fp8",
 }
@@ -163,7 +165,9 @@ def markdown(results: dict) -> str:
         speed = f"{float_ms / lat['median_ms']:.2f}x" if float_ms else "-"
         lines.append(
             f"| {row['row']} | {row['bytes'] / 1e6:.1f} | {comp.get('compile_seconds', '-')} | "
-            f"{comp['peak_rss_bytes'] / 1e6:.0f} | " if comp else f"| {row['row']} | {row['bytes'] / 1e6:.1f} | - | - | "
+            f"{comp['peak_rss_bytes'] / 1e6:.0f} | " if comp.get("peak_rss_bytes") else
+            f"| {row['row']} | {row['bytes'] / 1e6:.1f} | {comp.get('compile_seconds', '-')}"
+            f"{' (sidecar)' if comp.get('from_sidecar') else ''} | - | "
         )
         lines[-1] += (f"{lat['session_seconds']} | {lat['median_ms']:.1f} [{lat['p10_ms']:.1f}, {lat['p90_ms']:.1f}] | "
                       f"{speed} | {kernels(lat.get('runtime_ops'))} |")
@@ -179,13 +183,24 @@ def _bytes(path: Path) -> int:
     return graph_facts(path)["bytes_on_disk"]
 
 
-def run_row(row: str, args, workdir: Path) -> dict:
+def _sidecar_compile(path: Path) -> dict:
+    """What the compiled model's own report says about its compile (qtc writes OUT-stem.qtc.json beside it)."""
+    report = json.loads(path.with_name(path.stem + ".qtc.json").read_text())
+    return {"compile_seconds": report.get("compile_seconds"), "from_sidecar": True,
+            "calibration": report.get("calibration"), "recipe": report.get("recipe"),
+            "target_notes": report.get("target_notes"), "output_bytes": report["output"]["bytes"]}
+
+
+def run_row(row: str, args, workdir: Path, compiled_path: Path | None = None) -> dict:
     entry: dict = {"row": row}
     script = Path(__file__).resolve()
     common = ["--model", args.model, "--samples", str(args.samples), "--seq-len", str(args.seq_len),
               "--tokens", str(args.tokens), "--runs", str(args.runs), "--warmup", str(args.warmup)]
     path = Path(args.model)
-    if row != "float":
+    if compiled_path is not None:
+        path = compiled_path
+        entry["compile"] = _sidecar_compile(path)
+    elif row != "float":
         path = workdir / row / "model.onnx"
         shutil.rmtree(path.parent, ignore_errors=True)
         path.parent.mkdir(parents=True)
@@ -211,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     parser.add_argument("--samples", type=int, default=64, help="calibration samples (default 64)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample (default 256)")
+    parser.add_argument("--compiled", action="append", default=[], metavar="ROW=PATH",
+                        help="time an already compiled model under the label ROW (repeatable)")
     parser.add_argument("--out", default=None, help="results name: bench/results/latency_NAME.{json,md}")
     parser.add_argument("--note", default=None, help="a line for the table header (e.g. machine contention)")
     parser.add_argument("--workdir", type=Path, default=None, help="compiled models (default: temp, removed)")
@@ -229,6 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         parser.error(f"unknown recipes: {unknown} (known: {', '.join(ROWS)})")
+    compiled = {}
+    for item in args.compiled:
+        row, _, where = item.partition("=")
+        if not where or not Path(where).is_file():
+            parser.error(f"--compiled {item!r}: expected ROW=PATH of an existing model")
+        compiled[row] = Path(where).resolve()
+    rows += [row for row in compiled if row not in rows]
     if args.runs < 10:
         parser.error("--runs must be at least 10 (a median of fewer is noise)")
     model = Path(args.model).resolve()
@@ -242,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for row in rows:
             print(f"[{NAME}] {row} ...", flush=True)
-            entry = run_row(row, args, workdir)
+            entry = run_row(row, args, workdir, compiled.get(row))
             results["rows"].append(entry)
             if entry["ok"]:
                 print(f"[{NAME}] {row}: {entry['latency']['median_ms']} ms, compile "
