@@ -137,4 +137,4 @@ def test_embedding_resolves_for_table_and_tied_head_only():
         decision = recipe.resolve("n", "Gather" if role == "embedding" else "MatMul", role=role, tied=tied)
         assert decision.weight == recipe.embedding and decision.activation is None  # rules do not apply
     assert recipe.resolve("head", "MatMul", role="lm_head") is None  # an untied head: keep_float
-    assert builtin_recipe("w4a16").embedding is None
+    assert builtin_recipe("w8a8").embedding is None and builtin_recipe("w4a16").embedding.dtype == "int8"
