@@ -15,9 +15,16 @@ from qtc.report import graph_summary
 _LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)[./_](?P<index>\d+)[./_]")
 
 
+# Kernels that read packed integer blocks themselves (uint8 bytes holding `bits`-bit values): which input.
+PACKED_INPUT = {"MatMulNBits": 1, "GatherBlockQuantized": 0}
+
+
 def quantized_fraction(model: ir.Model) -> dict:
-    """Weights (initializers of rank >= 2) stored as integers behind a DequantizeLinear, by element count."""
+    """Weights (initializers of rank >= 2) stored as integers behind a DequantizeLinear or packed for a block
+    kernel (counted in weights, not bytes), by element count."""
     dq_inputs = {n.inputs[0].name for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
+    packed = {n.inputs[PACKED_INPUT[n.op_type]].name: n.attributes.get_int("bits", 4)
+              for n in model.graph if n.op_type in PACKED_INPUT and n.domain == "com.microsoft"}
     quantized = floating = 0
     for value in model.graph.initializers.values():
         tensor = value.const_value
@@ -25,6 +32,8 @@ def quantized_fraction(model: ir.Model) -> dict:
             continue
         if value.name in dq_inputs:
             quantized += tensor.size
+        elif value.name in packed:
+            quantized += tensor.size * 8 // packed[value.name]
         elif tensor.dtype.is_floating_point():
             floating += tensor.size
     total = quantized + floating

@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qtc.recipes import Recipe
+from qtc.recipes import FLOAT_DTYPES, Recipe
 
 
 
@@ -32,6 +32,9 @@ class Backend:
     unsigned_weights: bool = False
     # Block-int4 weights run as MatMulNBits, which quantizes activations itself (dynamic W4A8).
     dynamic_activations_for_int4: bool = False
+    # com.microsoft GatherBlockQuantized + MatMulNBits read one packed embedding table (see passes/tables.py).
+    block_table_kernels: bool = False
+    float8_kernels: bool = False  # a GEMM that consumes float8 Q/DQ directly (ORT 1.32 CPU has none)
     compiles: bool = True  # whether `qtc compile --target NAME` is supported (legalization exists)
 
     def fusion_passes(self) -> list[ir.passes.PassBase]:
@@ -78,6 +81,10 @@ class Backend:
     def adapt_recipe(self, recipe: Recipe) -> tuple[Recipe, list[str], dict[str, str]]:
         """The recipe as this target runs it, a note for each change, and the session config entries that make
         the runtime compute what the recipe says (written into the model as `qtc.session.*` metadata)."""
+        if recipe.weight.dtype in FLOAT_DTYPES and not self.float8_kernels:
+            return recipe, [f"{recipe.name} on {self.name}: no float8 GEMM kernel; weights are dequantized to float32 "
+                            "on every run and activations rounded to the float8 grid by QuantizeLinear -> "
+                            "DequantizeLinear (float8 rounding, float32 arithmetic)"], {}
         if not self.dynamic_activations_for_int4:
             return recipe, [], {}
         if recipe.activation is None:
@@ -216,6 +223,8 @@ KERNEL_NUMERICS = {
     "com.microsoft::MatMulIntegerToFloat": "integer GEMM of quantized activations and weights, float output",
     "QLinearMatMul": "integer GEMM with quantized output",
     "DequantizeLinear": "dequantized to float at run time; the consumer computes in float",
+    "com.microsoft::GatherBlockQuantized": "embedding rows dequantized from their blocks at lookup",
+    "QuantizeLinear": "activations rounded to the recipe's grid at run time (per tensor, calibrated scale)",
 }
 
 

@@ -12,4 +12,5 @@ CPU = Backend(
     unsigned_activations=True,
     unsigned_weights=True,
     dynamic_activations_for_int4=True,
+    block_table_kernels=True,
 )

@@ -14,6 +14,7 @@ from qtc.recipes import QuantSpec, Recipe
 
 ANNOTATION = "qtc.quant"
 ROLE = "qtc.role"
+TIED = "qtc.tied"  # the node reads the embedding table (a tied LM head)
 # Ops a logits tensor may pass through on its way from the LM head's MatMul to a graph output.
 _LOGIT_PASSTHROUGH = {"Reshape", "Identity", "Cast", "Add", "Mul", "Div", "Tanh", "Squeeze", "Unsqueeze"}
 
@@ -51,6 +52,13 @@ class WeightRef:
 
 
 def find_weight(node: ir.Node) -> WeightRef | None:
+    if node.op_type == "Gather":
+        # An embedding table [vocab, hidden]: rows are looked up; "reduce" names hidden, the axis its blocks run
+        # along, which is also the reduction axis of a head tied to it (MatMul with the table transposed).
+        table = _initializer(node.inputs[0])
+        if table is None or table.const_value.shape.rank() != 2 or node.attributes.get_int("axis", 0) != 0:
+            return None
+        return WeightRef(table, 0, 0, 1, None)
     if node.op_type == "Conv":
         weight = _initializer(node.inputs[1] if len(node.inputs) > 1 else None)
         return WeightRef(weight, 1, 0, 1, None) if weight is not None else None
@@ -106,6 +114,7 @@ def mark_roles(graph: ir.Graph) -> None:
         found = find_weight(node) if node.op_type in ("MatMul", "Gemm") else None
         if found is not None and found.value.name in embedding_tables:
             node.meta[ROLE] = "lm_head"  # tied to the embedding table
+            node.meta[TIED] = True
     for output in graph.outputs:
         node = output.producer()
         while node is not None and node.op_type in _LOGIT_PASSTHROUGH:
@@ -131,7 +140,8 @@ class AnnotateQuantizationPass(ir.passes.InPlacePass):
             if found is None:
                 continue
             names = match_names(node, found.value)
-            decision = self.recipe.resolve(node.name or "", node.op_type, names, node.meta.get(ROLE))
+            decision = self.recipe.resolve(node.name or "", node.op_type, names, node.meta.get(ROLE),
+                                           tied=node.meta.get(TIED, False))
             if decision is None:
                 continue
             act_input = _activation_input(node) if decision.activation is not None else None

@@ -129,6 +129,8 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
             stats = all_stats.get(name)
             if stats is None or "absmax" not in stats or not _scalable(graph, members):
                 continue
+            if all(note.activation_spec is None for _, note in members):
+                continue  # weight-only readers (e.g. a w8a16 override): no activation rounding to relieve
             alpha = self._alpha(members, stats)
             s = smooth_scale(stats["absmax"].value, members, alpha)
             how = apply_channel_scale(graph, members[0][0].inputs[0], members, s)

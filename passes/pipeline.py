@@ -15,6 +15,7 @@ from qtc.passes.rounding import RoundWeightsPass
 from qtc.passes.canonicalize import canonicalize_passes
 from qtc.passes.finalize import LimitIrVersionPass, RecordProvenancePass
 from qtc.passes.qdq import InsertQDQPass
+from qtc.passes.tables import FuseQuantizedTablesPass
 from qtc.recipes import Recipe
 
 
@@ -46,7 +47,9 @@ def build_pipeline(
             CalibrateActivationsPass(calib, measure, quiet=quiet),
             # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
-            # 5b. Legalization: what the target cannot take becomes primitives it can (cann); Q/DQ stay.
+            # 5b. Target kernels the runtime does not fuse itself: quantized embedding tables (and tied heads).
+            *([FuseQuantizedTablesPass()] if backend.block_table_kernels else []),
+            # 5c. Legalization: what the target cannot take becomes primitives it can (cann); Q/DQ stay.
             *backend.legalization_passes(allow_fallback),
             # 6. Cleanup and what the runtime needs to load the result; provenance last.
             common.RemoveUnusedNodesPass(),

@@ -8,8 +8,12 @@ import numpy as np
 from qtc.recipes import QuantSpec
 
 INT_RANGES = {"int8": (-128, 127), "uint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
+# Float grids: symmetric only (zero point 0), scale = amax / largest finite value, values saturate there (ONNX
+# QuantizeLinear saturate=1) and round to nearest even in the float format's own spacing.
+FLOAT_MAX = {"float8e4m3fn": 448.0}
 # Integer values are computed in int8/uint8; `storage_array` casts 4-bit ones to the packed ONNX types.
-NUMPY_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "uint4": np.uint8}
+NUMPY_DTYPES = {"int8": np.int8, "uint8": np.uint8, "int4": np.int8, "uint4": np.uint8,
+                "float8e4m3fn": ml_dtypes.float8_e4m3fn}
 STORAGE_DTYPES = {"int4": ml_dtypes.int4, "uint4": ml_dtypes.uint4}
 # Smallest scale we emit: keeps all-zero channels valid (DequantizeLinear needs scale > 0) without overflow.
 MIN_SCALE = np.float32(1e-12)
@@ -31,6 +35,10 @@ def weight_qparams(w: np.ndarray, spec: QuantSpec, axis: int | None) -> tuple[np
     if spec.granularity == "block":
         return block_qparams(w, spec, axis)
     reduce_axes = tuple(i for i in range(w.ndim) if i != axis) if axis is not None else None
+    if spec.dtype in FLOAT_MAX:
+        scale = np.maximum(np.max(np.abs(w), axis=reduce_axes) / FLOAT_MAX[spec.dtype], MIN_SCALE).astype(np.float32)
+        zero_point = np.zeros(scale.shape, dtype=NUMPY_DTYPES[spec.dtype])
+        return quantize_array(w, scale, zero_point, axis, spec.dtype), scale, zero_point
     qmin, qmax = INT_RANGES[spec.dtype]
     if spec.symmetric:
         amax = np.max(np.abs(w), axis=reduce_axes)
@@ -72,6 +80,9 @@ def block_qparams(w: np.ndarray, spec: QuantSpec, axis: int) -> tuple[np.ndarray
 def activation_qparams(lo: float, hi: float, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     """Per-tensor (scale, zero_point) for an observed clip range; the range is widened to contain 0 exactly."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if spec.dtype in FLOAT_MAX:
+        scale = np.float32(max(max(-lo, hi) / FLOAT_MAX[spec.dtype], float(MIN_SCALE)))
+        return np.array(scale, dtype=np.float32), np.zeros((), dtype=NUMPY_DTYPES[spec.dtype])
     if spec.symmetric:
         qmin, qmax = INT_RANGES[spec.dtype]
         amax = max(-lo, hi)
@@ -89,11 +100,15 @@ def _affine(lo: np.ndarray, hi: np.ndarray, dtype: str) -> tuple[np.ndarray, np.
 
 
 def quantize_array(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None, dtype: str) -> np.ndarray:
-    """Round-half-to-even, as ONNX QuantizeLinear does."""
+    """Round-half-to-even, as ONNX QuantizeLinear does (saturating, for float grids)."""
     if axis is not None:
         shape = [1] * x.ndim
         shape[axis] = -1
         scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    if dtype in FLOAT_MAX:  # zero point is 0; the cast rounds to nearest even, but turns overflow into NaN: clip
+        q = np.divide(x, scale, dtype=np.float32)
+        np.clip(q, -FLOAT_MAX[dtype], FLOAT_MAX[dtype], out=q)
+        return q.astype(NUMPY_DTYPES[dtype])
     qmin, qmax = INT_RANGES[dtype]
     # In-place steps: one float temporary the size of x, whatever the tensor's size (2 GB models).
     q = np.divide(x, scale, dtype=np.float32)

@@ -9,11 +9,13 @@ Within one level, later rules win. A name glob matches the node's name, its weig
 constant-folded from) or the module path the exporter recorded, e.g. ``model.layers.0.mlp.down_proj``.
 
 Roles kept in float by default (`keep_float`), and why:
-- ``embedding``: the token-embedding Gather. It is a table lookup, not arithmetic; int8 rows would need a
-  block-quantized Gather (a later recipe), and Gather is not in `op_types` anyway.
+- ``embedding``: the token-embedding Gather. It is a table lookup, not arithmetic, and Gather is not in
+  `op_types`; the recipe key ``embedding: {dtype: int4, granularity: block, block_size: 32}`` quantizes the
+  table instead (blocks along the hidden axis, weight-only), which takes it out of `keep_float`.
 - ``lm_head``: the final projection to the vocabulary. Its output is the logits, where quantization error goes
-  straight into every token's probability; in tied models its weight *is* the embedding table, so quantizing
-  it would also force a second, transposed copy. A rule with ``quantize: true`` can still turn it on.
+  straight into every token's probability. A rule with ``quantize: true`` can still turn it on. In tied models
+  its weight *is* the embedding table: with ``embedding`` set the head reads the same quantized table (one
+  copy, weight-only; the table's blocks run along hidden, the head's reduction axis), whatever the rules say.
 """
 
 from __future__ import annotations
@@ -31,14 +33,16 @@ import yaml
 from qtc.calibration.observers import CALIBRATORS
 from qtc.errors import QtcError
 
-WEIGHT_DTYPES = ("int8", "uint8", "int4", "uint4")
-ACTIVATION_DTYPES = ("int8", "uint8")
+FLOAT_DTYPES = ("float8e4m3fn",)  # ONNX FLOAT8E4M3FN: symmetric only, per tensor or per channel
+WEIGHT_DTYPES = ("int8", "uint8", "int4", "uint4", *FLOAT_DTYPES)
+ACTIVATION_DTYPES = ("int8", "uint8", *FLOAT_DTYPES)
 GRANULARITIES = ("tensor", "channel", "block")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ALGORITHMS = ("rtn", "gptq", "awq")
 QUANTIZABLE_OPS = ("MatMul", "Gemm", "Conv")
 ROLES = ("embedding", "lm_head")
 SELECTORS = ("op_type", "name", "node")
+TABLE_GRANULARITIES = ("block", "channel")  # per block along hidden, or one scale per row (token)
 
 
 class _Inherit:
@@ -80,6 +84,9 @@ class QuantSpec:
             _check_choice("calibrator", self.calibrator, CALIBRATORS)
         if not 50.0 < self.percentile <= 100.0:
             raise QtcError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.dtype in FLOAT_DTYPES and (not self.symmetric or self.granularity == "block" or self.algorithm != "rtn"):
+            raise QtcError(f"{self.dtype} is symmetric, per tensor or per channel, rounded to nearest "
+                           "(no zero point, blocks or GPTQ/AWQ)")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -157,12 +164,15 @@ class Recipe:
     rules: tuple[Rule, ...] = field(default_factory=tuple)
     opset: int = 21
     smooth: SmoothSpec | None = None
+    embedding: QuantSpec | None = None  # the embedding table (and a head tied to it); None keeps it float
 
     def __post_init__(self) -> None:
         for op in self.op_types:
             _check_choice("op_types entry", op, QUANTIZABLE_OPS)
         for role in self.keep_float:
             _check_choice("keep_float entry", role, ROLES)
+        if self.embedding is not None:
+            _check_table(self.name, self.embedding, self.keep_float)
         activations = [self.activation] + [r.activation for r in self.rules if r.activation not in (INHERIT, None)]
         for spec in filter(None, activations):
             _check_activation(self.name, spec)
@@ -179,13 +189,16 @@ class Recipe:
         )
 
     def resolve(
-        self, node_name: str, op_type: str, names: tuple[str, ...] = (), role: str | None = None
+        self, node_name: str, op_type: str, names: tuple[str, ...] = (), role: str | None = None, tied: bool = False
     ) -> NodeQuant | None:
         """The settings for one node, or None when it stays in float.
 
         `names` are the other names a glob may match: the weight's name, the name it was folded from, and the
-        module path the exporter recorded (e.g. ``model.layers.0.mlp.down_proj``).
+        module path the exporter recorded (e.g. ``model.layers.0.mlp.down_proj``). `tied`: the node reads the
+        embedding table (a tied LM head); with `embedding` set it follows the table, not the rules.
         """
+        if self.embedding is not None and (role == "embedding" or tied):
+            return NodeQuant(self.embedding, None)  # one table, one quantization, weight-only for both readers
         quantize = op_type in self.op_types and role not in self.keep_float
         weight, activation = self.weight, self.activation
         for selector in SELECTORS:
@@ -213,6 +226,7 @@ class Recipe:
             "overrides": [r.to_dict() for r in self.rules],
             "opset": self.opset,
             "smooth": self.smooth.to_dict() if self.smooth else None,
+            "embedding": self.embedding.to_dict() if self.embedding else None,
         }
 
     def to_json(self) -> str:
@@ -228,7 +242,7 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------- parsing
 
 RECIPE_KEYS = ("name", "description", "base", "weight", "activation", "op_types", "keep_float", "overrides", "opset",
-               "smooth")
+               "smooth", "embedding")
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 RULE_KEYS = (*SELECTORS, "quantize", "weight", "activation", "recipe")
 
@@ -243,6 +257,16 @@ def _check_activation(recipe: str, spec: QuantSpec) -> None:
         raise QtcError(f"recipe '{recipe}': activation needs a calibrator ({', '.join(CALIBRATORS)})")
     if spec.dtype not in ACTIVATION_DTYPES or spec.granularity != "tensor":
         raise QtcError(f"recipe '{recipe}': activations are quantized per tensor to {' or '.join(ACTIVATION_DTYPES)}")
+
+
+def _check_table(recipe: str, spec: QuantSpec, keep_float: tuple[str, ...]) -> None:
+    where = f"recipe '{recipe}': embedding"
+    if spec.granularity not in TABLE_GRANULARITIES:
+        raise QtcError(f"{where}: granularity must be {' or '.join(TABLE_GRANULARITIES)}, got {spec.granularity!r}")
+    if spec.algorithm != "rtn" or spec.calibrator is not None:
+        raise QtcError(f"{where}: the table is rounded to nearest and weight-only (no algorithm or calibrator)")
+    if "embedding" in keep_float:
+        raise QtcError(f"{where}: is set, but keep_float lists embedding (drop one of the two)")
 
 
 def _check_keys(where: str, data: Any, allowed: tuple[str, ...]) -> dict:
@@ -306,16 +330,23 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
     if not isinstance(overrides, list):
         raise QtcError(f"{where}.overrides: expected a list")
     rules = tuple(_rule(f"{where}.overrides[{i}]", r) for i, r in enumerate(overrides))
+    embedding = base.embedding if base else None
+    if "embedding" in data:
+        embedding = _spec(f"{where}.embedding", data["embedding"], None)
+    keep_float = tuple(data.get("keep_float", base.keep_float if base else ROLES))
+    if embedding is not None and "keep_float" not in data:
+        keep_float = tuple(role for role in keep_float if role != "embedding")  # setting the table says it all
     return Recipe(
         name=str(name),
         description=str(data.get("description", base.description if base else "")).strip(),
         weight=weight,
         activation=activation,
         op_types=tuple(data.get("op_types", base.op_types if base else QUANTIZABLE_OPS)),
-        keep_float=tuple(data.get("keep_float", base.keep_float if base else ROLES)),
+        keep_float=keep_float,
         rules=(base.rules if base else ()) + rules,
         opset=int(data.get("opset", base.opset if base else 21)),
         smooth=_smooth(where, data["smooth"]) if "smooth" in data else (base.smooth if base else None),
+        embedding=embedding,
     )
 
 

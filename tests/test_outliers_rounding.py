@@ -123,3 +123,22 @@ def test_max_drop_keeps_sensitive_layers_until_budget_met(tiny_llama):
     assert fallback["met"] and fallback["attempts"][-1]["drop"] <= 0.002
     assert fallback["attempts"][0]["kept_layers"] == 0 and fallback["attempts"][0]["drop"] > 0.002
     assert len(fallback["kept"]) == fallback["attempts"][-1]["kept_layers"] > 0
+
+
+def test_smoothing_skips_weight_only_layers(tiny_llama):
+    """Scaling the input of a weight-only layer relieves no activation rounding and only skews its weight rows."""
+    from qtc.backends import get_backend
+    from qtc.calibration.data import load_calibration
+    from qtc.frontends.onnx_file import load_model
+    from qtc.passes.annotate import AnnotateQuantizationPass
+    from qtc.passes.calibrate import CollectLayerStatisticsPass
+    from qtc.passes.outliers import SmoothActivationsPass
+
+    recipe = parse_recipe({"base": "w8a8", "name": "s", "smooth": {"alpha": 0.5},
+                           "overrides": [{"name": "*down_proj*", "recipe": "w8a16"}]})
+    calib = load_calibration("zh-news", tokenizer=tiny_llama.parent / "tokenizer.json", n_samples=2, seq_len=64, seed=0)
+    model = load_model(tiny_llama)
+    AnnotateQuantizationPass(recipe)(model)
+    CollectLayerStatisticsPass(calib, get_backend("cpu"), recipe.smooth, quiet=True)(model)
+    SmoothActivationsPass(recipe.smooth)(model)
+    assert len(model.meta["qtc.smoothing"]) == 12  # the 4 down_proj inputs are left alone

@@ -1,0 +1,159 @@
+"""Quantized embedding tables on ORT's CPU kernels: one packed table for the lookup and a tied LM head.
+
+`InsertQDQPass` writes the portable form: the table as int4/int8 blocks along hidden, one DequantizeLinear
+(axis 1, block_size B), read by the Gather and, in a tied model, by Transpose -> MatMul (the head). ORT runs that
+form correctly but dequantizes the whole table on every run (Gemma: 168 M floats) and fuses neither reader.
+These rules rewrite both readers onto com.microsoft kernels that read the blocks directly:
+
+- Gather -> GatherBlockQuantized(table, ids, scales, quantize_axis 2) and a Reshape back to [..., hidden];
+- Transpose -> MatMul -> MatMulNBits(x, table, scales): MatMulNBits wants B as [N, K / B, B * bits / 8] blocked
+  along K, and the table [vocab, hidden] is exactly [N, K] blocked along K, so the head needs no transposition.
+
+Both read the same uint8 initializer (values + 2^(bits-1): the kernels' default zero point, so symmetric grids
+need none) and the same scales: the table is stored once. Only symmetric tables whose hidden size is a whole
+number of power-of-two blocks qualify; anything else keeps the portable DequantizeLinear form.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, pattern
+
+from qtc.passes.annotate import ANNOTATION, ROLE
+
+BITS = {ir.DataType.INT4: 4, ir.DataType.INT8: 8}
+MS_DOMAIN = "com.microsoft"
+
+
+def pack_blocks(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Signed [N, K] integers as the kernels' uint8 blobs [N, K / block, block * bits / 8] (low nibble first)."""
+    n, k = q.shape
+    offset = q.astype(np.int16) + (1 << (bits - 1))
+    if bits == 8:
+        return offset.astype(np.uint8).reshape(n, k // block_size, block_size)
+    pairs = offset.astype(np.uint8).reshape(n, k // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(n, k // block_size, block_size // 2)
+
+
+class PackedTables:
+    """The packed copy of each quantized table, made once and shared by every rule that reads it."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, ir.Value] = {}
+
+    def get(self, op, table: ir.Value, block_size: int) -> ir.Value:
+        if table.name not in self.values:
+            q = table.const_value.numpy().astype(np.int8)
+            packed = pack_blocks(q, BITS[table.const_value.dtype], block_size)
+            name = table.name.removesuffix("_quantized") + "_blocks"
+            self.values[table.name] = op.initializer(ir.tensor(packed, name=name), name=name)
+        return self.values[table.name]
+
+
+def _dequantize_node(dq: ir.Value) -> ir.Node:
+    return dq.producer()
+
+
+def _carry_annotation(old: ir.Node, new: ir.Value) -> ir.Value:
+    """The fused node stands for the annotated one in the report (what was quantized, which role)."""
+    for key in (ANNOTATION, ROLE):
+        if key in old.meta:
+            new.producer().meta[key] = old.meta[key]
+    return new
+
+
+def check_table(dq: ir.Value, table: ir.Value, scale: ir.Value) -> MatchResult:
+    """A symmetric block-quantized 2-D table: integers and scales constant, blocks along axis 1, no zero point."""
+    result = MatchResult()
+    node = _dequantize_node(dq)
+    tensor, scales = table.const_value, scale.const_value
+    if tensor is None or scales is None:
+        return result.fail("table or scale is not a constant")
+    if tensor.dtype not in BITS or tensor.shape.rank() != 2:
+        return result.fail(f"table is {tensor.dtype} of rank {tensor.shape.rank()}, not a 2-D int4/int8 table")
+    if len(node.inputs) > 2:
+        return result.fail("table has a zero point (asymmetric); the kernels' default zero point would differ")
+    block = node.attributes.get_int("block_size", 0)
+    if node.attributes.get_int("axis", 1) != 1 or block < 16 or block & (block - 1):
+        return result.fail(f"blocks must run along axis 1 with a power-of-two size >= 16 (block_size {block})")
+    n, k = tensor.shape.numpy()
+    if k % block:
+        return result.fail(f"hidden size {k} is not a whole number of blocks of {block}")
+    if scales.dtype != ir.DataType.FLOAT or tuple(scales.shape.numpy()) != (n, k // block):
+        return result.fail("scales are not float32 [N, K / block]")
+    return result
+
+
+class GatherBlockQuantizedRule(pattern.RewriteRuleClassBase):
+    """DequantizeLinear(table) -> Gather(ids) becomes GatherBlockQuantized on the packed table."""
+
+    def __init__(self, tables: PackedTables) -> None:
+        super().__init__(remove_nodes=False)  # the DequantizeLinear may still feed the head; cleanup drops it
+        self.tables = tables
+
+    def pattern(self, op, table, scale, ids):
+        return op.Gather(op.DequantizeLinear(table, scale, _outputs=["dq"]), ids, _outputs=["rows"])
+
+    def check(self, context, table, scale, ids, dq, rows, **_) -> MatchResult:
+        result = check_table(dq, table, scale)
+        if not result:
+            return result
+        if rows.producer().attributes.get_int("axis", 0) != 0:
+            return result.fail("Gather is not along axis 0 (rows of the table)")
+        if ids.shape is None:
+            return result.fail("the rank of the indices is unknown (needed to reshape the rows back)")
+        return result
+
+    def rewrite(self, op, table, scale, ids, dq, rows, **_):
+        block = _dequantize_node(dq).attributes.get_int("block_size")
+        n, k = table.const_value.shape.numpy()
+        scale_3d = op.Reshape(scale, op.Constant(value_ints=[n, k // block, 1]))
+        blocks = _carry_annotation(rows.producer(), op.GatherBlockQuantized(self.tables.get(op, table, block), ids, scale_3d, _domain=MS_DOMAIN,
+                                         gather_axis=0, quantize_axis=2, block_size=block,
+                                         bits=BITS[table.const_value.dtype]))
+        # [..., K / block, block] -> [..., K]; 0 keeps each index dimension as it is
+        return op.Reshape(blocks, op.Constant(value_ints=[0] * ids.shape.rank() + [k]))
+
+
+class TiedHeadMatMulNBitsRule(pattern.RewriteRuleClassBase):
+    """MatMul(x, Transpose(DequantizeLinear(table))) becomes MatMulNBits on the same packed table, weight-only."""
+
+    def __init__(self, tables: PackedTables) -> None:
+        super().__init__(remove_nodes=False)
+        self.tables = tables
+
+    def pattern(self, op, x, table, scale):
+        transposed = op.Transpose(op.DequantizeLinear(table, scale, _outputs=["dq"]), _outputs=["transposed"])
+        return op.MatMul(x, transposed, _outputs=["product"])
+
+    def check(self, context, x, table, scale, dq, transposed, **_) -> MatchResult:
+        result = check_table(dq, table, scale)
+        if not result:
+            return result
+        if list(transposed.producer().attributes.get_ints("perm", [1, 0])) != [1, 0]:
+            return result.fail("Transpose is not a plain 2-D transposition")
+        if x.dtype != ir.DataType.FLOAT:
+            return result.fail(f"activation is {x.dtype}, MatMulNBits here takes float32 (as its scales)")
+        return result
+
+    def rewrite(self, op, x, table, scale, dq, product, **_):
+        block = _dequantize_node(dq).attributes.get_int("block_size")
+        n, k = table.const_value.shape.numpy()
+        # accuracy_level 1: float activations and accumulation, as a weight-only head means
+        return _carry_annotation(product.producer(), op.MatMulNBits(
+            x, self.tables.get(op, table, block), scale, _domain=MS_DOMAIN, K=int(k), N=int(n),
+            bits=BITS[table.const_value.dtype], block_size=block, accuracy_level=1))
+
+
+class FuseQuantizedTablesPass(ir.passes.InPlacePass):
+    """Requires InsertQDQPass's portable table form; rewrites its readers onto ORT's block kernels (see module)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        tables = PackedTables()
+        rules = pattern.RewriteRuleSet([GatherBlockQuantizedRule.rule(tables), TiedHeadMatMulNBitsRule.rule(tables)])
+        count = rules.apply_to_model(model)
+        if count:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        model.meta["qtc.fused_tables"] = count
+        return ir.passes.PassResult(model, modified=bool(count))
