@@ -33,6 +33,8 @@ class InputSpec:
 def model_inputs(model: ir.Model) -> list[InputSpec]:
     specs = []
     for value in model.graph.inputs:
+        if value.is_initializer():
+            continue  # an input with a default (e.g. a layer-skip `budget`): feeding it is optional
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         rank = value.shape.rank() if value.shape is not None else None
         specs.append(InputSpec(value.name, np.dtype(dtype), rank))

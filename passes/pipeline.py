@@ -14,6 +14,7 @@ from qtc.passes.outliers import SmoothActivationsPass
 from qtc.passes.rounding import RoundWeightsPass
 from qtc.passes.canonicalize import canonicalize_passes
 from qtc.passes.finalize import LimitIrVersionPass, RecordProvenancePass
+from qtc.passes.layerskip import DiscoverBranchesPass, InsertLayerSkipPass, LayerSkipSpec, ScoreBranchesPass
 from qtc.passes.qdq import InsertQDQPass
 from qtc.recipes import Recipe
 
@@ -24,6 +25,7 @@ def build_pipeline(
     calib: CalibrationSet | None = None,
     provenance: dict[str, str] | None = None,
     quiet: bool = False,
+    layer_skip: LayerSkipSpec | None = None,
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
     return ir.passes.PassManager(
@@ -41,7 +43,10 @@ def build_pipeline(
             CalibrateActivationsPass(calib, backend, quiet=quiet),
             # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
-            # 6. Cleanup and what the runtime needs to load the result; provenance last.
+            # 6. Budget gates (only when asked): branches scored and gated on the quantized flat graph, since
+            #    calibration and QDQ insertion see only the top-level graph, not If branches.
+            *(_layer_skip_passes(layer_skip, calib, backend, quiet) if layer_skip else []),
+            # 7. Cleanup and what the runtime needs to load the result; provenance last.
             common.RemoveUnusedNodesPass(),
             common.TopologicalSortPass(),
             LimitIrVersionPass(max_ir_version()),
@@ -63,3 +68,12 @@ def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, 
             CalibrateActivationsPass(calib, backend, quiet=quiet),
         ]
     )
+
+
+def _layer_skip_passes(spec: LayerSkipSpec, calib: CalibrationSet | None, backend, quiet: bool) -> list:
+    return [
+        common.RemoveUnusedNodesPass(),  # dead float weights' producers would otherwise look like branch parts
+        DiscoverBranchesPass(),
+        ScoreBranchesPass(spec, calib, backend, quiet=quiet),
+        InsertLayerSkipPass(),
+    ]
