@@ -46,6 +46,15 @@ def repeated_blocks(model: ir.Model) -> list[dict]:
     return found
 
 
+def residual_branches(model: ir.Model) -> dict:
+    """Blocks and their attention / MLP residual branches (found by structure), and any budget gates."""
+    from qtc.passes.blocks import find_branches, summary
+
+    found = summary(find_branches(model.graph))
+    found["gates"] = sum(1 for node in model.graph if node.op_type == "If" and (node.name or "").startswith("qtc_gate_"))
+    return found
+
+
 def inspect_model(path: str | Path) -> dict:
     path = Path(path)
     model = load_model(path)
@@ -63,6 +72,7 @@ def inspect_model(path: str | Path) -> dict:
         "external_data": dict(sorted(externals.items())),
         "weights_quantized": quantized_fraction(model),
         "repeated_blocks": repeated_blocks(model),
+        "residual_branches": residual_branches(model),
         "qtc_metadata": {k: v for k, v in sorted(model.metadata_props.items()) if k.startswith("qtc.")},
     }
 
