@@ -72,16 +72,22 @@ def _descendants(value: ir.Value, within: set[ir.Node]) -> set[ir.Node]:
 
 
 def _computed(value: ir.Value | None) -> bool:
-    return value is not None and value.const_value is None and not value.is_initializer() and value.producer() is not None
+    return value is not None and value.const_value is None and not value.is_initializer()
 
 
 def _constant_only(node: ir.Node) -> bool:
     return all(v is None or v.const_value is not None or v.is_initializer() for v in node.inputs)
 
 
-def _body(graph: ir.Graph, add: ir.Node, x: ir.Value, y: ir.Value) -> list[ir.Node] | None:
-    """Nodes computing y from x that only the branch reads; None when y is not computed from x that way."""
+def _body(graph: ir.Graph, add: ir.Node, x: ir.Value, y: ir.Value, residual_adds: set[ir.Node]) -> list[ir.Node] | None:
+    """Nodes computing y from x that only the branch reads; None when y is not computed from x that way.
+
+    A path from x to y through an earlier residual Add is not a branch: an attention mask reaches every later
+    layer's scores through the residual stream, yet `scores + mask` is no residual connection.
+    """
     body = _descendants(x, _ancestors(y, stop=x))
+    if body & residual_adds:
+        return None
     # Results read outside the branch (a KV-cache write, a graph output, a later layer reading an earlier one's
     # value) are always computed, with what they need; repeat until nothing in the body is read from outside.
     outputs = set(graph.outputs)
@@ -92,7 +98,6 @@ def _body(graph: ir.Graph, add: ir.Node, x: ir.Value, y: ir.Value) -> list[ir.No
             break
         for node in escaping:
             body -= {node} | {a for v in node.inputs if v is not None for a in _ancestors(v, stop=x)}
-        body = _descendants(x, body)  # what is left must still hang from the stream
     if y.producer() not in body:
         return None
     # Constant-only producers (weight DQ, Transpose of a weight) move in with the MatMul that reads them, so the
@@ -147,7 +152,7 @@ def find_branches(graph: ir.Graph) -> list[Branch]:
         if add.op_type != "Add" or len(add.inputs) != 2 or not all(_computed(v) for v in add.inputs):
             continue
         for x, y in (add.inputs, add.inputs[::-1]):
-            body = _body(graph, add, x, y)
+            body = _body(graph, add, x, y, {b.add for b in found})
             cost = sum(_weight_elements(n) for n in body) if body else 0
             if cost:
                 found.append(Branch("", _block_name(add, body) or "", _kind(body), add, x, y, body, cost))
