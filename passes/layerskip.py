@@ -43,6 +43,7 @@ LEVELS = "qtc_budget_levels"
 KEEP_INPUT = "qtc_keep"
 SKIP_PLAN = "qtc.layer_skip"
 LOSS_WINDOWS = 4  # greedy re-scoring runs the model once per candidate: a few windows keep it affordable
+LOSS_CANDIDATES = 12  # and re-scores only the branches with the lowest Block Influence among those left
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class LayerSkipSpec:
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
     metric: str = "loss"
     loss_windows: int = LOSS_WINDOWS
+    loss_candidates: int = LOSS_CANDIDATES
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
@@ -60,8 +62,8 @@ class LayerSkipSpec:
             raise QtcError(f"--budgets must be numbers in (0, 1] (got {','.join(map(str, self.budgets))})")
         if len(set(self.budgets)) != len(self.budgets):
             raise QtcError("--budgets must not repeat a level")
-        if self.loss_windows < 1:
-            raise QtcError("loss_windows must be >= 1")
+        if self.loss_windows < 1 or self.loss_candidates < 1:
+            raise QtcError("loss_windows and loss_candidates must be >= 1")
 
     @property
     def levels(self) -> tuple[float, ...]:
@@ -203,11 +205,12 @@ class _LossModel:
         return self.cache[skipped]
 
 
-def greedy_loss_tables(loss: _LossModel, branches: list[Branch], levels: tuple[float, ...],
-                       quiet: bool = False) -> tuple[list[set[int]], list[dict]]:
+def greedy_loss_tables(loss: _LossModel, branches: list[Branch], levels: tuple[float, ...], prior: list[float],
+                       candidates: int = LOSS_CANDIDATES, quiet: bool = False) -> tuple[list[set[int]], list[dict]]:
     """SLEB-style greedy per level: skip the candidate with the smallest loss increase per unit of compute it
     still has to remove (min(cost, what the level needs)), re-score, repeat. The last step of a level prefers
-    a branch that just meets the budget, so levels need not be nested."""
+    a branch that just meets the budget, so levels need not be nested. Each step re-scores the `candidates`
+    branches left with the lowest `prior` score (Block Influence), which bounds the runs on deep models."""
     total = sum(b.cost for b in branches)
     costs = [b.cost / total for b in branches]
     skips, trace = [], []
@@ -217,8 +220,8 @@ def greedy_loss_tables(loss: _LossModel, branches: list[Branch], levels: tuple[f
             while _kept_fraction(branches, set(skipped)) > level + 1e-9:
                 needed = _kept_fraction(branches, set(skipped)) - level
                 base = loss(skipped)
-                options = [(((loss(skipped | {i}) - base) / min(costs[i], needed)), i)
-                           for i in range(len(branches)) if i not in skipped]
+                left = sorted((prior[i], i) for i in range(len(branches)) if i not in skipped)[:candidates]
+                options = [(((loss(skipped | {i}) - base) / min(costs[i], needed)), i) for _, i in left]
                 _, pick = min(options)
                 skipped = skipped | {pick}
             skips.append(set(skipped))
@@ -315,10 +318,12 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
             with masked(model, branches) as keep:
                 session = self.backend.session(model)
             loss = _LossModel(session, keep, model.graph.outputs[0].name, feeds, len(branches))
-            skips, trace = greedy_loss_tables(loss, branches, levels, self.quiet)
+            skips, trace = greedy_loss_tables(loss, branches, levels, scores["bi"], self.spec.loss_candidates, self.quiet)
         else:
             singles = [[i] for i in range(len(branches))]
             skips = [_skip_lowest(branches, singles, scores[self.spec.metric], level) for level in levels]
+        checked = range_check(model, self.backend, feeds, branches, skips, levels, self.quiet)
+        model.meta.setdefault("qtc.warnings", []).extend(_range_warnings(checked))
         model.meta[SKIP_PLAN] = {
             "metric": self.spec.metric,
             "budgets": list(levels),
@@ -329,11 +334,22 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
             "realized": [{"budget": lv} | realized(branches, s) for lv, s in zip(levels, skips)],
             "greedy_trace": trace,
             "loss_windows": len(feeds),
+            "loss_candidates": self.spec.loss_candidates if self.spec.metric == "loss" else None,
             "static_shortgpt": {"table": [[i in s for i in range(len(branches))] for s in static],
                                 "realized": [{"budget": lv} | realized(branches, s) for lv, s in zip(levels, static)]},
-            "range_check": range_check(model, self.backend, feeds, branches, skips, levels, self.quiet),
+            "range_check": checked,
         }
         return ir.passes.PassResult(model, modified=False)
+
+
+def _range_warnings(checked: list[dict]) -> list[str]:
+    """A level that pushes more activations past their calibrated (dense) ranges than the dense model does."""
+    if not checked:
+        return []
+    dense = checked[0]
+    return [f"layer skip at budget {row['budget']:g}: {row['clipping']} of {row['activations']} quantized activations "
+            f"exceed their calibrated range (dense: {dense['clipping']}), worst x{row['worst_ratio']:.3g} at "
+            f"{row['worst_activation']}" for row in checked[1:] if row["clipping"] > dense["clipping"]]
 
 
 def _round(values) -> list[float]:
