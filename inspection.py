@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from qtc.frontends.onnx_file import external_tensors, load_model
+from qtc.frontends.onnx_file import all_initializers, external_tensors, load_model
 from qtc.report import graph_summary
 
 _LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)[./_](?P<index>\d+)[./_]")
@@ -16,9 +16,9 @@ _LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)[./_](?P<index>\d+)[./_]")
 
 def quantized_fraction(model: ir.Model) -> dict:
     """Weights (initializers of rank >= 2) stored as integers behind a DequantizeLinear, by element count."""
-    dq_inputs = {n.inputs[0].name for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
+    dq_inputs = {n.inputs[0].name for n in model.graph.all_nodes() if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
     quantized = floating = 0
-    for value in model.graph.initializers.values():
+    for value in all_initializers(model):
         tensor = value.const_value
         if tensor is None or tensor.shape.rank() < 2:
             continue
@@ -34,7 +34,7 @@ def quantized_fraction(model: ir.Model) -> dict:
 def repeated_blocks(model: ir.Model) -> list[dict]:
     """Repeated blocks named like `layers.3.` in initializer names: prefix, count, parameters per block."""
     blocks: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    for value in model.graph.initializers.values():
+    for value in all_initializers(model):
         match = _LAYER_INDEX.match(value.name or "")
         if match and value.const_value is not None:
             blocks[match["prefix"]][int(match["index"])] += value.const_value.size

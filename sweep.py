@@ -1,6 +1,7 @@
 """`qtc sweep`: measure a layer-skip model at several budgets: task metric with its interval, ORT CPU latency,
 realized sparsity; next to each, the static one-shot ShortGPT table (whole blocks by Block Influence, recorded
-at compile time) at the same budget. Writes JSON and a PNG of the metric-vs-latency Pareto front.
+at compile time) at the same budget, fed to the same session through the model's `qtc_skip_table` input.
+Writes JSON and a PNG of the metric-vs-latency Pareto front.
 
 Latency: batch 1, `seq_len` tokens, one session per configuration, runs interleaved across configurations (so
 that a busy machine slows them all alike), median of `runs` after `warmup`.
@@ -8,17 +9,13 @@ that a busy machine slows them all alike), median of `runs` after `warmup`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from qtc.backends import get_backend
 from qtc.errors import QtcError
@@ -61,21 +58,6 @@ def _sparsity(plan: dict, row: list[bool]) -> dict:
             "compute_sparsity": sum(c for c, skip in zip(plan["costs"], row) if skip) / total}
 
 
-def _with_table(path: Path, table: list[list[bool]], folder: Path) -> Path:
-    """A copy of the model whose skip table is `table`; weights are hard links (ORT refuses external data that
-    resolves outside the model's folder, so `folder` sits beside the model, on the same file system)."""
-    proto = onnx.load(str(path), load_external_data=False)
-    for i, tensor in enumerate(proto.graph.initializer):
-        if tensor.name == TABLE:
-            proto.graph.initializer[i].CopyFrom(numpy_helper.from_array(np.array(table, dtype=np.bool_), TABLE))
-    locations = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    for location in sorted(locations):
-        os.link((path.parent / location).resolve(), folder / location)
-    copy = folder / path.name
-    onnx.save(proto, str(copy))
-    return copy
-
-
 def _latencies(sessions: dict[str, tuple], seq_len: int, runs: int, warmup: int, seed: int) -> dict[str, float]:
     """Median ms per configuration, runs interleaved."""
     rng = np.random.default_rng(seed)
@@ -93,13 +75,13 @@ def _latencies(sessions: dict[str, tuple], seq_len: int, runs: int, warmup: int,
     return {key: float(np.median(values)) for key, values in times.items()}
 
 
-def _feeder(session, vocab: int, budget: float):
+def _feeder(session, vocab: int, extra: dict[str, np.ndarray]):
     names = {i.name: i for i in session.get_inputs()}
 
     def feed(rng, seq_len):
         ids = rng.integers(0, vocab, size=(1, seq_len), dtype=np.int64)
         out = {name: (ids if "mask" not in name else np.ones_like(ids)) for name in names}
-        return out | {BUDGET_INPUT: np.array(budget, dtype=np.float32)}
+        return out | extra
 
     return feed
 
@@ -111,31 +93,26 @@ def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path
     plans = {path: skip_plan(path) for path in models}
     backend = get_backend("cpu")
     rows, sessions, scored = [], {}, {}
-    with contextlib.ExitStack() as stack:
-        for path, plan in plans.items():
-            static_dir = Path(tempfile.mkdtemp(prefix=".qtc-sweep-", dir=path.parent))
-            stack.callback(shutil.rmtree, static_dir, ignore_errors=True)
-            variants = {"qtc": path, "static-shortgpt": _with_table(path, plan["static"], static_dir)}
-            vocab = _vocabulary(path)
-            words = tokenizer or (path.parent / "tokenizer.json" if (path.parent / "tokenizer.json").is_file() else None)
-            for method, variant in variants.items():
-                session = backend.session(variant)
-                for budget in budgets:
-                    level = level_of(plan["levels"], budget)
-                    table = plan["table"] if method == "qtc" else plan["static"]
-                    if method != "qtc" and not any(table[level]):
-                        continue  # the static table skips nothing here: the dense model, measured as qtc's row
-                    same = (path, tuple(table[level]))  # two budgets on one level (or equal rows) run the same graph
-                    if same not in scored:
-                        scored[same] = evaluate(variant, task, baseline=baseline, limit=limit, seed=seed, quiet=quiet,
-                                                tokenizer=words, feeds={BUDGET_INPUT: np.array(budget, dtype=np.float32)})
-                    result = scored[same]
-                    key = f"{path.name}|{method}|{budget}"
-                    sessions[key] = (session, _feeder(session, vocab, budget))
-                    rows.append({"model": path.name, "method": method, "budget": budget, "level": plan["levels"][level],
-                                 **_sparsity(plan, table[level]), "metrics": result["metrics"], "key": key,
-                                 "data": result["data"]})
-        latency = _latencies(sessions, seq_len, runs, warmup, seed)
+    for path, plan in plans.items():
+        session = backend.session(path)
+        vocab = _vocabulary(path)
+        words = tokenizer or (path.parent / "tokenizer.json" if (path.parent / "tokenizer.json").is_file() else None)
+        for method, table in (("qtc", plan["table"]), ("static-shortgpt", plan["static"])):
+            for budget in budgets:
+                level = level_of(plan["levels"], budget)
+                if method != "qtc" and not any(table[level]):
+                    continue  # the static table skips nothing here: the dense model, measured as qtc's row
+                feeds = {BUDGET_INPUT: np.array(budget, dtype=np.float32), TABLE: np.array(table, dtype=np.bool_)}
+                same = (path, tuple(table[level]))  # two budgets on one level (or equal rows) run the same graph
+                if same not in scored:
+                    scored[same] = evaluate(path, task, baseline=baseline, limit=limit, seed=seed, quiet=quiet,
+                                            tokenizer=words, feeds=feeds)
+                key = f"{path.name}|{method}|{budget}"
+                sessions[key] = (session, _feeder(session, vocab, feeds))
+                rows.append({"model": path.name, "method": method, "budget": budget, "level": plan["levels"][level],
+                             **_sparsity(plan, table[level]), "metrics": scored[same]["metrics"], "key": key,
+                             "data": scored[same]["data"]})
+    latency = _latencies(sessions, seq_len, runs, warmup, seed)
     for row in rows:
         row["latency_ms"] = round(latency[row.pop("key")], 3)
     for row in rows:

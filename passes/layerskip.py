@@ -11,7 +11,8 @@ Order (see pipeline.py): after the flat graph is calibrated and quantized,
    (whole blocks by Block Influence) that `qtc sweep` measures as the baseline;
 3. `InsertLayerSkipPass` moves each branch into an `If`: then = skip (the stream passes through), else = the
    branch as compiled. The condition is row `level(budget)` of the [levels x branches] table; `budget` is a
-   scalar float input whose initializer default 1.0 is the dense model.
+   scalar float input whose initializer default 1.0 is the dense model, and the table (`qtc_skip_table`) is an
+   input whose default is the calibrated table.
 
 Metrics: `bi` (ShortGPT Block Influence 1 - E[cos(x_in, x_out)] over tokens, per branch), `angular` (Gromov
 et al.: arccos(cos)/pi, averaged over tokens rather than only the last one), `loss` (SLEB-style greedy: skip
@@ -386,7 +387,12 @@ class InsertLayerSkipPass(ir.passes.InPlacePass):
         graph.inputs.append(budget)
         graph.register_initializer(budget)
         levels = np.array(plan["budgets"], dtype=np.float32)
-        table = ir.Value(name=TABLE, const_value=ir.tensor(np.array(plan["table"], dtype=np.bool_), name=TABLE))
+        # The table is an input too, with the calibrated table as its default: a caller (or `qtc sweep`, for the
+        # static baseline) may run the same session with another table.
+        rows = np.array(plan["table"], dtype=np.bool_)
+        table = ir.Value(name=TABLE, type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape(list(rows.shape)),
+                         const_value=ir.tensor(rows, name=TABLE))
+        graph.inputs.append(table)
         graph.register_initializer(table)
         nodes = [
             _constant_node(LEVELS, levels),
@@ -422,6 +428,7 @@ def _gate(graph: ir.Graph, branch: Branch, row: ir.Value, i: int) -> None:
     then_branch = ir.Graph([], [passed], nodes=[ir.node("Identity", [stream], name=f"{name}_skip", outputs=[passed])],
                            name=f"{branch.name}.skip")
     else_branch = ir.Graph([], [result], nodes=[*branch.body, add], name=f"{branch.name}.run")
+    _move_weights(graph, else_branch)
     index = _constant_node(f"qtc_gate_index_{i}", np.array(i, dtype=np.int64))
     condition = ir.node("Gather", [row, index.outputs[0]], name=f"qtc_gate_{i}", outputs=[ir.Value(name=f"qtc_gate_{i}")])
     gated = ir.Value(name=name, type=result.type, shape=result.shape)
@@ -435,6 +442,16 @@ def _gate(graph: ir.Graph, branch: Branch, row: ir.Value, i: int) -> None:
         user.replace_input_with(slot, gated)
     if is_output:
         graph.outputs[list(graph.outputs).index(result)] = gated
+
+
+def _move_weights(graph: ir.Graph, branch: ir.Graph) -> None:
+    """Initializers only the branch reads move into it: ONNX Runtime's QDQ fusions (e.g. DQ + MatMul into
+    MatMulNBits) look weights up in the node's own graph, not in the outer scope."""
+    inside = set(branch)
+    for value in {v for node in branch for v in node.inputs if v is not None and v.is_initializer()}:
+        if value.name in graph.initializers and all(user in inside for user, _ in value.uses()):
+            graph.initializers.pop(value.name)
+            branch.register_initializer(value)
 
 
 def metadata(plan: dict) -> dict[str, str]:

@@ -156,7 +156,6 @@ def test_sweep_writes_table_json_and_png(compiled, tmp_path):
     dense = next(r for r in data["rows"] if r["method"] == "qtc" and r["budget"] == 1.0)
     assert dense["compute_sparsity"] == 0 and dense["metrics"]["bits_per_char"]["ci95"][0] < 20
     assert (tmp_path / "s.png").stat().st_size > 10_000
-    assert not list(compiled["w8a8-gated"].parent.glob(".qtc-sweep-*"))  # its temporary copy is gone
 
 
 @pytest.mark.parametrize("args, fragment", [
