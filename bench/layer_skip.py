@@ -24,6 +24,33 @@ from qtc.sweep import sweep, write  # noqa: E402
 FLOAT_RECIPE = "base: w8a16\nname: float\ndescription: nothing quantized (the float model, gated)\nop_types: []\n"
 
 
+def dense_check(args, workdir: Path, compiled: list[Path]) -> int:
+    """budget=1.0 (the default) against the same recipe compiled without gates, on held-out windows."""
+    import numpy as np
+
+    from qtc.backends import get_backend
+    from qtc.calibration.data import load_calibration, model_inputs
+    from qtc.frontends.onnx_file import load_model
+
+    backend = get_backend("cpu")
+    calib = load_calibration("zh-news", tokenizer=args.model.parent / "tokenizer.json", n_samples=1, seq_len=args.seq_len)
+    rows = {}
+    for gated in compiled:
+        recipe = gated.name.split(".")[-3]
+        plain = workdir / f"{args.name}.{recipe}.onnx"
+        if not plain.is_file():
+            qtc.compile(args.model, recipe=workdir / "float.yaml" if recipe == "float" else recipe, calib="zh-news",
+                        samples=args.samples, seq_len=args.seq_len).save(plain)
+        feeds = list(calib.feeds(model_inputs(load_model(plain)), heldout=True))
+        a, b = backend.session(plain), backend.session(gated)
+        diff = max(float(np.abs(a.run(None, f)[0] - b.run(None, f | {"budget": np.array(1.0, np.float32)})[0]).max())
+                   for f in feeds)
+        rows[recipe] = {"max_abs_diff": diff, "windows": len(feeds), "tokens_per_window": args.seq_len}
+        print(f"{recipe}: budget=1.0 vs ungated, max |diff| {diff:.3g} over {len(feeds)} held-out windows", flush=True)
+    (RESULTS_DIR / f"layerskip-{args.name}-dense-check.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
@@ -31,9 +58,12 @@ def main() -> int:
     parser.add_argument("--recipes", default="float,w8a8")
     parser.add_argument("--budgets", default="1.0,0.9,0.8,0.7")
     parser.add_argument("--metric", default="loss")
-    parser.add_argument("--loss-windows", type=int, default=4)
+    parser.add_argument("--loss-windows", type=int, default=16)
+    parser.add_argument("--unit", default="branches")
     parser.add_argument("--loss-candidates", type=int, default=12)
     parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--dense-check", action="store_true",
+                        help="only compile each recipe without gates too and compare budget=1.0 with it")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--limit", type=int, default=200)
@@ -44,7 +74,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "float.yaml").write_text(FLOAT_RECIPE)
     budgets = parse_budgets(args.budgets)
-    spec = LayerSkipSpec(budgets=budgets, metric=args.metric, loss_windows=args.loss_windows,
+    spec = LayerSkipSpec(budgets=budgets, metric=args.metric, unit=args.unit, loss_windows=args.loss_windows,
                          loss_candidates=args.loss_candidates)
     compiled = []
     for recipe in args.recipes.split(","):
@@ -56,6 +86,8 @@ def main() -> int:
             print(f"{recipe}: compiled in {result.report['compile_seconds']:.0f} s; "
                   f"{json.dumps(result.report['layer_skip']['realized'])}", flush=True)
         compiled.append(out)
+    if args.dense_check:
+        return dense_check(args, workdir, compiled)
     if args.compile_only:
         return 0
     result = sweep(compiled, list(budgets), "zh-news-ppl", baseline=args.model, limit=args.limit, runs=args.runs)

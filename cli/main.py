@@ -76,15 +76,17 @@ def main() -> None:
 @click.option("--layer-skip", is_flag=True, help="Gate residual branches on a run-time `budget` input.")
 @click.option("--budgets", help="Budget levels for --layer-skip: fractions of branch compute kept [1.0,0.9,0.8,0.7].")
 @click.option("--skip-metric", type=click.Choice(["bi", "angular", "loss"]), help="Branch importance for --layer-skip [loss].")
+@click.option("--budget-unit", type=click.Choice(["branches", "compute"]),
+              help="What a --layer-skip budget counts: branches run, or their weight multiply-adds [branches].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, target, output,
-                    no_compare, max_drop, layer_skip, budgets, skip_metric, as_json):
+                    no_compare, max_drop, layer_skip, budgets, skip_metric, budget_unit, as_json):
     """Compile a float ONNX MODEL with a quantization recipe."""
     import qtc
     from qtc.fallback import parse_budget
 
     options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json)
-    skip = _layer_skip_spec(layer_skip, budgets, skip_metric)
+    skip = _layer_skip_spec(layer_skip, budgets, skip_metric, budget_unit)
     if skip is not None:
         if max_drop:
             raise QtcError("--layer-skip and --max-drop cannot be combined yet")
@@ -101,15 +103,16 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
         _show_compile(result.report, output)
 
 
-def _layer_skip_spec(enabled: bool, budgets: str | None, metric: str | None):
+def _layer_skip_spec(enabled: bool, budgets: str | None, metric: str | None, unit: str | None):
     from qtc.passes.layerskip import LayerSkipSpec, parse_budgets
 
     if not enabled:
-        if budgets or metric:
-            raise QtcError("--budgets and --skip-metric need --layer-skip")
+        if budgets or metric or unit:
+            raise QtcError("--budgets, --skip-metric and --budget-unit need --layer-skip")
         return None
     spec = LayerSkipSpec()
-    return LayerSkipSpec(budgets=parse_budgets(budgets) if budgets else spec.budgets, metric=metric or spec.metric)
+    return LayerSkipSpec(budgets=parse_budgets(budgets) if budgets else spec.budgets, metric=metric or spec.metric,
+                         unit=unit or spec.unit)
 
 
 def _show_compile(report: dict, output: Path) -> None:

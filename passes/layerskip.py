@@ -3,8 +3,8 @@
 Order (see pipeline.py): after the flat graph is calibrated and quantized,
 1. `DiscoverBranchesPass` finds the residual branches (qtc.passes.blocks);
 2. `ScoreBranchesPass` scores them on calibration windows and chooses a skip table: for each budget level, which
-   branches to skip so that the kept branch compute (weight multiply-adds per token) is at most `budget` of the
-   whole. The scoring model is the flat graph with each branch's contribution multiplied by a `keep` input
+   branches to skip so that what is kept (branches, or their weight multiply-adds per token) is at most `budget`
+   of the whole. The scoring model is the flat graph with each branch's contribution multiplied by a `keep` input
    (1 = run, 0 = skipped): one session, any mask, no re-export. x + 0 * y is exactly x, so a masked run is
    what a skipped run computes. It also re-checks the calibrated activation ranges under each level's mask
    (skipping upstream branches shifts downstream activations) and builds the static one-shot ShortGPT table
@@ -30,33 +30,41 @@ import numpy as np
 import onnx_ir as ir
 
 from qtc.backends.base import Backend
-from qtc.calibration.data import CalibrationSet, model_inputs
+from qtc.calibration.data import CalibrationSet, model_inputs, token_input
 from qtc.errors import QtcError
 from qtc.passes.blocks import BRANCHES, Branch, blocks, find_branches, summary
 from qtc.progress import progress_bar
 from qtc.stats import log_softmax
 
 METRICS = ("bi", "angular", "loss")
+UNITS = ("branches", "compute")
 DEFAULT_BUDGETS = (1.0, 0.9, 0.8, 0.7)
 BUDGET_INPUT = "budget"
 TABLE = "qtc_skip_table"
 LEVELS = "qtc_budget_levels"
 KEEP_INPUT = "qtc_keep"
 SKIP_PLAN = "qtc.layer_skip"
-LOSS_WINDOWS = 4  # greedy re-scoring runs the model once per candidate: a few windows keep it affordable
+LOSS_WINDOWS = 16  # greedy re-scoring runs the model once per candidate: a few windows keep it affordable
 LOSS_CANDIDATES = 12  # and re-scores only the branches with the lowest Block Influence among those left
 
 
 @dataclass(frozen=True)
 class LayerSkipSpec:
-    """What `--layer-skip` asks for: budget levels (fractions of branch compute kept) and the scoring metric."""
+    """What `--layer-skip` asks for: budget levels, what they count, and the scoring metric.
+
+    unit `branches`: a budget is the fraction of residual branches run (layer sparsity as L2A and ShortGPT
+    count it); `compute`: the fraction of branch weight multiply-adds per token run (attention scores, which grow
+    with the sequence, are not counted)."""
 
     budgets: tuple[float, ...] = DEFAULT_BUDGETS
     metric: str = "loss"
+    unit: str = "branches"
     loss_windows: int = LOSS_WINDOWS
     loss_candidates: int = LOSS_CANDIDATES
 
     def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise QtcError(f"--budget-unit must be one of {', '.join(UNITS)} (got {self.unit!r})")
         if self.metric not in METRICS:
             raise QtcError(f"--skip-metric must be one of {', '.join(METRICS)} (got {self.metric!r})")
         if not self.budgets or any(not 0 < b <= 1 for b in self.budgets):
@@ -87,16 +95,20 @@ def level_of(levels: tuple[float, ...], budget: float) -> int:
     return min(sum(1 for level in levels if level > np.float32(budget)), len(levels) - 1)
 
 
-def _kept_fraction(branches: list[Branch], skipped: set[int]) -> float:
-    total = sum(b.cost for b in branches)
-    return sum(b.cost for i, b in enumerate(branches) if i not in skipped) / total
+def unit_costs(branches: list[Branch], unit: str) -> list[float]:
+    """What each branch counts against a budget: one branch, or its weight multiply-adds per token."""
+    return [1.0 if unit == "branches" else float(b.cost) for b in branches]
 
 
-def _skip_lowest(branches: list[Branch], units: list[list[int]], unit_scores: list[float], budget: float) -> set[int]:
+def _kept_fraction(costs: list[float], skipped: set[int]) -> float:
+    return sum(c for i, c in enumerate(costs) if i not in skipped) / sum(costs)
+
+
+def _skip_lowest(costs: list[float], units: list[list[int]], unit_scores: list[float], budget: float) -> set[int]:
     """One-shot ranking: skip the lowest-scoring units (branches, or whole blocks) until within budget."""
     skipped: set[int] = set()
     for _, unit in sorted(zip(unit_scores, units)):
-        if _kept_fraction(branches, skipped) <= budget + 1e-9:
+        if _kept_fraction(costs, skipped) <= budget + 1e-9:
             break
         skipped |= set(unit)
     return skipped
@@ -104,7 +116,7 @@ def _skip_lowest(branches: list[Branch], units: list[list[int]], unit_scores: li
 
 def realized(branches: list[Branch], skipped) -> dict:
     return {"skipped_branches": len(skipped), "branch_sparsity": len(skipped) / len(branches),
-            "compute_sparsity": 1 - _kept_fraction(branches, set(skipped))}
+            "compute_sparsity": 1 - _kept_fraction(unit_costs(branches, "compute"), set(skipped))}
 
 
 # ------------------------------------------------------------------------------------------ scoring model
@@ -187,8 +199,8 @@ def similarity_scores(model: ir.Model, backend: Backend, calib: CalibrationSet, 
 class _LossModel:
     """Next-token loss (nats/token) of the calibration windows under a skip set; memoized by skip set."""
 
-    def __init__(self, session, keep: str, logits: str, feeds: list[dict], n: int):
-        self.session, self.keep, self.logits, self.feeds, self.n = session, keep, logits, feeds, n
+    def __init__(self, session, keep: str, logits: str, tokens: str, feeds: list[dict], n: int):
+        self.session, self.keep, self.logits, self.tokens, self.feeds, self.n = session, keep, logits, tokens, feeds, n
         self.cache: dict[frozenset, float] = {}
 
     def __call__(self, skipped: frozenset) -> float:
@@ -196,7 +208,7 @@ class _LossModel:
             mask = np.array([0.0 if i in skipped else 1.0 for i in range(self.n)], dtype=np.float32)
             total = count = 0.0
             for feed in self.feeds:
-                ids = next(v for v in feed.values() if v.dtype.kind == "i")
+                ids = feed[self.tokens]
                 logits = self.session.run([self.logits], feed | {self.keep: mask})[0][0, :-1]
                 logp = log_softmax(logits)
                 targets = ids[0, 1:]
@@ -206,20 +218,20 @@ class _LossModel:
         return self.cache[skipped]
 
 
-def greedy_loss_tables(loss: _LossModel, branches: list[Branch], levels: tuple[float, ...], prior: list[float],
-                       candidates: int = LOSS_CANDIDATES, quiet: bool = False) -> tuple[list[set[int]], list[dict]]:
+def greedy_loss_tables(loss: _LossModel, branches: list[Branch], costs: list[float], levels: tuple[float, ...],
+                       prior: list[float], candidates: int = LOSS_CANDIDATES,
+                       quiet: bool = False) -> tuple[list[set[int]], list[dict]]:
     """SLEB-style greedy per level: skip the candidate with the smallest loss increase per unit of compute it
     still has to remove (min(cost, what the level needs)), re-score, repeat. The last step of a level prefers
     a branch that just meets the budget, so levels need not be nested. Each step re-scores the `candidates`
     branches left with the lowest `prior` score (Block Influence), which bounds the runs on deep models."""
-    total = sum(b.cost for b in branches)
-    costs = [b.cost / total for b in branches]
+    costs = [c / sum(costs) for c in costs]
     skips, trace = [], []
     with progress_bar("layer-skip greedy loss", total=len(levels), quiet=quiet) as advance:
         for level in levels:
             skipped: frozenset = frozenset()
-            while _kept_fraction(branches, set(skipped)) > level + 1e-9:
-                needed = _kept_fraction(branches, set(skipped)) - level
+            while _kept_fraction(costs, set(skipped)) > level + 1e-9:
+                needed = _kept_fraction(costs, set(skipped)) - level
                 base = loss(skipped)
                 left = sorted((prior[i], i) for i in range(len(branches)) if i not in skipped)[:candidates]
                 options = [(((loss(skipped | {i}) - base) / min(costs[i], needed)), i) for _, i in left]
@@ -313,20 +325,24 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
         scores = similarity_scores(model, self.backend, self.calib, branches, self.quiet)
         feeds = _windows(self.calib, model, self.spec.loss_windows)
         block_members = [[branches.index(b) for b in members] for members in blocks(branches).values()]
-        static = [_skip_lowest(branches, block_members, scores["block_bi"], level) for level in levels]
+        costs = unit_costs(branches, self.spec.unit)
+        static = [_skip_lowest(costs, block_members, scores["block_bi"], level) for level in levels]
         trace = None
         if self.spec.metric == "loss":
             with masked(model, branches) as keep:
                 session = self.backend.session(model)
-            loss = _LossModel(session, keep, model.graph.outputs[0].name, feeds, len(branches))
-            skips, trace = greedy_loss_tables(loss, branches, levels, scores["bi"], self.spec.loss_candidates, self.quiet)
+            tokens = token_input(model_inputs(model)).name
+            loss = _LossModel(session, keep, model.graph.outputs[0].name, tokens, feeds, len(branches))
+            skips, trace = greedy_loss_tables(loss, branches, costs, levels, scores["bi"], self.spec.loss_candidates,
+                                              self.quiet)
         else:
             singles = [[i] for i in range(len(branches))]
-            skips = [_skip_lowest(branches, singles, scores[self.spec.metric], level) for level in levels]
+            skips = [_skip_lowest(costs, singles, scores[self.spec.metric], level) for level in levels]
         checked = range_check(model, self.backend, feeds, branches, skips, levels, self.quiet)
         model.meta.setdefault("qtc.warnings", []).extend(_range_warnings(checked))
         model.meta[SKIP_PLAN] = {
             "metric": self.spec.metric,
+            "unit": self.spec.unit,
             "budgets": list(levels),
             "branches": summary(branches),
             "scores": {"bi": _round(scores["bi"]), "angular": _round(scores["angular"]),
@@ -459,14 +475,10 @@ def metadata(plan: dict) -> dict[str, str]:
     names = [b["name"] for b in plan["branches"]["list"]]
     return {
         "qtc.layer_skip.metric": plan["metric"],
+        "qtc.layer_skip.unit": plan["unit"],
         "qtc.layer_skip.budgets": json.dumps(plan["budgets"]),
         "qtc.layer_skip.branches": json.dumps(names),
         "qtc.layer_skip.weight_elements": json.dumps([b["weight_elements"] for b in plan["branches"]["list"]]),
         "qtc.layer_skip.table": json.dumps(plan["table"]),
         "qtc.layer_skip.static_shortgpt_table": json.dumps(plan["static_shortgpt"]["table"]),
     }
-
-
-def report(plan: dict) -> dict:
-    """The report's `layer_skip` section: plain data."""
-    return {k: v for k, v in plan.items()}
