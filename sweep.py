@@ -166,7 +166,7 @@ def plot(result: dict, path: Path) -> Path:
             ax.errorbar(x, y, yerr=err, marker=marker, linestyle=style, color=f"C{m}", capsize=3,
                         label=f"{model} {method}", mfc="white" if method != "qtc" else None)
             for r, xi, yi in zip(mine, x, y):
-                ax.annotate(f"{r['budget']:g} ({r['compute_sparsity']:.0%})", (xi, yi), textcoords="offset points",
+                ax.annotate(f"{r['budget']:g} ({len(r['skipped'])})", (xi, yi), textcoords="offset points",
                             xytext=(4, 4), fontsize=7, color=f"C{m}")
     front = sorted((rows[i] for i in pareto(rows, metric, result["lower_is_better"])), key=lambda r: r["latency_ms"])
     ax.step([r["latency_ms"] for r in front], [r["metrics"][metric]["value"] for r in front], where="post",
@@ -175,7 +175,8 @@ def plot(result: dict, path: Path) -> Path:
     versus = f" vs {result['baseline']}" if metric.startswith("delta_") else ""
     ax.set_ylabel(f"{metric.replace('_', ' ')}{versus} ({'lower' if result['lower_is_better'] else 'higher'} is better), "
                   "95 % CI", fontsize=9)
-    ax.set_title(f"{result['task']}: budget sweep (labels: budget (compute skipped))", fontsize=10)
+    ax.set_title(f"{result['task']}: budget sweep (labels: budget (branches skipped)); "
+                 "filled: qtc calibrated table, open: static ShortGPT blocks", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

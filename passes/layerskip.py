@@ -17,7 +17,8 @@ Order (see pipeline.py): after the flat graph is calibrated and quantized,
 Metrics: `bi` (ShortGPT Block Influence 1 - E[cos(x_in, x_out)] over tokens, per branch), `angular` (Gromov
 et al.: arccos(cos)/pi, averaged over tokens rather than only the last one), `loss` (SLEB-style greedy: skip
 the branch whose removal raises the calibration windows' next-token loss least per unit of compute, re-score,
-repeat; levels share scores but not choices, so tables need not be nested).
+repeat, with the loss measured as KL(dense || skipped) per token; levels share scores but not choices, so
+tables need not be nested).
 """
 
 from __future__ import annotations
@@ -197,31 +198,44 @@ def similarity_scores(model: ir.Model, backend: Backend, calib: CalibrationSet, 
 
 
 class _LossModel:
-    """Next-token loss (nats/token) of the calibration windows under a skip set; memoized by skip set."""
+    """How far the calibration windows' next-token distributions move from the dense model's under a skip set:
+    KL(dense || skipped) per token (a distillation loss), memoized by skip set; the next-token NLL is recorded
+    beside it. KL rather than NLL: on text the model was trained on, dropping a branch can lower the NLL (it
+    forgets a little of what it memorized) while it moves the predictions away from the dense model's, and
+    held-out text then pays for it."""
 
     def __init__(self, session, keep: str, logits: str, tokens: str, feeds: list[dict], n: int):
         self.session, self.keep, self.logits, self.tokens, self.feeds, self.n = session, keep, logits, tokens, feeds, n
-        self.cache: dict[frozenset, float] = {}
+        self.cache: dict[frozenset, tuple[float, float]] = {}
+        # float16 keeps a large vocabulary's dense log-probabilities affordable; KL sums stay in float64.
+        self.dense = [self._logp(feed, frozenset()).astype(np.float16) for feed in feeds]
+
+    def _logp(self, feed: dict, skipped: frozenset) -> np.ndarray:
+        mask = np.array([0.0 if i in skipped else 1.0 for i in range(self.n)], dtype=np.float32)
+        return log_softmax(self.session.run([self.logits], feed | {self.keep: mask})[0][0, :-1])
+
+    def measure(self, skipped: frozenset) -> tuple[float, float]:
+        """(KL nats/token, NLL nats/token)."""
+        if skipped not in self.cache:
+            kl = nll = count = 0.0
+            for feed, dense in zip(self.feeds, self.dense):
+                logp = self._logp(feed, skipped)
+                targets = feed[self.tokens][0, 1:]
+                reference = dense.astype(np.float32)
+                kl += float((np.exp(reference) * (reference - logp)).sum(dtype=np.float64))
+                nll -= float(logp[np.arange(len(targets)), targets].sum())
+                count += len(targets)
+            self.cache[skipped] = (kl / count, nll / count)
+        return self.cache[skipped]
 
     def __call__(self, skipped: frozenset) -> float:
-        if skipped not in self.cache:
-            mask = np.array([0.0 if i in skipped else 1.0 for i in range(self.n)], dtype=np.float32)
-            total = count = 0.0
-            for feed in self.feeds:
-                ids = feed[self.tokens]
-                logits = self.session.run([self.logits], feed | {self.keep: mask})[0][0, :-1]
-                logp = log_softmax(logits)
-                targets = ids[0, 1:]
-                total -= float(logp[np.arange(len(targets)), targets].sum())
-                count += len(targets)
-            self.cache[skipped] = total / count
-        return self.cache[skipped]
+        return self.measure(skipped)[0]
 
 
 def greedy_loss_tables(loss: _LossModel, branches: list[Branch], costs: list[float], levels: tuple[float, ...],
                        prior: list[float], candidates: int = LOSS_CANDIDATES,
                        quiet: bool = False) -> tuple[list[set[int]], list[dict]]:
-    """SLEB-style greedy per level: skip the candidate with the smallest loss increase per unit of compute it
+    """SLEB-style greedy per level: skip the candidate with the smallest loss increase per unit of budget it
     still has to remove (min(cost, what the level needs)), re-score, repeat. The last step of a level prefers
     a branch that just meets the budget, so levels need not be nested. Each step re-scores the `candidates`
     branches left with the lowest `prior` score (Block Influence), which bounds the runs on deep models."""
@@ -238,8 +252,9 @@ def greedy_loss_tables(loss: _LossModel, branches: list[Branch], costs: list[flo
                 _, pick = min(options)
                 skipped = skipped | {pick}
             skips.append(set(skipped))
+            kl, nll = loss.measure(skipped)
             trace.append({"budget": level, "skipped": sorted(branches[i].name for i in skipped),
-                          "calibration_loss": loss(skipped)})
+                          "calibration_kl_per_token": kl, "calibration_nll_per_token": nll})
             advance()
     return skips, trace
 
