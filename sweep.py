@@ -175,8 +175,8 @@ def plot(result: dict, path: Path) -> Path:
     versus = f" vs {result['baseline']}" if metric.startswith("delta_") else ""
     ax.set_ylabel(f"{metric.replace('_', ' ')}{versus} ({'lower' if result['lower_is_better'] else 'higher'} is better), "
                   "95 % CI", fontsize=9)
-    ax.set_title(f"{result['task']}: budget sweep (labels: budget (branches skipped)); "
-                 "filled: qtc calibrated table, open: static ShortGPT blocks", fontsize=9)
+    ax.set_title(f"{result['task']}: budget sweep; labels: budget (branches skipped)\n"
+                 "filled: qtc calibrated table, open: static one-shot ShortGPT blocks", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
