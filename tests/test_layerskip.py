@@ -175,3 +175,12 @@ def test_sweep_rejects_bad_input(compiled, tmp_path):
                              tmp_path / "s"), "--budgets takes")
     assert not (tmp_path / "s.json").exists()
 
+
+
+def test_range_warnings_name_the_levels_that_push_activations_further():
+    from qtc.passes.layerskip import _range_warnings
+
+    rows = [{"budget": b, "activations": 16, "clipping": c, "worst_ratio": w, "worst_activation": "mul_9"}
+            for b, c, w in ((1.0, 10, 1.016), (0.9, 8, 1.01), (0.8, 7, 1.048))]
+    (warning,) = _range_warnings(rows)
+    assert warning.startswith("layer skip at budget 0.8:") and "x1.05" in warning
