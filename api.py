@@ -22,6 +22,7 @@ from qtc.passes.annotate import ROLE
 from qtc.passes.calibrate import OBSERVERS
 from qtc.passes.fusion import fusion_counts
 from qtc.passes.legalize import LEGALIZATION_META
+from qtc.passes.layerskip import SKIP_PLAN, LayerSkipSpec
 from qtc.passes.pipeline import build_pipeline
 from qtc.recipes import Recipe, load_recipe
 from qtc.report import compare_models, graph_summary, write_json_atomic
@@ -138,6 +139,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     compare: bool = True,
     quiet: bool = False,
     allow_fallback: bool = False,
+    layer_skip: "LayerSkipSpec | None" = None,
 ) -> CompileResult:
     """Compile a float ONNX model with a recipe for a target. A path is loaded fresh; an ir.Model is changed in place.
 
@@ -150,7 +152,9 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     source_external = bool(external_tensors(graph_model))
     reference = source if source is not None else ir.to_proto(graph_model).SerializeToString()
     inputs = model_inputs(graph_model)
-    _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback), graph_model)
+    if layer_skip is not None and calib_set is None:
+        raise QtcError("--layer-skip scores branches on calibration text: pass --calib")
+    _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip), graph_model)
     measure = backend.measuring_backend()
     report = {
         "qtc_version": __version__,
@@ -170,6 +174,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         "target_notes": job.target_notes,
         "warnings": graph_model.meta.get("qtc.warnings", []),
     }
+    if layer_skip is not None:
+        report["layer_skip"] = graph_model.meta[SKIP_PLAN]
     if compare and calib_set is not None and calib_set.heldout_samples:
         report["heldout_comparison"] = compare_models(measure, reference, graph_model, calib_set.feeds(inputs, heldout=True))
         report["heldout_comparison"]["provider"] = measure.provider

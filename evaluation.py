@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from qtc.backends import get_backend
+from qtc.errors import QtcError
 from qtc.calibration.data import check_vocabulary, load_tokenizer, model_inputs
 from qtc.frontends.onnx_file import load_model
 from qtc.models.tasks import Runner, Task, get_task
@@ -18,13 +19,18 @@ from qtc.stats import estimate
 DEFAULT_MAX_LEN = 512
 
 
-def _runner(backend, path: Path, output: str, tokenizer) -> tuple[Runner, dict]:
+def _runner(backend, path: Path, output: str, tokenizer, extra: dict | None = None) -> tuple[Runner, dict]:
     model = load_model(path)  # validates the file and its external data before ORT sees it
     names = [v.name for v in model.graph.outputs]
     if output not in names:
         raise _task_error(path, output, names)
     check_vocabulary(model, tokenizer.get_vocab_size(), "of the evaluated model")
-    return Runner(backend.session(path), model_inputs(model), output), dict(sorted(model.metadata_props.items()))
+    optional = {v.name for v in model.graph.inputs if v.is_initializer()}
+    unknown = sorted(set(extra or {}) - optional)
+    if unknown:
+        raise QtcError(f"{path.name} has no input {unknown[0]!r} with a default to set")
+    runner = Runner(backend.session(path), model_inputs(model), output, dict(extra or {}))
+    return runner, dict(sorted(model.metadata_props.items()))
 
 
 def _task_error(path: Path, output: str, names: list[str]):
@@ -80,6 +86,7 @@ def evaluate(
     max_len: int = DEFAULT_MAX_LEN,
     seed: int = 0,
     quiet: bool = False,
+    feeds: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Score MODEL on TASK (and BASELINE on the same units); returns plain data with provenance echoed."""
     spec = get_task(task)
@@ -91,7 +98,7 @@ def evaluate(
         raise QtcError(f"task {task} compares with a baseline: pass --baseline FLOAT_MODEL")
     baseline = Path(baseline) if baseline else None
     words = _tokenizer_for(path, tokenizer, baseline)
-    runner, metadata = _runner(engine, path, spec.output, words)
+    runner, metadata = _runner(engine, path, spec.output, words, feeds)
     base_runner, base_metadata = _runner(engine, baseline, spec.output, words) if baseline else (None, None)
     workload = get_workload(spec.workload)
     units = spec.units(workload)[: limit or None]

@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qtc.backends import get_backend
-from qtc.frontends.onnx_file import external_tensors, load_model
+from qtc.frontends.onnx_file import all_initializers, external_tensors, load_model
 from qtc.report import graph_summary
 
 _LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)[./_](?P<index>\d+)[./_]")
@@ -20,13 +20,13 @@ PACKED_INPUT = {"MatMulNBits": 1, "GatherBlockQuantized": 0}
 
 
 def quantized_fraction(model: ir.Model) -> dict:
-    """Weights (initializers of rank >= 2) stored as integers behind a DequantizeLinear or packed for a block
-    kernel (counted in weights, not bytes), by element count."""
-    dq_inputs = {n.inputs[0].name for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
+    """Weights (initializers of rank >= 2, also inside If branches) stored as integers behind a DequantizeLinear or
+    packed for a block kernel (counted in weights, not bytes), by element count."""
+    dq_inputs = {n.inputs[0].name for n in model.graph.all_nodes() if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
     packed = {n.inputs[PACKED_INPUT[n.op_type]].name: n.attributes.get_int("bits", 4)
-              for n in model.graph if n.op_type in PACKED_INPUT and n.domain == "com.microsoft"}
+              for n in model.graph.all_nodes() if n.op_type in PACKED_INPUT and n.domain == "com.microsoft"}
     quantized = floating = 0
-    for value in model.graph.initializers.values():
+    for value in all_initializers(model):
         tensor = value.const_value
         if tensor is None or tensor.shape.rank() < 2:
             continue
@@ -44,7 +44,7 @@ def quantized_fraction(model: ir.Model) -> dict:
 def repeated_blocks(model: ir.Model) -> list[dict]:
     """Repeated blocks named like `layers.3.` in initializer names: prefix, count, parameters per block."""
     blocks: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-    for value in model.graph.initializers.values():
+    for value in all_initializers(model):
         match = _LAYER_INDEX.match(value.name or "")
         if match and value.const_value is not None:
             blocks[match["prefix"]][int(match["index"])] += value.const_value.size
@@ -53,6 +53,15 @@ def repeated_blocks(model: ir.Model) -> list[dict]:
         if len(members) >= 2:
             sizes = sorted(set(members.values()))
             found.append({"prefix": prefix, "count": len(members), "params_per_block": sizes[-1]})
+    return found
+
+
+def residual_branches(model: ir.Model) -> dict:
+    """Blocks and their attention / MLP residual branches (found by structure), and any budget gates."""
+    from qtc.passes.blocks import find_branches, summary
+
+    found = summary(find_branches(model.graph))
+    found["gates"] = sum(1 for node in model.graph if node.op_type == "If" and (node.name or "").startswith("qtc_gate_"))
     return found
 
 
@@ -75,6 +84,7 @@ def inspect_model(path: str | Path, target: str | None = None) -> dict:
         "external_data": dict(sorted(externals.items())),
         "weights_quantized": quantized_fraction(model),
         "repeated_blocks": repeated_blocks(model),
+        "residual_branches": residual_branches(model),
         "qtc_metadata": {k: v for k, v in sorted(model.metadata_props.items()) if k.startswith("qtc.")},
         **({"target": target, "placement": backend.placement(model)} if backend is not None else {}),
     }

@@ -13,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qtc.backends.base import Backend
+from qtc.frontends.onnx_file import all_initializers
 from qtc.stats import log_softmax
 
 
@@ -90,7 +91,7 @@ def graph_summary(model: ir.Model) -> dict:
     ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
     by_dtype: Counter = Counter()
     params: Counter = Counter()
-    for value in model.graph.initializers.values():
+    for value in all_initializers(model):
         tensor = value.const_value
         if tensor is not None:
             by_dtype[tensor.dtype.name] += tensor.nbytes

@@ -116,9 +116,7 @@ class Backend:
                 options.add_session_config_entry(key, value)
             ort.InferenceSession(str(source), options, providers=[self.provider])
             counts: dict[str, int] = {}
-            for node in onnx.load(str(optimized), load_external_data=False).graph.node:
-                key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
-                counts[key] = counts.get(key, 0) + 1
+            _count_ops(onnx.load(str(optimized), load_external_data=False).graph, counts)
         return dict(sorted(counts.items()))
 
     def session_options(self) -> ort.SessionOptions:
@@ -151,6 +149,16 @@ class Backend:
             path = Path(folder) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
             return self.session(path)
+
+
+def _count_ops(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
+    """Ops of a graph and of its subgraphs (If branches hold what a layer-skip gate runs)."""
+    for node in graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _count_ops(sub, counts)
 
 
 CPU_PROVIDER = "CPUExecutionProvider"

@@ -33,6 +33,8 @@ class InputSpec:
 def model_inputs(model: ir.Model) -> list[InputSpec]:
     specs = []
     for value in model.graph.inputs:
+        if value.is_initializer():
+            continue  # an input with a default (e.g. a layer-skip `budget`): feeding it is optional
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         rank = value.shape.rank() if value.shape is not None else None
         specs.append(InputSpec(value.name, np.dtype(dtype), rank))
@@ -191,11 +193,11 @@ def _corpus_texts(source: str) -> tuple[list[str], list[str] | None, str, str]:
 
 def text_feed(tokens: np.ndarray, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     """Feeds for a token window: ids, and the usual companions (mask of ones, positions, zero token types)."""
-    token_input = _token_input(inputs)
+    token_spec = token_input(inputs)
     ids = tokens.reshape(1, -1)
     feed = {}
     for spec in inputs:
-        if spec.name == token_input.name:
+        if spec.name == token_spec.name:
             feed[spec.name] = ids.astype(spec.dtype)
         elif "mask" in spec.name:
             feed[spec.name] = np.ones_like(ids, dtype=spec.dtype)
@@ -208,7 +210,7 @@ def text_feed(tokens: np.ndarray, inputs: list[InputSpec]) -> dict[str, np.ndarr
     return feed
 
 
-def _token_input(inputs: list[InputSpec]) -> InputSpec:
+def token_input(inputs: list[InputSpec]) -> InputSpec:
     for spec in inputs:
         if spec.name in _TOKEN_INPUTS:
             return spec
@@ -220,7 +222,7 @@ def _token_input(inputs: list[InputSpec]) -> InputSpec:
 
 def embedding_rows(model: ir.Model) -> int | None:
     """Rows of the table the token input indexes (through a Gather), if there is one."""
-    token_name = _token_input(model_inputs(model)).name
+    token_name = token_input(model_inputs(model)).name
     for node in model.graph:
         table = node.inputs[0] if node.op_type == "Gather" else None
         if table is not None and table.const_value is not None and node.inputs[1].name == token_name:

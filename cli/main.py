@@ -75,15 +75,25 @@ def main() -> None:
                                   "precision until the held-out drop is within VALUE.")
 @click.option("--allow-fallback", is_flag=True, help="Let a target that splits graphs (cann) keep nodes it cannot "
                                                     "take; they run on the CPU (default: refuse, listing them).")
+@click.option("--layer-skip", is_flag=True, help="Gate residual branches on a run-time `budget` input.")
+@click.option("--budgets", help="Budget levels for --layer-skip: fractions of branch compute kept [1.0,0.9,0.8,0.7].")
+@click.option("--skip-metric", type=click.Choice(["bi", "angular", "loss"]), help="Branch importance for --layer-skip [loss].")
+@click.option("--budget-unit", type=click.Choice(["branches", "compute"]),
+              help="What a --layer-skip budget counts: branches run, or their weight multiply-adds [branches].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, target, output,
-                    no_compare, max_drop, allow_fallback, as_json):
+                    no_compare, max_drop, allow_fallback, layer_skip, budgets, skip_metric, budget_unit, as_json):
     """Compile a float ONNX MODEL with a quantization recipe."""
     import qtc
     from qtc.fallback import parse_budget
 
     options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json,
                    allow_fallback=allow_fallback)
+    skip = _layer_skip_spec(layer_skip, budgets, skip_metric, budget_unit)
+    if skip is not None:
+        if max_drop:
+            raise QtcError("--layer-skip and --max-drop cannot be combined yet")
+        options["layer_skip"] = skip
     if max_drop:
         result = qtc.compile_within(model, parse_budget(max_drop), recipe=recipe, calib=calib, target=target, **options)
     else:
@@ -94,6 +104,18 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
         _print_json(result.report)
     else:
         _show_compile(result.report, output)
+
+
+def _layer_skip_spec(enabled: bool, budgets: str | None, metric: str | None, unit: str | None):
+    from qtc.passes.layerskip import LayerSkipSpec, parse_budgets
+
+    if not enabled:
+        if budgets or metric or unit:
+            raise QtcError("--budgets, --skip-metric and --budget-unit need --layer-skip")
+        return None
+    spec = LayerSkipSpec()
+    return LayerSkipSpec(budgets=parse_budgets(budgets) if budgets else spec.budgets, metric=metric or spec.metric,
+                         unit=unit or spec.unit)
 
 
 def _show_compile(report: dict, output: Path) -> None:
@@ -128,6 +150,11 @@ def _show_compile(report: dict, output: Path) -> None:
             table.add_row(f"fused {name}", f"{entry['in_graph']} x {entry['op']}")
     for mode, entry in (report.get("placement") or {}).items():
         table.add_row(f"placement {mode}", _placement_line(entry))
+    for row in (report.get("layer_skip") or {}).get("realized", []):
+        skipped = report["layer_skip"]["table"][report["layer_skip"]["budgets"].index(row["budget"])]
+        names = [b["name"] for b, s in zip(report["layer_skip"]["branches"]["list"], skipped) if s]
+        table.add_row(f"budget {row['budget']:g}", f"skip {row['skipped_branches']} branches ({row['compute_sparsity']:.0%} "
+                                                   f"of branch compute): {', '.join(names) or '-'}")
     for note in report.get("target_notes", []):
         table.add_row("target", note)
     table.add_row("time", f"{report['compile_seconds']:.1f} s")
@@ -166,6 +193,12 @@ def inspect_command(model, target, as_json):
     head.add_row("weights quantized", f"{quantized['fraction']:.1%} of {quantized['quantized_elements'] + quantized['float_elements']:,}")
     for block in info["repeated_blocks"]:
         head.add_row("repeated blocks", f"{block['prefix']}.N x {block['count']} ({block['params_per_block']:,} params each)")
+    branches = info["residual_branches"]
+    if branches["branches"]:
+        kinds = ", ".join(f"{n} {kind}" for kind, n in branches["by_kind"].items())
+        head.add_row("residual branches", f"{branches['branches']} in {branches['blocks']} blocks ({kinds})")
+    if branches["gates"]:
+        head.add_row("budget gates", f"{branches['gates']} branches behind If gates on input 'budget'")
     for key, value in info["qtc_metadata"].items():
         head.add_row(key, value if len(value) < 120 else value[:117] + "...")
     out.print(head)
@@ -222,6 +255,42 @@ def show_eval(result: dict) -> None:
                          f"({calib.get('qtc.calibration.samples')} x {calib.get('qtc.calibration.seq_len')} tokens, "
                          f"{calib.get('qtc.calibration.calibrator')}, seed {calib.get('qtc.calibration.seed')})")
     out.print(table)
+
+
+@main.command("sweep")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--budgets", default="1.0,0.9,0.8,0.7", show_default=True, help="Budgets to measure.")
+@click.option("--task", required=True, help="zh-news-ppl | zh-reviews-acc | minilm-sts")
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path), help="Float model to compare against.")
+@click.option("--limit", type=int, help="Score only the first N units.")
+@click.option("--runs", default=20, show_default=True, help="Timed runs per configuration (median).")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per timed run (batch 1).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Prefix for OUT.json and OUT.png (default: beside the first model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def sweep_command(models, budgets, task, baseline, limit, runs, seq_len, output, as_json):
+    """Measure layer-skip MODELS at each budget (metric with interval, CPU latency, sparsity) beside the static
+    ShortGPT baseline; write a table, JSON and a PNG of the Pareto front."""
+    from qtc.sweep import parse_sweep_budgets, sweep, write
+
+    if runs < 1 or seq_len < 2:
+        raise QtcError("--runs must be >= 1 and --seq-len >= 2")
+    result = sweep(list(models), parse_sweep_budgets(budgets), task, baseline=baseline, limit=limit, runs=runs,
+                   seq_len=seq_len, quiet=as_json)
+    json_path, png_path = write(result, output or models[0].with_name(f"{models[0].stem}.sweep"))
+    if as_json:
+        _print_json(result)
+        return
+    metric = result["metric"]
+    table = Table("model", "method", "budget", "skipped", "compute skipped", metric.replace("_", " "), "95 % interval",
+                  "latency ms", "vs dense", title=f"{task} budget sweep ({result['rows'][0]['data']['units_scored']} units)")
+    for row in result["rows"]:
+        m = row["metrics"][metric]
+        table.add_row(row["model"], row["method"], f"{row['budget']:g}", str(len(row["skipped"])),
+                      f"{row['compute_sparsity']:.1%}", f"{m['value']:.4f}", f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]",
+                      f"{row['latency_ms']:.2f}", f"{row['latency_vs_dense']:.3f}")
+    out.print(table)
+    out.print(f"wrote {json_path} and {png_path}")
 
 
 @main.command("analyze")

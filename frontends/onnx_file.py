@@ -49,12 +49,21 @@ def check_structure(model: ir.Model, where: str) -> None:
             raise QtcError(f"{where}: graph output {value.name!r} is never computed (truncated file?)")
 
 
+def all_initializers(model: ir.Model) -> list[ir.Value]:
+    """Initializers of the main graph and of every subgraph (a layer-skip `If` branch keeps its weights inside,
+    where ONNX Runtime's fusions look for them)."""
+    graphs = [model.graph]
+    for node in model.graph.all_nodes():
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs.append(attr.value)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                graphs.extend(attr.value)
+    return [value for graph in graphs for value in graph.initializers.values()]
+
+
 def external_tensors(model: ir.Model) -> list[ir.ExternalTensor]:
-    return [
-        v.const_value
-        for v in model.graph.initializers.values()
-        if isinstance(v.const_value, ir.ExternalTensor)
-    ]
+    return [v.const_value for v in all_initializers(model) if isinstance(v.const_value, ir.ExternalTensor)]
 
 
 def check_external_data(model: ir.Model, path: Path) -> None:
@@ -75,11 +84,11 @@ def check_external_data(model: ir.Model, path: Path) -> None:
 
 
 def tensor_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    return sum(v.const_value.nbytes for v in all_initializers(model) if v.const_value is not None)
 
 
 def _inline_external_tensors(model: ir.Model) -> None:
-    for value in model.graph.initializers.values():
+    for value in all_initializers(model):
         if isinstance(value.const_value, ir.ExternalTensor):
             value.const_value = ir.tensor(value.const_value.numpy().copy(), name=value.name)
 

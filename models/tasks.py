@@ -11,7 +11,7 @@ and returns per-unit columns, so that `qtc.evaluation` can aggregate them and bo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -34,9 +34,10 @@ class Runner:
     session: object
     inputs: list[InputSpec]
     output: str
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # fixed feeds, e.g. a layer-skip `budget`
 
     def run(self, ids: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output], text_feed(ids, self.inputs))[0]
+        return self.session.run([self.output], text_feed(ids, self.inputs) | self.extra)[0]
 
 
 def _bos_id(tokenizer) -> int | None:

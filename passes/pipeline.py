@@ -14,6 +14,7 @@ from qtc.passes.outliers import SmoothActivationsPass
 from qtc.passes.rounding import RoundWeightsPass
 from qtc.passes.canonicalize import canonicalize_passes
 from qtc.passes.finalize import LimitIrVersionPass, RecordProvenancePass
+from qtc.passes.layerskip import DiscoverBranchesPass, InsertLayerSkipPass, LayerSkipSpec, ScoreBranchesPass
 from qtc.passes.qdq import InsertQDQPass
 from qtc.passes.tables import FuseQuantizedTablesPass
 from qtc.recipes import Recipe
@@ -26,6 +27,7 @@ def build_pipeline(
     provenance: dict[str, str] | None = None,
     quiet: bool = False,
     allow_fallback: bool = False,
+    layer_skip: LayerSkipSpec | None = None,
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
     measure = backend.measuring_backend()
@@ -49,9 +51,13 @@ def build_pipeline(
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
             # 5b. Target kernels the runtime does not fuse itself: quantized embedding tables (and tied heads).
             *([FuseQuantizedTablesPass()] if backend.block_table_kernels else []),
-            # 5c. Legalization: what the target cannot take becomes primitives it can (cann); Q/DQ stay.
+            # 6. Budget gates (only when asked): branches scored and gated on the quantized flat graph, since
+            #    calibration and QDQ insertion see only the top-level graph, not If branches.
+            *(_layer_skip_passes(layer_skip, calib, measure, quiet) if layer_skip else []),
+            # 7. Legalization: what the target cannot take becomes primitives it can (cann); Q/DQ stay. After the
+            #    gates, so a gated model's If nodes are judged (and refused on cann unless --allow-fallback) too.
             *backend.legalization_passes(allow_fallback),
-            # 6. Cleanup and what the runtime needs to load the result; provenance last.
+            # 8. Cleanup and what the runtime needs to load the result; provenance last.
             common.RemoveUnusedNodesPass(),
             common.TopologicalSortPass(),
             LimitIrVersionPass(max_ir_version()),
@@ -75,3 +81,12 @@ def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, 
             CalibrateActivationsPass(calib, measure, quiet=quiet),
         ]
     )
+
+
+def _layer_skip_passes(spec: LayerSkipSpec, calib: CalibrationSet | None, backend, quiet: bool) -> list:
+    return [
+        common.RemoveUnusedNodesPass(),  # dead float weights' producers would otherwise look like branch parts
+        DiscoverBranchesPass(),
+        ScoreBranchesPass(spec, calib, backend, quiet=quiet),
+        InsertLayerSkipPass(),
+    ]
