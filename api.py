@@ -140,6 +140,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     quiet: bool = False,
     allow_fallback: bool = False,
     layer_skip: "LayerSkipSpec | None" = None,
+    fuse_residuals: bool | None = None,
 ) -> CompileResult:
     """Compile a float ONNX model with a recipe for a target. A path is loaded fresh; an ir.Model is changed in place.
 
@@ -154,7 +155,10 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     inputs = model_inputs(graph_model)
     if layer_skip is not None and calib_set is None:
         raise QtcError("--layer-skip scores branches on calibration text: pass --calib")
-    _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip), graph_model)
+    # Layer skipping gates residual Adds, so it keeps them unfused; `fuse_residuals=False` builds its ungated twin.
+    keep_residual_adds = layer_skip is not None if fuse_residuals is None else not fuse_residuals
+    _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
+                        keep_residual_adds), graph_model)
     measure = backend.measuring_backend()
     report = {
         "qtc_version": __version__,

@@ -37,11 +37,12 @@ class Backend:
     float8_kernels: bool = False  # a GEMM that consumes float8 Q/DQ directly (ORT 1.32 CPU has none)
     compiles: bool = True  # whether `qtc compile --target NAME` is supported (legalization exists)
 
-    def fusion_passes(self) -> list[ir.passes.PassBase]:
-        """Fusions into the ops this runtime runs fastest, before quantization is decided (passes/fusion.py)."""
-        from qtc.passes.fusion import FuseOperatorsPass
+    def fusion_passes(self, keep_residual_adds: bool = False) -> list[ir.passes.PassBase]:
+        """Fusions into the ops this runtime runs fastest, before quantization is decided (passes/fusion.py).
+        `keep_residual_adds`: leave residual Add + norm unfused, for layer skipping to gate those branches."""
+        from qtc.passes.fusion import RESIDUAL_FUSIONS, FuseOperatorsPass
 
-        return [FuseOperatorsPass(self.name)]
+        return [FuseOperatorsPass(self.name, exclude=RESIDUAL_FUSIONS if keep_residual_adds else ())]
 
     def legalization_passes(self, allow_fallback: bool = False) -> list[ir.passes.PassBase]:
         """Rewrites after QDQ insertion that make the graph one this runtime takes (none: it takes everything)."""

@@ -177,6 +177,8 @@ FUSIONS: tuple[Fusion, ...] = (
 )
 # Intermediate steps run for a target whenever the fusion that consumes them is legal there.
 _BY_NAME = {f.name: f for f in FUSIONS}
+# Fusions that swallow a block's residual Add: layer skipping gates exactly those Adds' branch inputs.
+RESIDUAL_FUSIONS = ("skip_rms_norm", "skip_layer_norm")
 _CONSUMERS = {f.name: [g for g in FUSIONS if f.name in g.after] for f in FUSIONS}
 
 
@@ -193,16 +195,17 @@ class FuseOperatorsPass(ir.passes.InPlacePass):
     applications and the fused op's count in the final graph (an intermediate a later rule did not take is
     inlined back, so applications can exceed what survives)."""
 
-    def __init__(self, target: str, only: tuple[str, ...] | None = None) -> None:
+    def __init__(self, target: str, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.target = target
+        self.exclude = set(exclude)
         # A subset of fusion names (per-rule numerical checks), with the intermediate steps they consume.
         self.only = None if only is None else set(only) | {d for name in only for d in _BY_NAME[name].after}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         applied: dict[str, int] = {}
         for fusion in FUSIONS:
-            if self.only is not None and fusion.name not in self.only:
+            if (self.only is not None and fusion.name not in self.only) or fusion.name in self.exclude:
                 continue
             if not _runs_on(fusion, self.target):
                 continue

@@ -28,6 +28,7 @@ def build_pipeline(
     quiet: bool = False,
     allow_fallback: bool = False,
     layer_skip: LayerSkipSpec | None = None,
+    keep_residual_adds: bool = False,
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
     measure = backend.measuring_backend()
@@ -36,8 +37,9 @@ def build_pipeline(
             # 1. One canonical graph: constants lifted and folded, dead code gone, sorted, at the QDQ opset.
             *canonicalize_passes(recipe.opset),
             # 1b. The float graph the target runs fastest (contrib ops for cpu/cuda; nothing for cann). Weight
-            #     MatMuls stay standalone, so the policy below still sees every projection.
-            *backend.fusion_passes(),
+            #     MatMuls stay standalone, so the policy below still sees every projection. Layer skipping
+            #     needs the residual Adds it gates left unfused.
+            *backend.fusion_passes(keep_residual_adds or layer_skip is not None),
             # 2. Policy: which nodes the recipe quantizes, and how (no graph change).
             AnnotateQuantizationPass(recipe),
             # 3. Outliers and rounding from streamed layer statistics (X^T X, channel max): SmoothQuant moves
