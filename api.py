@@ -224,9 +224,9 @@ def _run(pipeline: ir.passes.PassManager, model: ir.Model) -> None:
     except ir.passes.PassError as exc:
         # The pass manager wraps what a pass raises; a user error inside a pass is still a user error.
         cause = exc.__cause__
-        while isinstance(cause, ir.passes.PassError) and cause.__cause__ is not None:  # managers nest managers
+        while cause is not None and not isinstance(cause, QtcError):  # managers nest managers; contracts wrap too
             cause = cause.__cause__
-        if isinstance(cause, QtcError):
+        if cause is not None:
             raise cause from None
         raise
 

@@ -34,7 +34,11 @@ VARIANTS = {  # label -> `qtc compile` arguments (None: the float export itself)
     "w8a8": ["--recipe", "w8a8"],
     "w4a16": ["--recipe", "w4a16"],
     "w4a8": ["--recipe", "w4a8"],
+    # Budget-gated: parity at the default budget (1.0, dense) and with 30 % of the branches skipped. Branch
+    # scoring reads token windows from text, so it calibrates on the corpus excerpt `prepare` writes.
+    "w4a16-skip": ["--recipe", "w4a16", "--layer-skip", "--skip-metric", "bi", "--calib", "{corpus}"],
 }
+EXTRA_FEEDS = {"w4a16-skip": {"budget=0.7": ["--feed", "budget=0.7"]}}
 
 
 def _qtc(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
@@ -43,9 +47,16 @@ def _qtc(*args: str, timeout: float = 1800) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+CORPUS = "zh-news-calib-3000.txt"  # the first 3,000 paragraphs of the zh-news calibration split
+
+
 def prepare(out: Path, models: list[str]) -> None:
     from qtc.calibration.data import load_calibration, model_inputs, text_feed
     from qtc.frontends.onnx_file import load_model
+    from qtc.models.workloads import get_workload
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CORPUS).write_text("\n".join(get_workload("zh-news").texts("calib")[:3000]) + "\n", encoding="utf-8")
 
     for name in models:
         path = _reference_model(name)
@@ -71,7 +82,7 @@ def _reference_model(name: str) -> Path:
     return export_reference(name)
 
 
-def run(windows: Path, gguf: Path | None, out: Path, work: Path, models: list[str]) -> dict:
+def run(windows: Path, gguf: Path | None, out: Path, work: Path, models: list[str], variants: list[str]) -> dict:
     """Results are rewritten after every variant: a run cut short by a time limit still leaves its figures."""
     out.mkdir(parents=True, exist_ok=True)
     results = {"machine": _machine(), "models": {}}
@@ -83,7 +94,7 @@ def run(windows: Path, gguf: Path | None, out: Path, work: Path, models: list[st
         started = time.perf_counter()
         float_path = _export(name, sources[name], work / name)
         entry = results["models"][name] = {"export_seconds": round(time.perf_counter() - started, 1), "variants": {}}
-        for label, args in VARIANTS.items():
+        for label, args in ((v, VARIANTS[v]) for v in variants):
             entry["variants"][label] = _run_variant(label, args, float_path, windows / name, work / name)
             _write(out, results)
     return results
@@ -111,11 +122,15 @@ def _run_variant(label: str, args: list[str] | None, float_path: Path, windows: 
     elif args is not None:
         model = work / f"{label}.onnx"
         started = time.perf_counter()
-        done = _qtc("compile", str(float_path), *args, "--calib", str(windows), "--no-compare", "-o", str(model))
+        calib = [] if "--calib" in args else ["--calib", str(windows)]
+        args = [a.replace("{corpus}", str(windows.parent / CORPUS)) for a in args]
+        done = _qtc("compile", str(float_path), *args, *calib, "--no-compare", "-o", str(model))
         record["compile_seconds"] = round(time.perf_counter() - started, 1)
         if done.returncode:
             return record | {"error": done.stderr.strip()[-2000:]}
-    for key, extra in (("cpu_vs_cuda", ["--backends", "cpu,cuda"]), ("vs_float_on_cpu", ["--against", str(float_path)])):
+    checks = [("cpu_vs_cuda", ["--backends", "cpu,cuda"]), ("vs_float_on_cpu", ["--against", str(float_path)])]
+    checks += [(f"cpu_vs_cuda {label}", ["--backends", "cpu,cuda", *feed]) for label, feed in EXTRA_FEEDS.get(label, {}).items()]
+    for key, extra in checks:
         if key == "vs_float_on_cpu" and args is None:
             continue
         done = _qtc("parity", str(model), *extra, "--inputs", str(windows), "--samples", str(HELDOUT),
@@ -151,8 +166,9 @@ def markdown(results: dict) -> str:
         for label, record in entry["variants"].items():
             if "error" in record:
                 lines.append(f"| {name} | {label} | compile failed | {record['error'][-200:]} | | | | |")
-            for key, title in (("cpu_vs_cuda", "CUDA vs CPU"), ("vs_float_on_cpu", "vs float (CPU)")):
-                lines += _rows(name, label, title, record.get(key))
+            for key in sorted(k for k in record if k.startswith(("cpu_vs_cuda", "vs_float"))):
+                title = key.replace("cpu_vs_cuda", "CUDA vs CPU").replace("vs_float_on_cpu", "vs float (CPU)")
+                lines += _rows(name, label, title, record[key])
     return "\n".join(lines) + "\n"
 
 
@@ -180,11 +196,12 @@ def main() -> None:
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--work", type=Path, default=Path("/tmp/qtc-cuda-parity"))
     r.add_argument("--models", default="zh-tiny-lm,gemma-3-270m")
+    r.add_argument("--variants", default=",".join(VARIANTS), help="which builds (float is the export itself)")
     args = parser.parse_args()
     if args.step == "prepare":
         prepare(args.out, args.models.split(","))
     else:
-        print(markdown(run(args.windows, args.gguf, args.out, args.work, args.models.split(","))))
+        print(markdown(run(args.windows, args.gguf, args.out, args.work, args.models.split(","), args.variants.split(","))))
 
 
 if __name__ == "__main__":
