@@ -49,7 +49,9 @@ def tolerance_class(metadata: dict[str, str]) -> str:
 
 def _run_all(session, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
     names = [o.name for o in session.get_outputs()]
-    accepted = {i.name for i in session.get_inputs()}  # an --against model may lack e.g. the `budget` input
+    # An --against model may lack e.g. a layer-skip `budget` input; inputs with a default are "overridable
+    # initializers" to ORT, not among get_inputs().
+    accepted = {i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
     return [dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in accepted}))) for feed in feeds]
 
 

@@ -185,3 +185,17 @@ def test_range_warnings_name_the_levels_that_push_activations_further():
             for b, c, w in ((1.0, 10, 1.016), (0.9, 8, 1.01), (0.8, 7, 1.048))]
     (warning,) = _range_warnings(rows)
     assert warning.startswith("layer skip at budget 0.8:") and "x1.05" in warning
+
+
+def test_parity_feeds_the_budget(compiled, tiny_llama):
+    """`qtc parity --feed budget=B`: at 1.0 the gated model is its ungated twin; at 0.7 branches really are skipped."""
+    from qtc.parity import parity
+
+    def max_diff(budget: float) -> float:
+        result = parity(compiled["w8a8-gated"], ["cpu"], against=compiled["w8a8"], feed={"budget": budget}, samples=2,
+                        tokenizer=str(tiny_llama.parent / "tokenizer.json"))
+        assert result["feed"] == {"budget": pytest.approx(budget)}
+        return result["against"]["outputs"]["logits"]["max_abs_diff"]
+
+    assert max_diff(1.0) <= 1e-5
+    assert max_diff(0.7) > 1e-3
