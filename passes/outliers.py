@@ -59,17 +59,43 @@ def _scalable(graph: ir.Graph, members: list[Member]) -> bool:
     return True
 
 
+# Fused norms (passes/fusion.py runs first): output 0 is normalized * gamma (+ beta); (gamma, beta) input indices.
+NORM_AFFINE_INPUTS = {
+    "SimplifiedLayerNormalization": (1, None),
+    "SkipSimplifiedLayerNormalization": (2, None),
+    "LayerNormalization": (1, 2),
+    "SkipLayerNormalization": (2, 3),
+}
+
+
 def _fold_into_producer(x: ir.Value, members: list[Member], inverse: np.ndarray) -> bool:
-    """X = Mul(a, gamma) with a constant per-channel gamma (an RMSNorm/LayerNorm weight): scale gamma instead."""
+    """X = Mul(a, gamma) with a constant per-channel gamma (an RMSNorm/LayerNorm weight), or a fused norm's gamma
+    (and beta): scale those instead of inserting a Mul."""
     producer = x.producer()
-    if producer is None or producer.op_type != "Mul" or {id(u) for u, _ in x.uses()} != {id(n) for n, _ in members}:
+    if producer is None or {id(u) for u, _ in x.uses()} != {id(n) for n, _ in members}:
         return False
-    for gamma in producer.inputs:
-        tensor = gamma.const_value if gamma is not None else None
-        if tensor is not None and tensor.shape.rank() == 1 and tensor.shape[0] == len(inverse) and len(gamma.uses()) == 1:
-            gamma.const_value = ir.tensor((tensor.numpy() * inverse).astype(tensor.numpy().dtype), name=gamma.name)
+    if producer.op_type == "Mul":
+        return any(_scale_vector(gamma, inverse) for gamma in producer.inputs if _per_channel(gamma, inverse))
+    if producer.op_type in NORM_AFFINE_INPUTS and x.index() == 0:
+        gamma, beta = (producer.inputs[i] if i is not None and i < len(producer.inputs) else None
+                       for i in NORM_AFFINE_INPUTS[producer.op_type])
+        if _per_channel(gamma, inverse) and (beta is None or _per_channel(beta, inverse)):
+            _scale_vector(gamma, inverse)
+            if beta is not None:
+                _scale_vector(beta, inverse)
             return True
     return False
+
+
+def _per_channel(value: ir.Value | None, inverse: np.ndarray) -> bool:
+    tensor = value.const_value if value is not None else None
+    return tensor is not None and tensor.shape.rank() == 1 and tensor.shape[0] == len(inverse) and len(value.uses()) == 1
+
+
+def _scale_vector(value: ir.Value, inverse: np.ndarray) -> bool:
+    array = value.const_value.numpy()
+    value.const_value = ir.tensor((array * inverse).astype(array.dtype), name=value.name)
+    return True
 
 
 def apply_channel_scale(graph: ir.Graph, x: ir.Value, members: list[Member], s: np.ndarray) -> str:
