@@ -73,19 +73,18 @@ def _verdict(outputs: dict, tolerance: dict) -> list[str]:
     return failures
 
 
-def _feeds(model_path: Path, inputs: str, tokenizer: str | None, samples: int, seq_len: int) -> list[dict]:
-    model = load_model(model_path)
+def _feeds(model_path: Path, model, inputs: str, tokenizer: str | None, samples: int, seq_len: int) -> list[dict]:
     beside = model_path.parent / "tokenizer.json"
     tokenizer_path = Path(tokenizer) if tokenizer else (beside if beside.is_file() else None)
     calib = load_calibration(inputs, tokenizer=tokenizer_path, n_samples=1, seq_len=seq_len, seed=0)
     return list(calib.feeds(model_inputs(model), heldout=True))[:samples]
 
 
-def scalar_feeds(model_path: Path, values: dict[str, float] | None) -> dict[str, np.ndarray]:
+def scalar_feeds(model, values: dict[str, float] | None) -> dict[str, np.ndarray]:
     """Extra scalar inputs for every run (e.g. a layer-skip model's `budget`), typed as the model declares them."""
     if not values:
         return {}
-    declared = {v.name: v for v in load_model(model_path).graph.inputs}
+    declared = {v.name: v for v in model.graph.inputs}
     feeds = {}
     for name, value in values.items():
         if name not in declared:
@@ -110,9 +109,10 @@ def parity(
 ) -> dict:
     """Run MODEL on each backend (and AGAINST on the reference backend); returns figures and a verdict."""
     path = Path(model)
-    metadata = dict(load_model(path).metadata_props)
-    extra = scalar_feeds(path, feed)
-    feeds = [f | extra for f in _feeds(path, inputs, tokenizer, samples, seq_len)]
+    loaded = load_model(path)  # once: metadata, declared inputs, and what the held-out feeds must hold
+    metadata = dict(loaded.metadata_props)
+    extra = scalar_feeds(loaded, feed)
+    feeds = [f | extra for f in _feeds(path, loaded, inputs, tokenizer, samples, seq_len)]
     if not feeds:
         raise QtcError(f"no held-out inputs from {inputs}")
     ref_backend = get_backend(reference)

@@ -92,3 +92,9 @@ def test_cpu_vs_cuda_parity(builds):
     data = json.loads(_parity(builds[0], "--backends", "cpu,cuda", "--json").stdout)
     assert data["backends"]["cuda"]["available"] and data["passed"], data["failures"]
     assert np.isfinite(data["backends"]["cuda"]["outputs"]["logits"]["cosine"])
+
+
+def test_feed_errors_are_one_line(builds):
+    for bad, message in (("nosuch=1", "has no input 'nosuch'"), ("budget=x", "NAME=NUMBER")):
+        result = _parity(builds[0], "--feed", bad)
+        assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
