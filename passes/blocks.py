@@ -79,7 +79,8 @@ def _constant_only(node: ir.Node) -> bool:
     return all(v is None or v.const_value is not None or v.is_initializer() for v in node.inputs)
 
 
-def _body(graph: ir.Graph, add: ir.Node, x: ir.Value, y: ir.Value, residual_adds: set[ir.Node]) -> list[ir.Node] | None:
+def _body(graph: ir.Graph, add: ir.Node, x: ir.Value, y: ir.Value, residual_adds: set[ir.Node],
+          order: dict[ir.Node, int]) -> list[ir.Node] | None:
     """Nodes computing y from x that only the branch reads; None when y is not computed from x that way.
 
     A path from x to y through an earlier residual Add is not a branch: an attention mask reaches every later
@@ -109,7 +110,6 @@ def _body(graph: ir.Graph, add: ir.Node, x: ir.Value, y: ir.Value, residual_adds
             if _constant_only(node) and all(user in body for v in node.outputs for user, _ in v.uses()):
                 body.add(node)
                 changed = True
-    order = {node: i for i, node in enumerate(graph)}
     return sorted(body, key=order.__getitem__)
 
 
@@ -148,11 +148,12 @@ def _block_name(add: ir.Node, body: list[ir.Node]) -> str | None:
 def find_branches(graph: ir.Graph) -> list[Branch]:
     """Every residual branch of the top-level graph, in graph order, grouped into blocks and labelled."""
     found = []
+    order = {node: i for i, node in enumerate(graph)}  # once, not per candidate Add
     for add in graph:
         if add.op_type != "Add" or len(add.inputs) != 2 or not all(_computed(v) for v in add.inputs):
             continue
         for x, y in (add.inputs, add.inputs[::-1]):
-            body = _body(graph, add, x, y, {b.add for b in found})
+            body = _body(graph, add, x, y, {b.add for b in found}, order)
             cost = sum(_weight_elements(n) for n in body) if body else 0
             if cost:
                 found.append(Branch("", _block_name(add, body) or "", _kind(body), add, x, y, body, cost))
