@@ -4,7 +4,12 @@ Every variant runs with ORT's default session optimizations on (ORT_ENABLE_ALL),
 fusions add on top of what ORT already fuses at session creation. Runs are interleaved round-robin across
 variants so that load from other processes on the machine spreads evenly over them.
 
-    python -m qtc.bench.fusion_latency [MODEL.onnx] [--runs 10] [--tokens 256]
+    python -m qtc.bench.fusion_latency [MODEL.onnx] [--runs 20] [--tokens 256]
+
+Fusions change a few percent of a prefill whose time is mostly MatMul (gemma-3-270m: 93 %, 57 % in the tied LM
+head alone), which is the size of run-to-run noise on a shared machine. So besides medians, each variant gets its
+per-round time ratio to the unfused export (paired: the same round, back to back), with a bootstrap 95 % interval
+of the median ratio, and `--profile` adds ORT's per-op kernel times, where the fused ops' own cost shows.
 
 Default MODEL: the cached gemma-3-270m export. Results: bench/results/fusion_latency.json.
 """
@@ -12,6 +17,8 @@ Default MODEL: the cached gemma-3-270m export. Results: bench/results/fusion_lat
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import statistics
 import tempfile
 import time
@@ -43,14 +50,17 @@ def default_model() -> Path:
 
 
 def qtc_variants(source: Path, folder: Path, canonical: bool) -> dict[str, tuple[Path, dict]]:
-    """The cpu target's fusions on the canonicalized float graph (and that graph without them, if asked)."""
+    """The cpu target's fusions on the canonicalized float graph at opset 21 (the default) and 23 (standard
+    RotaryEmbedding / Attention), and that graph without them, if asked."""
     out = {}
-    for name, fuse in (("qtc canonical (no fusion)", False),) * canonical + (("qtc fused (cpu)", True),):
+    plan = (("qtc canonical (no fusion)", False, 21),) * canonical + (("qtc fused (cpu)", True, 21),
+                                                                      ("qtc fused (cpu, opset 23)", True, 23))
+    for name, fuse, opset in plan:
         model = load_model(source)
-        ir.passes.PassManager(canonicalize_passes(21))(model)
+        ir.passes.PassManager(canonicalize_passes(opset))(model)
         if fuse:
             FuseOperatorsPass("cpu")(model)
-        path = folder / f"{'fused' if fuse else 'canonical'}.onnx"
+        path = folder / f"{'fused' if fuse else 'canonical'}-{opset}.onnx"
         ir.save(model, path, external_data=path.name + ".data")
         counts = {k: v["in_graph"] for k, v in fusion_counts(model).get("fusions", {}).items() if v["applied"]}
         out[name] = (path, counts)
@@ -87,14 +97,42 @@ def runtime_ops(path: Path, folder: Path) -> dict[str, int]:
     return dict(sorted(Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in graph.node).items()))
 
 
+def paired_ratio(times: list[float], reference: list[float], seed: int = 0) -> dict:
+    """Median of per-round time ratios against the reference, with a bootstrap 95 % interval."""
+    ratios = [t / r for t, r in zip(times, reference)]
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    return {"median": statistics.median(ratios), "ci95": [boot[49], boot[1949]]}
+
+
+def kernel_profile(path: Path, feed: dict, threads: int, runs: int = 3) -> dict[str, float]:
+    """ORT's per-op-type kernel time (ms per run, sequential executor)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    with tempfile.TemporaryDirectory(prefix="qtc-profile-") as tmp:
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: Counter = Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] += event["dur"]
+    return {op: round(us / runs / 1000, 2) for op, us in by_op.most_common()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", nargs="?", type=Path)
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ort-types", default=",".join(ORT_MODEL_TYPES), help="optimizer model types to try")
     parser.add_argument("--canonical", action="store_true", help="also time qtc's canonical graph without fusion")
+    parser.add_argument("--profile", action="store_true", help="add ORT's per-op kernel times per variant")
     args = parser.parse_args(argv)
     source = args.model or default_model()
     calib = load_calibration("zh-news", tokenizer=source.parent / "tokenizer.json", n_samples=1, seq_len=args.tokens, seed=0)
@@ -113,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             options.intra_op_num_threads = args.threads
             sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             info[name]["runtime_ops"] = runtime_ops(path, folder)
+            if args.profile:
+                info[name]["kernel_ms"] = kernel_profile(path, feed, args.threads)
         reference = None
         for name, session in sessions.items():  # warm-up, and every variant must compute the same logits
             logits = session.run(None, feed)[0]
@@ -125,15 +165,20 @@ def main(argv: list[str] | None = None) -> int:
                 session.run(None, feed)
                 times[name].append(time.perf_counter() - start)
     rows = []
+    reference = times.get("export (unfused)")
     for name, entry in info.items():
+        ratio = "-"
         if name in times:
             entry["median_ms"] = 1000 * statistics.median(times[name])
             entry["min_ms"] = 1000 * min(times[name])
             entry["runs_ms"] = [round(1000 * t, 2) for t in times[name]]
+            entry["ratio_vs_export"] = paired_ratio(times[name], reference)
+            r = entry["ratio_vs_export"]
+            ratio = f"{r['median']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]"
         rows.append([name, f"{entry.get('median_ms', float('nan')):.1f}", f"{entry.get('min_ms', float('nan')):.1f}",
-                     f"{entry.get('max_abs_diff_vs_export', float('nan')):.2e}",
+                     ratio, f"{entry.get('max_abs_diff_vs_export', float('nan')):.2e}",
                      ", ".join(f"{k} {v}" for k, v in entry["fused"].items() if v) or "-"])
-    print(table(["variant", "median ms", "min ms", "max |diff|", "fused"], rows))
+    print(table(["variant", "median ms", "min ms", "x export (paired, 95% CI)", "max |diff|", "fused"], rows))
     write_results("fusion_latency", {"model": str(source), "tokens": args.tokens, "batch": 1, "runs": args.runs,
                                      "threads": args.threads, "ort": ort.__version__, "machine": machine(),
                                      "variants": info})

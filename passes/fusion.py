@@ -33,7 +33,7 @@ from onnxscript.rewriter.ort_fusions import (
     skip_normalization,
 )
 from onnxscript.rewriter.rules.common import _matmul_add_to_gemm
-from onnxscript.rewriter.rules.fusion import _layer_norm
+from onnxscript.rewriter.rules.fusion import _layer_norm, _rotary_embedding
 
 from qtc.passes.canonicalize import FoldConstantsPass, InferShapesPass
 
@@ -43,6 +43,9 @@ MS = "com.microsoft"
 # later rule consumes; what is left of them is inlined back into standard ops at the end.
 _INTERMEDIATE_DOMAIN = "ai.onnxruntime._fusion"
 _ORT = ("cpu", "cuda")  # targets that run ORT's com.microsoft contrib kernels
+# ONNX-standard fused ops (RotaryEmbedding, Attention with grouped K/V heads) exist from opset 23; ORT 1.32's
+# CPU EP implements them. A model canonicalized at this opset (recipe `opset: 23`) gets them on cpu.
+STANDARD_OPSET = 23
 
 
 class SiluFusion(pattern.RewriteRuleClassBase):
@@ -119,6 +122,63 @@ class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
                                   _domain=MS)
 
 
+def _sdpa_scale(sdpa_output: ir.Value) -> dict:
+    scale = sdpa_output.producer().attributes.get("scale")
+    return {} if scale is None else {"scale": scale.as_float()}
+
+
+class GroupedSdpaToAttention(pattern.RewriteRuleClassBase):
+    """SDPA over K/V expanded from fewer heads -> ONNX Attention (opset 23) on the unexpanded K/V: the standard
+    op takes query and key/value head counts from the 4-D shapes, so the Expand/Reshape copies disappear."""
+
+    def pattern(self, op, query, key, value, mask, key_groups, key_shape, value_groups, value_shape):
+        key_4d = op.Reshape(op.Expand(op.Unsqueeze(key, [2]), key_groups), key_shape)
+        value_4d = op.Reshape(op.Expand(op.Unsqueeze(value, [2]), value_groups), value_shape)
+        return op.SDPA(query, key_4d, value_4d, mask, key_format="BHSd", _domain=_INTERMEDIATE_DOMAIN,
+                       _outputs=["sdpa_output"])
+
+    def check(self, context, query, key, value, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        for name, v in (("query", query), ("key", key), ("value", value)):
+            if not _ir_utils.has_rank(v, 4):
+                return result.fail(f"{name} is not a 4-D [batch, heads, seq, head_size] tensor", v)
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if not (isinstance(heads, int) and isinstance(kv_heads, int) and kv_heads and heads % kv_heads == 0):
+            return result.fail(f"query heads {heads} are not a known multiple of K/V heads {kv_heads}", key)
+        return result
+
+    def rewrite(self, op, query, key, value, mask, sdpa_output, **_):
+        return op.Attention(query, key, value, mask, **_sdpa_scale(sdpa_output))
+
+
+class SdpaToAttention(pattern.RewriteRuleClassBase):
+    """SDPA with as many K/V heads as query heads (key in [B, H, S, d]) -> ONNX Attention (opset 23)."""
+
+    def pattern(self, op, query, key, value):
+        return op.SDPA(query, key, value, key_format="BHSd", _allow_other_inputs=True, _domain=_INTERMEDIATE_DOMAIN,
+                       _outputs=["sdpa_output"])
+
+    def check(self, context, query, key, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        if not (_ir_utils.has_rank(query, 4) and _ir_utils.has_rank(key, 4)):
+            return result.fail("query or key is not a 4-D [batch, heads, seq, head_size] tensor", query)
+        return result
+
+    def rewrite(self, op, query, key, value, sdpa_output, **_):
+        mask = sdpa_output.producer().inputs[3:4]
+        return op.Attention(query, key, value, *mask, **_sdpa_scale(sdpa_output))
+
+
+@dataclass(frozen=True)
+class Form:
+    """A fusion's other form: on these targets, in models at `min_opset` or newer, these rules produce `op`."""
+
+    targets: tuple[str, ...]
+    min_opset: int
+    rules: pattern.RewriteRuleSet
+    op: str | None  # None: an intermediate step
+
+
 @dataclass(frozen=True)
 class Fusion:
     """A family of rewrite rules and the op its fused form is on each target where it is legal."""
@@ -129,6 +189,18 @@ class Fusion:
     note: str = ""
     infer_shapes: bool = False  # later rules read shapes of the nodes this one creates
     after: tuple[str, ...] = field(default=())  # fusions whose output this one consumes
+    forms: tuple[Form, ...] = ()  # checked first, in order (highest min_opset first)
+
+    def _form(self, target: str, opset: int) -> Form | None:
+        return next((f for f in self.forms if target in f.targets and opset >= f.min_opset), None)
+
+    def op_for(self, target: str, opset: int) -> str | None:
+        form = self._form(target, opset)
+        return form.op if form else self.produces.get(target)
+
+    def rules_for(self, target: str, opset: int) -> pattern.RewriteRuleSet:
+        form = self._form(target, opset)
+        return form.rules if form else self.rules
 
 
 def _rules(*rules) -> pattern.RewriteRuleSet:
@@ -158,7 +230,8 @@ FUSIONS: tuple[Fusion, ...] = (
     Fusion("silu", _rules(SiluFusion.rule()), _each(_ORT, f"{MS}::QuickGelu"),
            "x * sigmoid(x) (the SwiGLU gate's activation; gate and up MatMuls stay standalone)"),
     Fusion("rotary", rotary_embedding.rotary_embedding_rules, {},
-           "x cos + rotate_half(x) sin: an intermediate function, kept only when its cos/sin cache fuses too"),
+           "x cos + rotate_half(x) sin: an intermediate function, kept only when its cos/sin cache fuses too",
+           forms=(Form(_ORT, STANDARD_OPSET, _rotary_embedding.rotary_embedding_rules, "RotaryEmbedding"),)),
     Fusion("rotary_cache", _rules(
         CosSinCacheByMulFusion.rule("CosSinCache_cast", cast=True, const_freqs=False),
         CosSinCacheByMulFusion.rule("CosSinCache_cast_const_freqs", cast=True, const_freqs=True),
@@ -169,9 +242,16 @@ FUSIONS: tuple[Fusion, ...] = (
            after=("rotary",)),
     Fusion("sdpa", sdpa.sdpa_rules, {}, "softmax(Q K^T * scale + mask) V, with GQA's K/V head expansion",
            infer_shapes=True),
-    Fusion("attention", sdpa_via_mha._rules, _each(_ORT, f"{MS}::MultiHeadAttention"),
-           "SDPA -> MultiHeadAttention after the Q/K/V projections (which stay MatMuls for quantization)",
-           after=("sdpa",)),
+    # ORT 1.32's CPU MultiHeadAttention lost to the unfused MatMul/Softmax/MatMul on every reference model
+    # (ORT profiles, kernel ms per prefill: minilm-l6 128 tokens 42.0 vs 37.2; zh-tiny-lm 256: 26.7 vs 22.9;
+    # gemma-3-270m 256: MHA 44 vs 30 for the unfused attention ops), so cpu gets no MHA. At opset 23 cpu gets
+    # the standard Attention, which takes grouped K/V heads without the expanded copies (gemma: 33 ms).
+    Fusion("attention", sdpa_via_mha._rules, {"cuda": f"{MS}::MultiHeadAttention"},
+           "SDPA -> MultiHeadAttention after the Q/K/V projections (which stay MatMuls for quantization); at "
+           "opset 23 on cpu, ONNX Attention over the unexpanded K/V heads",
+           after=("sdpa",),
+           forms=(Form(("cpu",), STANDARD_OPSET, _rules(GroupedSdpaToAttention.rule(), SdpaToAttention.rule()),
+                       "Attention"),)),
     Fusion("matmul_bias", _rules(_matmul_add_to_gemm.matmul_add_to_gemm_rule),
            {"cpu": "Gemm", "cuda": "Gemm", "cann": "Gemm"}, "2-D MatMul + bias Add -> Gemm (whitelisted on cann)"),
 )
@@ -182,8 +262,12 @@ RESIDUAL_FUSIONS = ("skip_rms_norm", "skip_layer_norm")
 _CONSUMERS = {f.name: [g for g in FUSIONS if f.name in g.after] for f in FUSIONS}
 
 
-def _runs_on(fusion: Fusion, target: str) -> bool:
-    return target in fusion.produces or any(target in g.produces for g in _CONSUMERS[fusion.name])
+def _runs_on(fusion: Fusion, target: str, opset: int) -> bool:
+    return any(f.op_for(target, opset) for f in (fusion, *_CONSUMERS[fusion.name]))
+
+
+def model_opset(model: ir.Model) -> int:
+    return model.opset_imports.get("", 0)
 
 
 def op_key(node: ir.Node) -> str:
@@ -204,24 +288,27 @@ class FuseOperatorsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         applied: dict[str, int] = {}
+        opset = model_opset(model)
         for fusion in FUSIONS:
             if (self.only is not None and fusion.name not in self.only) or fusion.name in self.exclude:
                 continue
-            if not _runs_on(fusion, self.target):
+            if not _runs_on(fusion, self.target, opset):
                 continue
-            applied[fusion.name] = fusion.rules.apply_to_model(model)
+            applied[fusion.name] = fusion.rules_for(self.target, opset).apply_to_model(model)
             if fusion.infer_shapes and applied[fusion.name]:
                 InferShapesPass()(model)
         modified = any(applied.values())
         if modified:
             _inline_intermediates(model)
         ops = Counter(op_key(n) for n in model.graph)
+        produced = {f.name: f.op_for(self.target, opset) for f in FUSIONS}
         model.meta[FUSIONS_META] = {
             "target": self.target,
+            "opset": opset,
             "fusions": {
-                f.name: {"op": f.produces[self.target], "applied": applied.get(f.name, 0),
-                         "in_graph": ops.get(f.produces[self.target], 0) if applied.get(f.name) else 0}
-                for f in FUSIONS if self.target in f.produces and (self.only is None or f.name in self.only)
+                f.name: {"op": produced[f.name], "applied": applied.get(f.name, 0),
+                         "in_graph": ops.get(produced[f.name], 0) if applied.get(f.name) else 0}
+                for f in FUSIONS if produced[f.name] and (self.only is None or f.name in self.only)
             },
         }
         return ir.passes.PassResult(model, modified=modified)
@@ -259,7 +346,7 @@ def measure_fusions(model: ir.Model, target: str, feeds: list[dict]) -> dict:
     ir.external_data.load_to_model(model)  # in memory, so that copies need no base folder
     results = {}
     for fusion in FUSIONS:
-        if target not in fusion.produces:
+        if not fusion.op_for(target, model_opset(model)):
             continue
         candidate = ir.from_proto(ir.to_proto(model))
         FuseOperatorsPass(target, only=(fusion.name,))(candidate)

