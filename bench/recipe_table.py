@@ -9,6 +9,7 @@ Rows (--rows picks a comma list; default all, in this order):
 - w8a8, w8a16, w4a8:    qtc built-in recipes
 - w8a8-smooth:          w8a8 + SmoothQuant alpha 0.5;  w8a8-smooth-auto: alpha "auto" (per activation)
 - w4a16-{rtn,gptq,awq}-b{32,128}: int4 symmetric weight-only, block 32 / 128, RTN / GPTQ / AWQ
+- w8a8-sq-down16, w4a16-mlp8: the built-in mixes made for outlier-heavy models such as Gemma
 - ort-quantize-static:  onnxruntime quantize_static(QDQ, per_channel, MinMax, QInt8/QInt8, default op types)
 - ort-matmulnbits-rtn:  MatMulNBitsQuantizer, DefaultWeightOnlyQuantConfig(4 bit, block 32, symmetric)
 - ort-matmulnbits-gptq: MatMulNBitsQuantizer, GPTQWeightOnlyQuantConfig (the INC-derived GPTQ) with the same
@@ -54,6 +55,8 @@ QTC_ROWS: dict[str, str | dict] = {
     "w8a16": "w8a16",
     **{f"w4a16-{a}-b{b}": _w4a16(a, b) for a in ("rtn", "gptq", "awq") for b in (32, 128)},
     "w4a8": "w4a8",
+    "w8a8-sq-down16": "w8a8-sq-down16",
+    "w4a16-mlp8": "w4a16-mlp8",
 }
 ORT_ROWS = ("ort-quantize-static", "ort-matmulnbits-rtn", "ort-matmulnbits-gptq")
 ROWS = ("float", *QTC_ROWS, *ORT_ROWS)
