@@ -54,6 +54,14 @@ def _rms(op, x, epsilon: float):
     return op.Mul(x, op.Reciprocal(op.Sqrt(op.Add(mean_square, _scalar(op, epsilon, x)))))
 
 
+def _layer_norm(op, x, scale, bias, epsilon: float):
+    axes = op.Constant(value_ints=[-1])
+    centered = op.Sub(x, op.ReduceMean(x, axes, keepdims=1))
+    variance = op.ReduceMean(op.Mul(centered, centered), axes, keepdims=1)
+    normed = op.Mul(op.Div(centered, op.Sqrt(op.Add(variance, _scalar(op, epsilon, x)))), scale)
+    return op.Add(normed, bias) if bias is not None else normed
+
+
 def _erf_gelu(op, x):
     inner = op.Erf(op.Mul(x, _scalar(op, 1 / math.sqrt(2), x)))
     return op.Mul(op.Mul(x, _scalar(op, 0.5, x)), op.Add(inner, _scalar(op, 1.0, x)))
@@ -76,13 +84,8 @@ class DecomposeLayerNorm(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, scale, y, **_):
         node = y.producer()
-        epsilon = node.attributes.get_float("epsilon", 1e-5)
-        axes = op.Constant(value_ints=[-1])
-        centered = op.Sub(x, op.ReduceMean(x, axes, keepdims=1))
-        variance = op.ReduceMean(op.Mul(centered, centered), axes, keepdims=1)
-        normed = op.Mul(op.Div(centered, op.Sqrt(op.Add(variance, _scalar(op, epsilon, x)))), scale)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        return op.Add(normed, bias) if bias is not None else normed
+        return _layer_norm(op, x, scale, bias, node.attributes.get_float("epsilon", 1e-5))
 
 
 class _DecomposeRms(pattern.RewriteRuleClassBase):
@@ -106,6 +109,56 @@ class DecomposeRmsNormalization(_DecomposeRms):
 
 class DecomposeSimplifiedLayerNormalization(_DecomposeRms):
     op_type = "SimplifiedLayerNormalization"  # ORT's contrib op in the ONNX domain
+
+
+class _DecomposeSkipNorm(pattern.RewriteRuleClassBase):
+    """com.microsoft Skip(Simplified)LayerNormalization(x, skip, gamma, ...) -> the residual Add (+ bias) and the
+    norm in primitives; the sum output (the residual stream the next block reads) is that Add."""
+
+    op_type = ""
+
+    def pattern(self, op, x, skip):
+        return getattr(op, self.op_type)(x, skip, _domain=MS, _allow_other_inputs=True,
+                                         _outputs=["y", "mean", "inv_std", "sum"])
+
+    def check(self, context, x, y, mean, inv_std, **_):
+        result = _float_input(x)
+        if result and any(v.uses() or v.is_graph_output() for v in (mean, inv_std)):
+            return result.fail("its mean / inverse-std outputs are used", y.producer())
+        return result
+
+    def rewrite(self, op, x, skip, y, **_):
+        node = y.producer()
+        total = op.Add(x, skip)
+        bias = self.bias(node)
+        if bias is not None:
+            total = op.Add(total, bias)
+        normed = self.norm(op, total, node, node.attributes.get_float("epsilon", 1e-5))
+        return normed, normed, normed, total  # mean / inv_std are unused (checked)
+
+    @staticmethod
+    def _input(node: ir.Node, index: int) -> ir.Value | None:
+        return node.inputs[index] if len(node.inputs) > index else None
+
+
+class DecomposeSkipSimplifiedLayerNorm(_DecomposeSkipNorm):
+    op_type = "SkipSimplifiedLayerNormalization"  # inputs: x, skip, gamma[, bias]
+
+    def bias(self, node):
+        return self._input(node, 3)
+
+    def norm(self, op, total, node, epsilon):
+        return op.Mul(_rms(op, total, epsilon), node.inputs[2])
+
+
+class DecomposeSkipLayerNorm(_DecomposeSkipNorm):
+    op_type = "SkipLayerNormalization"  # inputs: x, skip, gamma[, beta[, bias]]
+
+    def bias(self, node):
+        return self._input(node, 4)
+
+    def norm(self, op, total, node, epsilon):
+        return _layer_norm(op, total, node.inputs[2], self._input(node, 3), epsilon)
 
 
 class DecomposeGelu(pattern.RewriteRuleClassBase):
@@ -212,6 +265,7 @@ class TransposedWeightMatMulToGemm(pattern.RewriteRuleClassBase):
 DECOMPOSITIONS = pattern.RewriteRuleSet([
     TransposedWeightMatMulToGemm.rule(),
     DecomposeLayerNorm.rule(), DecomposeRmsNormalization.rule(), DecomposeSimplifiedLayerNormalization.rule(),
+    DecomposeSkipSimplifiedLayerNorm.rule(), DecomposeSkipLayerNorm.rule(),
     DecomposeGelu.rule(), DecomposeMsGelu.rule(), DecomposeBiasGelu.rule(), DecomposeFastGelu.rule(),
     DecomposeQuickGelu.rule(),
 ])
@@ -234,7 +288,8 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
 
 def _is_decomposable(op: str) -> bool:
     return op in {"Transpose", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
-                  f"{MS}::Gelu", f"{MS}::BiasGelu", f"{MS}::FastGelu", f"{MS}::QuickGelu"}
+                  f"{MS}::Gelu", f"{MS}::BiasGelu", f"{MS}::FastGelu", f"{MS}::QuickGelu",
+                  f"{MS}::SkipSimplifiedLayerNormalization", f"{MS}::SkipLayerNormalization"}
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:

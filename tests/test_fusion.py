@@ -156,6 +156,21 @@ def test_cann_legalization_decomposes_into_whitelisted_ops_with_equal_outputs():
     assert placement(model, "graph")["cpu_nodes"] == 0
 
 
+def test_cann_legalization_undoes_cpu_skip_norms(tiny_llama):
+    # A model someone already fused for ORT CPU (residual Add + RMSNorm -> SkipSimplifiedLayerNormalization) still
+    # legalizes for cann: the residual sum output becomes the Add again, and outputs match the fused model.
+    fused = canonical(tiny_llama)
+    FuseOperatorsPass("cpu", only=("skip_rms_norm",))(fused)
+    assert fusion_counts(fused)["fusions"]["skip_rms_norm"]["in_graph"] == 8
+    ir.external_data.load_to_model(fused)
+    legal = ir.from_proto(ir.to_proto(fused))
+    ir.passes.PassManager(legalization_passes())(legal)
+    assert not [n for n in legal.graph if n.domain]
+    feeds = heldout_feeds(fused, tiny_llama)
+    for feed in feeds:
+        assert np.abs(_run(legal, feed) - _run(fused, feed)).max() < TOLERANCE
+
+
 def test_cann_refuses_what_it_cannot_take_unless_allowed():
     def with_einsum() -> ir.Model:
         # An op with no decomposition and not on the whitelist stays, and is named in the error.
