@@ -161,6 +161,85 @@ class DecomposeSkipLayerNorm(_DecomposeSkipNorm):
         return _layer_norm(op, total, node.inputs[2], self._input(node, 3), epsilon)
 
 
+def _rank4(result: pattern.MatchResult, **values: ir.Value) -> pattern.MatchResult:
+    for name, value in values.items():
+        if result and (value.shape is None or value.shape.rank() != 4):
+            result.fail(f"{name} is not a 4-D [batch, heads, seq, head_size] tensor", value)
+    return result
+
+
+class DecomposeAttention(pattern.RewriteRuleClassBase):
+    """ONNX Attention (opset 23) on 4-D Q/K/V, without a KV cache or causal flag -> MatMul / Softmax / MatMul;
+    grouped K/V heads are repeated (Expand + Reshape) to the query's head count."""
+
+    def pattern(self, op, query, key, value):
+        return op.Attention(query, key, value, _allow_other_inputs=True, _outputs=["y"])
+
+    def check(self, context, query, key, value, y, **_):
+        node = y.producer()
+        result = _rank4(_float_input(query), query=query, key=key, value=value)
+        if result and (len(node.inputs) > 4 or len(node.outputs) > 1):
+            return result.fail("it reads or writes a KV cache", node)
+        if result and (node.attributes.get_int("is_causal", 0) or node.attributes.get_float("softcap", 0.0)):
+            return result.fail("is_causal / softcap are not decomposed", node)
+        heads, kv_heads = query.shape[1], key.shape[1]
+        if result and not (isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads == 0):
+            return result.fail(f"query heads {heads} are not a known multiple of K/V heads {kv_heads}", key)
+        return result
+
+    def rewrite(self, op, query, key, value, y, **_):
+        node = y.producer()
+        heads, kv_heads, head_size = query.shape[1], key.shape[1], query.shape[3]
+        if heads != kv_heads:
+            key, value = (self._repeat(op, t, heads // kv_heads, heads) for t in (key, value))
+        scale = node.attributes.get_float("scale", 1.0 / math.sqrt(head_size))
+        scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])), _scalar(op, scale, query))
+        mask = node.inputs[3] if len(node.inputs) > 3 else None
+        if mask is not None:
+            if mask.dtype == ir.DataType.BOOL:  # True = attend
+                mask = op.Where(mask, _scalar(op, 0.0, query), _scalar(op, -np.inf, query))
+            scores = op.Add(scores, mask)
+        return op.MatMul(op.Softmax(scores, axis=-1), value)
+
+    @staticmethod
+    def _repeat(op, x, group: int, heads: int):
+        grouped = op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[2])), op.Constant(value_ints=[1, 1, group, 1, 1]))
+        return op.Reshape(grouped, op.Constant(value_ints=[0, heads, -1, x.shape[3]]))
+
+
+class DecomposeRotaryEmbedding(pattern.RewriteRuleClassBase):
+    """ONNX RotaryEmbedding (opset 23), 4-D input, rotate-half (not interleaved), full head -> Slice / Mul / Sub /
+    Add / Concat, with the cos/sin rows gathered by position when position ids are given."""
+
+    def pattern(self, op, x, cos, sin):
+        return op.RotaryEmbedding(x, cos, sin, _allow_other_inputs=True, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        node = y.producer()
+        result = _rank4(_float_input(x), x=x)
+        if result and node.attributes.get_int("interleaved", 0):
+            return result.fail("interleaved rotation is not decomposed", node)
+        if result and node.attributes.get_int("rotary_embedding_dim", 0) not in (0, x.shape[3]):
+            return result.fail("partial rotation is not decomposed", node)
+        if result and not isinstance(x.shape[3], int):
+            return result.fail("the head size is not static", x)
+        return result
+
+    def rewrite(self, op, x, cos, sin, y, **_):
+        node = y.producer()
+        positions = node.inputs[3] if len(node.inputs) > 3 else None
+        if positions is not None:  # [max_position, d/2] tables indexed by [batch, seq] positions
+            cos, sin = op.Gather(cos, positions, axis=0), op.Gather(sin, positions, axis=0)
+        axis_heads = op.Constant(value_ints=[1])
+        cos, sin = op.Unsqueeze(cos, axis_heads), op.Unsqueeze(sin, axis_heads)  # [batch, 1, seq, d/2]
+        half = x.shape[3] // 2
+        first = op.Slice(x, op.Constant(value_ints=[0]), op.Constant(value_ints=[half]), op.Constant(value_ints=[-1]))
+        second = op.Slice(x, op.Constant(value_ints=[half]), op.Constant(value_ints=[2 * half]),
+                          op.Constant(value_ints=[-1]))
+        return op.Concat(op.Sub(op.Mul(first, cos), op.Mul(second, sin)),
+                         op.Add(op.Mul(second, cos), op.Mul(first, sin)), axis=-1)
+
+
 class DecomposeGelu(pattern.RewriteRuleClassBase):
     """ONNX Gelu (opset 20), exact or tanh-approximated -> Erf or Tanh with Mul / Add."""
 
@@ -266,6 +345,7 @@ DECOMPOSITIONS = pattern.RewriteRuleSet([
     TransposedWeightMatMulToGemm.rule(),
     DecomposeLayerNorm.rule(), DecomposeRmsNormalization.rule(), DecomposeSimplifiedLayerNormalization.rule(),
     DecomposeSkipSimplifiedLayerNorm.rule(), DecomposeSkipLayerNorm.rule(),
+    DecomposeAttention.rule(), DecomposeRotaryEmbedding.rule(),
     DecomposeGelu.rule(), DecomposeMsGelu.rule(), DecomposeBiasGelu.rule(), DecomposeFastGelu.rule(),
     DecomposeQuickGelu.rule(),
 ])
@@ -289,7 +369,8 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
 def _is_decomposable(op: str) -> bool:
     return op in {"Transpose", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
                   f"{MS}::Gelu", f"{MS}::BiasGelu", f"{MS}::FastGelu", f"{MS}::QuickGelu",
-                  f"{MS}::SkipSimplifiedLayerNormalization", f"{MS}::SkipLayerNormalization"}
+                  f"{MS}::SkipSimplifiedLayerNormalization", f"{MS}::SkipLayerNormalization", "Attention",
+                  "RotaryEmbedding"}
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:

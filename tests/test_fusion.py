@@ -171,6 +171,18 @@ def test_cann_legalization_undoes_cpu_skip_norms(tiny_llama):
         assert np.abs(_run(legal, feed) - _run(fused, feed)).max() < TOLERANCE
 
 
+def test_cann_legalization_decomposes_opset_23_attention_and_rotary(tiny_llama):
+    fused = canonical(tiny_llama, 23)
+    FuseOperatorsPass("cpu")(fused)
+    assert {"Attention", "RotaryEmbedding"} <= {n.op_type for n in fused.graph}
+    ir.external_data.load_to_model(fused)
+    legal = ir.from_proto(ir.to_proto(fused))
+    ir.passes.PassManager(legalization_passes())(legal)
+    assert {n.op_type for n in legal.graph} <= GRAPH_WHITELIST and not [n for n in legal.graph if n.domain]
+    for feed in heldout_feeds(fused, tiny_llama):
+        assert np.abs(_run(legal, feed) - _run(fused, feed)).max() < TOLERANCE
+
+
 def test_cann_refuses_what_it_cannot_take_unless_allowed():
     def with_einsum() -> ir.Model:
         # An op with no decomposition and not on the whitelist stays, and is named in the error.
