@@ -193,18 +193,52 @@ class DecomposeAttention(pattern.RewriteRuleClassBase):
         if heads != kv_heads:
             key, value = (self._repeat(op, t, heads // kv_heads, heads) for t in (key, value))
         scale = node.attributes.get_float("scale", 1.0 / math.sqrt(head_size))
-        scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])), _scalar(op, scale, query))
-        mask = node.inputs[3] if len(node.inputs) > 3 else None
-        if mask is not None:
-            if mask.dtype == ir.DataType.BOOL:  # True = attend
-                mask = op.Where(mask, _scalar(op, 0.0, query), _scalar(op, -np.inf, query))
-            scores = op.Add(scores, mask)
-        return op.MatMul(op.Softmax(scores, axis=-1), value)
+        return _attend(op, query, key, value, node.inputs[3] if len(node.inputs) > 3 else None, scale)
 
     @staticmethod
     def _repeat(op, x, group: int, heads: int):
         grouped = op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[2])), op.Constant(value_ints=[1, 1, group, 1, 1]))
         return op.Reshape(grouped, op.Constant(value_ints=[0, heads, -1, x.shape[3]]))
+
+
+def _attend(op, query, key, value, mask, scale: float):
+    """softmax(Q K^T * scale + mask) V on [batch, heads, seq, d] tensors; a boolean mask is True where attended."""
+    scores = op.Mul(op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2])), _scalar(op, scale, query))
+    if mask is not None:
+        if mask.dtype == ir.DataType.BOOL:
+            mask = op.Where(mask, _scalar(op, 0.0, query), _scalar(op, -np.inf, query))
+        scores = op.Add(scores, mask)
+    return op.MatMul(op.Softmax(scores, axis=-1), value)
+
+
+class DecomposeMultiHeadAttention(pattern.RewriteRuleClassBase):
+    """com.microsoft MultiHeadAttention on 3-D [batch, seq, heads * d] Q/K/V with at most an additive attention
+    bias (as qtc's cuda fusion writes it) -> per-head Reshape / Transpose around the same MatMul / Softmax / MatMul."""
+
+    def pattern(self, op, query, key, value):
+        return op.MultiHeadAttention(query, key, value, _domain=MS, _allow_other_inputs=True, _outputs=["y"])
+
+    def check(self, context, query, key, value, y, **_):
+        node = y.producer()
+        result = _float_input(query)
+        for name, v in (("query", query), ("key", key), ("value", value)):
+            if result and (v.shape is None or v.shape.rank() != 3 or not isinstance(v.shape[2], int)):
+                result.fail(f"{name} is not a 3-D [batch, seq, hidden] tensor with a static hidden size", v)
+        extra = [i for i, v in enumerate(node.inputs[3:], start=3) if v is not None and i != 5]
+        if result and (extra or len(node.outputs) > 1):
+            return result.fail("bias, key padding mask or KV cache inputs/outputs are not decomposed", node)
+        return result
+
+    def rewrite(self, op, query, key, value, y, **_):
+        node = y.producer()
+        heads = node.attributes.get_int("num_heads")
+        head_size = query.shape[2] // heads
+        split = op.Constant(value_ints=[0, 0, heads, -1])
+        q, k, v = (op.Transpose(op.Reshape(t, split), perm=[0, 2, 1, 3]) for t in (query, key, value))
+        bias = node.inputs[5] if len(node.inputs) > 5 else None
+        scale = node.attributes.get_float("scale", 0.0) or 1.0 / math.sqrt(head_size)
+        out = _attend(op, q, k, v, bias, scale)
+        return op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
 
 
 class DecomposeRotaryEmbedding(pattern.RewriteRuleClassBase):
@@ -227,17 +261,37 @@ class DecomposeRotaryEmbedding(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, cos, sin, y, **_):
         node = y.producer()
-        positions = node.inputs[3] if len(node.inputs) > 3 else None
-        if positions is not None:  # [max_position, d/2] tables indexed by [batch, seq] positions
-            cos, sin = op.Gather(cos, positions, axis=0), op.Gather(sin, positions, axis=0)
-        axis_heads = op.Constant(value_ints=[1])
-        cos, sin = op.Unsqueeze(cos, axis_heads), op.Unsqueeze(sin, axis_heads)  # [batch, 1, seq, d/2]
-        half = x.shape[3] // 2
-        first = op.Slice(x, op.Constant(value_ints=[0]), op.Constant(value_ints=[half]), op.Constant(value_ints=[-1]))
-        second = op.Slice(x, op.Constant(value_ints=[half]), op.Constant(value_ints=[2 * half]),
-                          op.Constant(value_ints=[-1]))
-        return op.Concat(op.Sub(op.Mul(first, cos), op.Mul(second, sin)),
-                         op.Add(op.Mul(second, cos), op.Mul(first, sin)), axis=-1)
+        return _rotate_half(op, x, cos, sin, node.inputs[3] if len(node.inputs) > 3 else None)
+
+
+class DecomposeMsRotaryEmbedding(DecomposeRotaryEmbedding):
+    """com.microsoft RotaryEmbedding(x, position_ids, cos_cache, sin_cache) on a 4-D input, the same way."""
+
+    def pattern(self, op, x, positions, cos, sin):
+        return op.RotaryEmbedding(x, positions, cos, sin, _domain=MS, _outputs=["y"])
+
+    def check(self, context, x, y, **_):
+        result = super().check(context, x, y)
+        if result and y.producer().attributes.get_float("scale", 1.0) != 1.0:
+            return result.fail("a scaled rotation is not decomposed", x)
+        return result
+
+    def rewrite(self, op, x, positions, cos, sin, **_):
+        return _rotate_half(op, x, cos, sin, positions)
+
+
+def _rotate_half(op, x, cos, sin, positions):
+    """x [batch, heads, seq, d] rotated by cos/sin [batch, seq, d/2] (or [max_position, d/2] rows at positions)."""
+    if positions is not None:
+        cos, sin = op.Gather(cos, positions, axis=0), op.Gather(sin, positions, axis=0)
+    axis_heads = op.Constant(value_ints=[1])
+    cos, sin = op.Unsqueeze(cos, axis_heads), op.Unsqueeze(sin, axis_heads)  # [batch, 1, seq, d/2]
+    half = x.shape[3] // 2
+    last = op.Constant(value_ints=[-1])
+    first = op.Slice(x, op.Constant(value_ints=[0]), op.Constant(value_ints=[half]), last)
+    second = op.Slice(x, op.Constant(value_ints=[half]), op.Constant(value_ints=[2 * half]), last)
+    return op.Concat(op.Sub(op.Mul(first, cos), op.Mul(second, sin)),
+                     op.Add(op.Mul(second, cos), op.Mul(first, sin)), axis=-1)
 
 
 class DecomposeGelu(pattern.RewriteRuleClassBase):
@@ -345,7 +399,8 @@ DECOMPOSITIONS = pattern.RewriteRuleSet([
     TransposedWeightMatMulToGemm.rule(),
     DecomposeLayerNorm.rule(), DecomposeRmsNormalization.rule(), DecomposeSimplifiedLayerNormalization.rule(),
     DecomposeSkipSimplifiedLayerNorm.rule(), DecomposeSkipLayerNorm.rule(),
-    DecomposeAttention.rule(), DecomposeRotaryEmbedding.rule(),
+    DecomposeAttention.rule(), DecomposeMultiHeadAttention.rule(), DecomposeRotaryEmbedding.rule(),
+    DecomposeMsRotaryEmbedding.rule(),
     DecomposeGelu.rule(), DecomposeMsGelu.rule(), DecomposeBiasGelu.rule(), DecomposeFastGelu.rule(),
     DecomposeQuickGelu.rule(),
 ])
@@ -370,7 +425,7 @@ def _is_decomposable(op: str) -> bool:
     return op in {"Transpose", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
                   f"{MS}::Gelu", f"{MS}::BiasGelu", f"{MS}::FastGelu", f"{MS}::QuickGelu",
                   f"{MS}::SkipSimplifiedLayerNormalization", f"{MS}::SkipLayerNormalization", "Attention",
-                  "RotaryEmbedding"}
+                  "RotaryEmbedding", f"{MS}::MultiHeadAttention", f"{MS}::RotaryEmbedding"}
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:

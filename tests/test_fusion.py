@@ -171,10 +171,16 @@ def test_cann_legalization_undoes_cpu_skip_norms(tiny_llama):
         assert np.abs(_run(legal, feed) - _run(fused, feed)).max() < TOLERANCE
 
 
-def test_cann_legalization_decomposes_opset_23_attention_and_rotary(tiny_llama):
-    fused = canonical(tiny_llama, 23)
-    FuseOperatorsPass("cpu")(fused)
-    assert {"Attention", "RotaryEmbedding"} <= {n.op_type for n in fused.graph}
+@pytest.mark.parametrize("target, opset, fused_ops", [
+    ("cpu", 23, {"Attention", "RotaryEmbedding"}),
+    ("cuda", 21, {"MultiHeadAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization", "QuickGelu"}),
+])
+def test_cann_legalization_undoes_attention_and_rotary_fusions(tiny_llama, target, opset, fused_ops):
+    # A model fused for another target (contrib ops, or opset 23's standard ones) legalizes for cann to
+    # whitelisted primitives with the fused model's outputs.
+    fused = canonical(tiny_llama, opset)
+    FuseOperatorsPass(target)(fused)
+    assert fused_ops <= {n.op_type for n in fused.graph}
     ir.external_data.load_to_model(fused)
     legal = ir.from_proto(ir.to_proto(fused))
     ir.passes.PassManager(legalization_passes())(legal)
