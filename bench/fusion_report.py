@@ -28,12 +28,24 @@ from qtc.report import compare_models
 TARGETS = ("cpu", "cuda", "cann")
 
 
+def per_rule(path: Path, feeds: list[dict]) -> dict:
+    """Each rule alone vs unfused, on ORT CPU: the cpu and cuda forms at opset 21 (cuda's MultiHeadAttention runs
+    on ORT CPU's own kernel) and the cpu forms at opset 23 (standard RotaryEmbedding / Attention)."""
+    out = {}
+    for target, opset in (("cpu", 21), ("cuda", 21), ("cpu", 23)):
+        model = load_model(path)
+        ir.passes.PassManager(canonicalize_passes(opset))(model)
+        out[f"{target}@{opset}"] = measure_fusions(model, target, feeds)
+    return out
+
+
 def report_model(path: Path, n_feeds: int, tokens: int) -> dict:
     model = load_model(path)
     ir.passes.PassManager(canonicalize_passes(21))(model)
     calib = load_calibration("zh-news", tokenizer=path.parent / "tokenizer.json", n_samples=1, seq_len=tokens, seed=0)
     feeds = list(calib.feeds(model_inputs(model), heldout=True))[:n_feeds]
-    result = {"feeds": len(feeds), "tokens": tokens, "per_rule_cpu": measure_fusions(model, "cpu", feeds), "counts": {}}
+    ir.external_data.load_to_model(model)  # in memory, so that the copies below need no base folder
+    result = {"feeds": len(feeds), "tokens": tokens, "per_rule": per_rule(path, feeds), "counts": {}}
     for target in TARGETS:
         copy = ir.from_proto(ir.to_proto(model))
         FuseOperatorsPass(target)(copy)

@@ -6,7 +6,7 @@ zh-news-ppl task (first --limit paragraphs of the zh-news eval split, paired boo
 
 Rows (--rows picks a comma list; default all, in this order):
 - float:                the model itself (its bits/char and CI; deltas are 0 by construction)
-- w8a8, w8a16, w4a8:    qtc built-in recipes
+- w8a8, w8a16, w4a8:    qtc built-in recipes (w4a8-gptq: w4a8 with GPTQ rounding)
 - w8a8-smooth:          w8a8 + SmoothQuant alpha 0.5;  w8a8-smooth-auto: alpha "auto" (per activation)
 - w4a16-{rtn,gptq,awq}-b{32,128}: int4 symmetric weight-only, block 32 / 128, RTN / GPTQ / AWQ
 - w8a8-sq-down16, w4a16-mlp8: the built-in mixes made for outlier-heavy models such as Gemma
@@ -55,6 +55,7 @@ QTC_ROWS: dict[str, str | dict] = {
     "w8a16": "w8a16",
     **{f"w4a16-{a}-b{b}": _w4a16(a, b) for a in ("rtn", "gptq", "awq") for b in (32, 128)},
     "w4a8": "w4a8",
+    "w4a8-gptq": {"base": "w4a8", "name": "w4a8-gptq", "weight": {"algorithm": "gptq"}},
     "w8a8-sq-down16": "w8a8-sq-down16",
     "w4a16-mlp8": "w4a16-mlp8",
 }

@@ -152,19 +152,24 @@ class GroupedSdpaToAttention(pattern.RewriteRuleClassBase):
 
 
 class SdpaToAttention(pattern.RewriteRuleClassBase):
-    """SDPA with as many K/V heads as query heads (key in [B, H, S, d]) -> ONNX Attention (opset 23)."""
+    """SDPA with as many K/V heads as query heads -> ONNX Attention (opset 23); a key in [B, S, H, d] (BERT-style
+    exports) is transposed to [B, H, S, d] first."""
 
-    def pattern(self, op, query, key, value):
-        return op.SDPA(query, key, value, key_format="BHSd", _allow_other_inputs=True, _domain=_INTERMEDIATE_DOMAIN,
-                       _outputs=["sdpa_output"])
+    def pattern(self, op, query, key, value, key_format):
+        return op.SDPA(query, key, value, key_format=key_format, _allow_other_inputs=True,
+                       _domain=_INTERMEDIATE_DOMAIN, _outputs=["sdpa_output"])
 
-    def check(self, context, query, key, **_) -> pattern.MatchResult:
+    def check(self, context, query, key, key_format, **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
+        if key_format.value not in ("BHSd", "BSHd"):
+            return result.fail(f"unknown key format {key_format.value}", key)
         if not (_ir_utils.has_rank(query, 4) and _ir_utils.has_rank(key, 4)):
-            return result.fail("query or key is not a 4-D [batch, heads, seq, head_size] tensor", query)
+            return result.fail("query or key is not a 4-D tensor", query)
         return result
 
-    def rewrite(self, op, query, key, value, sdpa_output, **_):
+    def rewrite(self, op, query, key, value, key_format, sdpa_output, **_):
+        if key_format.value == "BSHd":
+            key = op.Transpose(key, perm=[0, 2, 1, 3])
         mask = sdpa_output.producer().inputs[3:4]
         return op.Attention(query, key, value, *mask, **_sdpa_scale(sdpa_output))
 
