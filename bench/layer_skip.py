@@ -5,11 +5,13 @@ compiled models in --workdir (reused when present, so a sweep can be re-run alon
 
     QTC_THREADS=1 nice -n 10 python bench/layer_skip.py MODEL_ONNX --name zh-tiny-lm [--recipes float,w8a8]
         [--budgets 1.0,0.9,0.8,0.7] [--metric loss] [--samples 64] [--seq-len 256] [--limit 200] [--runs 30]
+        [--table-from float]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -61,6 +63,9 @@ def main() -> int:
     parser.add_argument("--loss-windows", type=int, default=16)
     parser.add_argument("--unit", default="branches")
     parser.add_argument("--loss-candidates", type=int, default=12)
+    parser.add_argument("--table-from", default=None, metavar="RECIPE",
+                        help="calibrate the skip table on this recipe's build only (listed first in --recipes) and "
+                             "reuse it for the others (--skip-table-from)")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--dense-check", action="store_true",
                         help="only compile each recipe without gates too and compare budget=1.0 with it")
@@ -77,11 +82,14 @@ def main() -> int:
     spec = LayerSkipSpec(budgets=budgets, metric=args.metric, unit=args.unit, loss_windows=args.loss_windows,
                          loss_candidates=args.loss_candidates)
     compiled = []
+    source = workdir / f"{args.name}.{args.table_from}.skip.onnx" if args.table_from else None
     for recipe in args.recipes.split(","):
         out = workdir / f"{args.name}.{recipe}.skip.onnx"
         if not out.is_file():
+            reuse = source is not None and recipe != args.table_from
             result = qtc.compile(args.model, recipe=workdir / "float.yaml" if recipe == "float" else recipe,
-                                 calib="zh-news", samples=args.samples, seq_len=args.seq_len, layer_skip=spec)
+                                 calib="zh-news", samples=args.samples, seq_len=args.seq_len,
+                                 layer_skip=dataclasses.replace(spec, table_from=source) if reuse else spec)
             result.save(out)
             print(f"{recipe}: compiled in {result.report['compile_seconds']:.0f} s; "
                   f"{json.dumps(result.report['layer_skip']['realized'])}", flush=True)

@@ -80,16 +80,19 @@ def main() -> None:
 @click.option("--skip-metric", type=click.Choice(["bi", "angular", "loss"]), help="Branch importance for --layer-skip [loss].")
 @click.option("--budget-unit", type=click.Choice(["branches", "compute"]),
               help="What a --layer-skip budget counts: branches run, or their weight multiply-adds [branches].")
+@click.option("--skip-table-from", type=click.Path(dir_okay=False, path_type=Path),
+              help="Reuse the skip table of another --layer-skip build of the same model (e.g. its float build).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, target, output,
-                    no_compare, max_drop, allow_fallback, layer_skip, budgets, skip_metric, budget_unit, as_json):
+                    no_compare, max_drop, allow_fallback, layer_skip, budgets, skip_metric, budget_unit, skip_table_from,
+                    as_json):
     """Compile a float ONNX MODEL with a quantization recipe."""
     import qtc
     from qtc.fallback import parse_budget
 
     options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json,
                    allow_fallback=allow_fallback)
-    skip = _layer_skip_spec(layer_skip, budgets, skip_metric, budget_unit)
+    skip = _layer_skip_spec(layer_skip, budgets, skip_metric, budget_unit, skip_table_from)
     if skip is not None:
         if max_drop:
             raise QtcError("--layer-skip and --max-drop cannot be combined yet")
@@ -106,16 +109,17 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
         _show_compile(result.report, output)
 
 
-def _layer_skip_spec(enabled: bool, budgets: str | None, metric: str | None, unit: str | None):
+def _layer_skip_spec(enabled: bool, budgets: str | None, metric: str | None, unit: str | None,
+                     table_from: Path | None):
     from qtc.passes.layerskip import LayerSkipSpec, parse_budgets
 
     if not enabled:
-        if budgets or metric or unit:
-            raise QtcError("--budgets, --skip-metric and --budget-unit need --layer-skip")
+        if budgets or metric or unit or table_from:
+            raise QtcError("--budgets, --skip-metric, --budget-unit and --skip-table-from need --layer-skip")
         return None
     spec = LayerSkipSpec()
     return LayerSkipSpec(budgets=parse_budgets(budgets) if budgets else spec.budgets, metric=metric or spec.metric,
-                         unit=unit or spec.unit)
+                         unit=unit or spec.unit, table_from=table_from)
 
 
 def _show_compile(report: dict, output: Path) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -62,6 +63,9 @@ class LayerSkipSpec:
     unit: str = "branches"
     loss_windows: int = LOSS_WINDOWS
     loss_candidates: int = LOSS_CANDIDATES
+    # A model already compiled with --layer-skip whose calibrated table this one reuses (e.g. the float build's
+    # table for its quantized builds): the greedy loss search, the costly part, runs once per model family.
+    table_from: Path | None = None
 
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
@@ -323,6 +327,26 @@ class DiscoverBranchesPass(ir.passes.InPlacePass):
                            "weighted branch computed from it)")
 
 
+def _reused_table(path: Path, branches: list[Branch], levels: tuple[float, ...]) -> list[set[int]]:
+    """The calibrated skip table of another gated build of the same model, matched by branch name and level."""
+    from qtc.sweep import skip_plan
+
+    plan = skip_plan(path)
+    names = [b.name for b in branches]
+    if plan["branches"] != names:
+        raise QtcError(f"--skip-table-from {path.name}: its branches differ from this model's "
+                       f"({len(plan['branches'])} vs {len(names)}, or other names)")
+    if tuple(plan["levels"]) != tuple(levels):
+        raise QtcError(f"--skip-table-from {path.name}: its budgets {list(plan['levels'])} differ from {list(levels)}")
+    return [{i for i, skipped in enumerate(row) if skipped} for row in plan["table"]]
+
+
+def _reused_metric(path: Path) -> str:
+    from qtc.sweep import skip_plan
+
+    return skip_plan(path)["metric"]
+
+
 class ScoreBranchesPass(ir.passes.InPlacePass):
     """Score branches on calibration windows and choose the skip table (qtc's, and the static ShortGPT one)."""
 
@@ -343,7 +367,9 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
         costs = unit_costs(branches, self.spec.unit)
         static = [_skip_lowest(costs, block_members, scores["block_bi"], level) for level in levels]
         trace = None
-        if self.spec.metric == "loss":
+        if self.spec.table_from is not None:
+            skips = _reused_table(self.spec.table_from, branches, levels)
+        elif self.spec.metric == "loss":
             with masked(model, branches) as keep:
                 session = self.backend.session(model)
             tokens = token_input(model_inputs(model)).name
@@ -356,8 +382,9 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
         checked = range_check(model, self.backend, feeds, branches, skips, levels, self.quiet)
         model.meta.setdefault("qtc.warnings", []).extend(_range_warnings(checked))
         model.meta[SKIP_PLAN] = {
-            "metric": self.spec.metric,
+            "metric": self.spec.metric if self.spec.table_from is None else _reused_metric(self.spec.table_from),
             "unit": self.spec.unit,
+            "table_from": None if self.spec.table_from is None else self.spec.table_from.name,
             "budgets": list(levels),
             "branches": summary(branches),
             "scores": {"bi": _round(scores["bi"]), "angular": _round(scores["angular"]),
@@ -366,7 +393,7 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
             "realized": [{"budget": lv} | realized(branches, s) for lv, s in zip(levels, skips)],
             "greedy_trace": trace,
             "loss_windows": len(feeds),
-            "loss_candidates": self.spec.loss_candidates if self.spec.metric == "loss" else None,
+            "loss_candidates": self.spec.loss_candidates if trace is not None else None,
             "static_shortgpt": {"table": [[i in s for i in range(len(branches))] for s in static],
                                 "realized": [{"budget": lv} | realized(branches, s) for lv, s in zip(levels, static)]},
             "range_check": checked,

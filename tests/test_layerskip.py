@@ -170,6 +170,32 @@ def test_compile_rejects_bad_budgets(case, args, fragment):
     assert not case["out"].exists()
 
 
+def test_quantized_build_reuses_the_float_builds_table(compiled, tiny_llama, chinese_corpus):
+    import dataclasses
+
+    from qtc.sweep import skip_plan
+
+    spec = dataclasses.replace(SPEC, table_from=compiled["float-gated"])
+    result = qtc.compile(tiny_llama, recipe="w8a8", calib=chinese_corpus, layer_skip=spec, **OPTIONS)
+    plan = result.report["layer_skip"]
+    assert plan["table"] == skip_plan(compiled["float-gated"])["table"]
+    assert plan["table_from"] == compiled["float-gated"].name and plan["greedy_trace"] is None
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--layer-skip", "--budgets", "1.0,0.5", "--skip-table-from", "FLOAT_GATED"], "its budgets"),
+    (["--layer-skip", "--skip-table-from", "UNGATED"], "has no budget gates"),
+    (["--skip-table-from", "FLOAT_GATED"], "need --layer-skip"),
+])
+def test_compile_rejects_a_table_it_cannot_reuse(compiled, tiny_llama, chinese_corpus, tmp_path, args, fragment):
+    where = {"FLOAT_GATED": str(compiled["float-gated"]), "UNGATED": str(compiled["float"])}
+    out = tmp_path / "out.onnx"
+    result = run_cli("compile", tiny_llama, "--calib", chinese_corpus, "--samples", "4", "--seq-len", "64", "-o", out,
+                     *[where.get(a, a) for a in args])
+    assert_bad_input(result, fragment)
+    assert not out.exists()
+
+
 def test_sweep_rejects_bad_input(compiled, tmp_path):
     assert_bad_input(run_cli("sweep", compiled["w8a8"], "--task", "zh-news-ppl", "-o", tmp_path / "s"), "no budget gates")
     assert_bad_input(run_cli("sweep", compiled["w8a8-gated"], "--task", "zh-news-ppl", "--budgets", "0", "-o",
