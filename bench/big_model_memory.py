@@ -27,7 +27,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import (  # noqa: E402
-    MiB,
     RssSampler,
     current_rss_bytes,
     machine,

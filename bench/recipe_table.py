@@ -269,7 +269,7 @@ HEADERS = ["row", "bits/char [95% CI]", "Δ bits/char [95% CI]", "KL/token", "to
 
 
 def markdown(results: dict) -> str:
-    s, c, e = results["settings"], results.get("calibration") or {}, results.get("eval_data") or {}
+    c, e = results.get("calibration") or {}, results.get("eval_data") or {}
     lines = [
         f"# Recipe table: {results['model']['file']}",
         "",
