@@ -26,12 +26,13 @@ HIDDEN, INTERMEDIATE = 640, 2048
 
 
 def gated_mlp_stack(layers: int, merged: bool, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)  # same weights for both forms
+    # Same weights for both forms; std 0.01 keeps an 18-layer residual stream of random MLPs finite (0.03 overflowed).
+    rng = np.random.default_rng(seed)
     nodes, weights, current = [], [], "x"
     for i in range(layers):
-        gate = rng.standard_normal((HIDDEN, INTERMEDIATE), dtype=np.float32) * 0.03
-        up = rng.standard_normal((HIDDEN, INTERMEDIATE), dtype=np.float32) * 0.03
-        down = rng.standard_normal((INTERMEDIATE, HIDDEN), dtype=np.float32) * 0.02
+        gate = rng.standard_normal((HIDDEN, INTERMEDIATE), dtype=np.float32) * 0.01
+        up = rng.standard_normal((HIDDEN, INTERMEDIATE), dtype=np.float32) * 0.01
+        down = rng.standard_normal((INTERMEDIATE, HIDDEN), dtype=np.float32) * 0.01
         weights.append(numpy_helper.from_array(down, f"down{i}"))
         if merged:
             weights.append(numpy_helper.from_array(np.concatenate([gate, up], axis=1), f"gate_up{i}"))
