@@ -181,7 +181,7 @@ class Form:
     targets: tuple[str, ...]
     min_opset: int
     rules: pattern.RewriteRuleSet
-    op: str | None  # None: an intermediate step
+    op: str
 
 
 @dataclass(frozen=True)
@@ -236,7 +236,7 @@ FUSIONS: tuple[Fusion, ...] = (
            "x * sigmoid(x) (the SwiGLU gate's activation; gate and up MatMuls stay standalone)"),
     Fusion("rotary", rotary_embedding.rotary_embedding_rules, {},
            "x cos + rotate_half(x) sin: an intermediate function, kept only when its cos/sin cache fuses too",
-           forms=(Form(_ORT, STANDARD_OPSET, _rotary_embedding.rotary_embedding_rules, "RotaryEmbedding"),)),
+           forms=(Form(("cpu",), STANDARD_OPSET, _rotary_embedding.rotary_embedding_rules, "RotaryEmbedding"),)),
     Fusion("rotary_cache", _rules(
         CosSinCacheByMulFusion.rule("CosSinCache_cast", cast=True, const_freqs=False),
         CosSinCacheByMulFusion.rule("CosSinCache_cast_const_freqs", cast=True, const_freqs=True),

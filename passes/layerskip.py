@@ -327,8 +327,8 @@ class DiscoverBranchesPass(ir.passes.InPlacePass):
                            "weighted branch computed from it)")
 
 
-def _reused_table(path: Path, branches: list[Branch], levels: tuple[float, ...]) -> list[set[int]]:
-    """The calibrated skip table of another gated build of the same model, matched by branch name and level."""
+def _reused_plan(path: Path, branches: list[Branch], levels: tuple[float, ...]) -> dict:
+    """The skip plan (table, metric) of another gated build of the same model, checked by branch name and level."""
     from qtc.sweep import skip_plan
 
     plan = skip_plan(path)
@@ -338,13 +338,7 @@ def _reused_table(path: Path, branches: list[Branch], levels: tuple[float, ...])
                        f"({len(plan['branches'])} vs {len(names)}, or other names)")
     if tuple(plan["levels"]) != tuple(levels):
         raise QtcError(f"--skip-table-from {path.name}: its budgets {list(plan['levels'])} differ from {list(levels)}")
-    return [{i for i, skipped in enumerate(row) if skipped} for row in plan["table"]]
-
-
-def _reused_metric(path: Path) -> str:
-    from qtc.sweep import skip_plan
-
-    return skip_plan(path)["metric"]
+    return plan
 
 
 class ScoreBranchesPass(ir.passes.InPlacePass):
@@ -367,8 +361,9 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
         costs = unit_costs(branches, self.spec.unit)
         static = [_skip_lowest(costs, block_members, scores["block_bi"], level) for level in levels]
         trace = None
-        if self.spec.table_from is not None:
-            skips = _reused_table(self.spec.table_from, branches, levels)
+        reused = _reused_plan(self.spec.table_from, branches, levels) if self.spec.table_from else None
+        if reused is not None:
+            skips = [{i for i, skipped in enumerate(row) if skipped} for row in reused["table"]]
         elif self.spec.metric == "loss":
             with masked(model, branches) as keep:
                 session = self.backend.session(model)
@@ -382,7 +377,7 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
         checked = range_check(model, self.backend, feeds, branches, skips, levels, self.quiet)
         model.meta.setdefault("qtc.warnings", []).extend(_range_warnings(checked))
         model.meta[SKIP_PLAN] = {
-            "metric": self.spec.metric if self.spec.table_from is None else _reused_metric(self.spec.table_from),
+            "metric": self.spec.metric if reused is None else reused["metric"],
             "unit": self.spec.unit,
             "table_from": None if self.spec.table_from is None else self.spec.table_from.name,
             "budgets": list(levels),
