@@ -10,21 +10,25 @@ Rows (--rows picks a comma list; default all, in this order):
 - w8a8-smooth:          w8a8 + SmoothQuant alpha 0.5;  w8a8-smooth-auto: alpha "auto" (per activation)
 - w4a16-{rtn,gptq,awq}-b{32,128}: int4 symmetric weight-only, block 32 / 128, RTN / GPTQ / AWQ
 - w8a8-sq-down16, w4a16-mlp8: the built-in mixes made for outlier-heavy models such as Gemma
+- w8a8-sq-down16-{p,mse}, w8a8-sqauto-down16: that mix with percentile-99.99 / MSE activation ranges, or with
+                        SmoothQuant alpha "auto"; w8a8-sq-down16-v: plus v_proj of layers 8-10 at w8a16
 - ort-quantize-static:  onnxruntime quantize_static(QDQ, per_channel, MinMax, QInt8/QInt8, default op types)
 - ort-matmulnbits-rtn:  MatMulNBitsQuantizer, DefaultWeightOnlyQuantConfig(4 bit, block 32, symmetric)
 - ort-matmulnbits-gptq: MatMulNBitsQuantizer, GPTQWeightOnlyQuantConfig (the INC-derived GPTQ) with the same
-                        calibration windows, 4 bit, block 32, symmetric (--skip-slow leaves it out)
+                        calibration windows, 4 bit, block 32, symmetric (--skip-slow leaves it out;
+                        --ort-gptq-samples N feeds it only the first N windows, noted in the table)
 
 Rows run in this process one after another; a failing row is recorded with its error and the rest go on. The
 JSON is rewritten after every row, so an interrupted run keeps what it measured.
 
     python bench/recipe_table.py MODEL_ONNX [--samples 64] [--seq-len 256] [--limit N] [--rows ROWS]
-                                            [--out NAME] [--workdir DIR] [--skip-slow]
+                                            [--out NAME] [--workdir DIR] [--skip-slow] [--ort-gptq-samples N]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import shutil
@@ -62,6 +66,11 @@ QTC_ROWS: dict[str, str | dict] = {
         {"name": "*layers.[89].self_attn.v_proj*", "recipe": "w8a16"},
         {"name": "*layers.10.self_attn.v_proj*", "recipe": "w8a16"}]},
     "w4a16-mlp8": "w4a16-mlp8",
+    # the same with clipped activation ranges instead of minmax
+    "w8a8-sq-down16-p": {"base": "w8a8-sq-down16", "name": "w8a8-sq-down16-p",
+                         "activation": {"calibrator": "percentile", "percentile": 99.99}},
+    "w8a8-sq-down16-mse": {"base": "w8a8-sq-down16", "name": "w8a8-sq-down16-mse", "activation": {"calibrator": "mse"}},
+    "w8a8-sqauto-down16": {"base": "w8a8-sq-down16", "name": "w8a8-sqauto-down16", "smooth": {"alpha": "auto"}},
 }
 ORT_ROWS = ("ort-quantize-static", "ort-matmulnbits-rtn", "ort-matmulnbits-gptq")
 ROWS = ("float", *QTC_ROWS, *ORT_ROWS)
@@ -81,14 +90,25 @@ class _Reader(_FeedsReader):
     """qtc's calibration feeds as an ORT CalibrationDataReader; deep-copyable (ORT's GPTQ path deep-copies the
     reader before iterating it, and a live generator cannot be copied)."""
 
+    limit: int | None = None
+
     def __deepcopy__(self, memo):
-        return type(self)(self.calib, self.inputs)
+        copy = type(self)(self.calib, self.inputs)
+        copy.limit = self.limit
+        copy.rewind()
+        return copy
+
+    def rewind(self) -> None:
+        self._iter = itertools.islice(self.calib.feeds(self.inputs), self.limit)
 
 
-def _reader(calib, inputs):
+def _reader(calib, inputs, limit: int | None = None):
     from onnxruntime.quantization import CalibrationDataReader
 
-    return type("Reader", (_Reader, CalibrationDataReader), {})(calib, inputs)
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib, inputs)
+    reader.limit = limit
+    reader.rewind()
+    return reader
 
 
 def _calibration(args, tokenizer: Path):
@@ -155,8 +175,11 @@ def _ort_row(row: str, args, out: Path, tokenizer: Path) -> dict:
             settings = {"algo_config": "DefaultWeightOnlyQuantConfig", "bits": 4, "block_size": block,
                         "is_symmetric": symmetric}
         else:
-            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_reader(calib, inputs))
-            settings = {"algo_config": "GPTQWeightOnlyQuantConfig", "bits": 4, "group_size": block,
+            # ORT's GPTQ runs the whole model once per window per distinct MatMul input (gemma-3-270m: 72 inputs),
+            # so a large model may get only the first --ort-gptq-samples windows; the row records how many.
+            windows = min(args.ort_gptq_samples or args.samples, args.samples)
+            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_reader(calib, inputs, windows))
+            settings = {"algo_config": "GPTQWeightOnlyQuantConfig", "calibration_windows": windows, "bits": 4, "group_size": block,
                         "is_symmetric": symmetric, "percdamp": config.percdamp, "gptq_blocksize": config.block_size,
                         "actorder": config.actorder, "mse": config.mse, "perchannel": config.perchannel}
         # bits / block_size / is_symmetric of the quantizer itself set the per-node config the GPTQ path uses.
@@ -300,6 +323,9 @@ def markdown(results: dict) -> str:
             notes.append(f"- {row}: skipped ({entry['skipped']})")
         elif not entry.get("ok"):
             notes.append(f"- {row}: FAILED: {entry.get('error', '').splitlines()[0] if entry.get('error') else '?'}")
+        windows = (entry.get("settings") or {}).get("calibration_windows")
+        if windows is not None and windows < (c.get("samples") or windows):
+            notes.append(f"- {row}: calibrated on the first {windows} of the {c.get('samples')} windows")
         for note in entry.get("target_notes") or []:
             notes.append(f"- {row}: target note: {note}")
         for warning in entry.get("warnings") or []:
@@ -331,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
                         "folder, removed at the end)")
     parser.add_argument("--render", action="store_true", help="only rewrite the .md from the existing "
                         "bench/results/recipe_table_NAME.json (needs --out or the same model)")
+    parser.add_argument("--ort-gptq-samples", type=int, default=None, help="calibration windows for ORT's GPTQ "
+                        "row: the first N of --samples (default: all)")
     parser.add_argument("--skip-slow", action="store_true", help=f"leave out {', '.join(SLOW_ROWS)} "
                         "(ORT's GPTQ runs the model once per calibration sample per distinct MatMul input)")
     args = parser.parse_args(argv)
