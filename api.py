@@ -24,6 +24,7 @@ from qtc.passes.fusion import fusion_counts
 from qtc.passes.legalize import LEGALIZATION_META
 from qtc.passes.layerskip import SKIP_PLAN, LayerSkipSpec
 from qtc.passes.pipeline import build_pipeline
+from qtc.passes.weightonly import EXPANDED
 from qtc.recipes import Recipe, load_recipe
 from qtc.report import compare_models, graph_summary, write_json_atomic
 
@@ -166,7 +167,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         "target": target,
         "calibration": _calibration_report(calib_set, resolved),
         "source": {"file": source.name if source else None, "graph": before},
-        "compiled": {"graph": graph_summary(graph_model), **_quantized_counts(graph_model)},
+        "compiled": {"graph": graph_summary(graph_model), **_quantized_counts(graph_model),
+                     "expanded_int8_weights": graph_model.meta.get(EXPANDED, 0)},
         "size": {"source_file_bytes": source_bytes, "source_tensor_bytes": before["tensor_bytes"],
                  "compiled_tensor_bytes": tensor_bytes(graph_model)},
         "activation_ranges": _ranges(graph_model),

@@ -20,9 +20,13 @@ PACKED_INPUT = {"MatMulNBits": 1, "GatherBlockQuantized": 0}
 
 
 def quantized_fraction(model: ir.Model) -> dict:
-    """Weights (initializers of rank >= 2, also inside If branches) stored as integers behind a DequantizeLinear or
-    packed for a block kernel (counted in weights, not bytes), by element count."""
-    dq_inputs = {n.inputs[0].name for n in model.graph.all_nodes() if n.op_type == "DequantizeLinear" and n.inputs[0] is not None}
+    """Weights (initializers of rank >= 2, also inside If branches) stored as integers behind a DequantizeLinear (or
+    the Cast of an expanded int8 weight) or packed for a block kernel (counted in weights, not bytes), by element
+    count."""
+    # DequantizeLinear inputs, and the 8-bit weights passes/weightonly.py hands to a Cast (expanded at load)
+    dq_inputs = {n.inputs[0].name for n in model.graph.all_nodes() if n.inputs and n.inputs[0] is not None
+                 and (n.op_type == "DequantizeLinear"
+                      or n.op_type == "Cast" and n.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8))}
     packed = {n.inputs[PACKED_INPUT[n.op_type]].name: n.attributes.get_int("bits", 4)
               for n in model.graph.all_nodes() if n.op_type in PACKED_INPUT and n.domain == "com.microsoft"}
     quantized = floating = 0

@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from qtc.recipes import FLOAT_DTYPES, Recipe
+from qtc.recipes import FLOAT_DTYPES, INHERIT, Recipe
 
 
 
@@ -35,6 +35,9 @@ class Backend:
     # com.microsoft GatherBlockQuantized + MatMulNBits read one packed embedding table (see passes/tables.py).
     block_table_kernels: bool = False
     float8_kernels: bool = False  # a GEMM that consumes float8 Q/DQ directly (ORT 1.32 CPU has none)
+    # Weight-only int8 weights become Cast -> Mul, which ORT folds into float32 at load: its 8-bit MatMulNBits
+    # dequantizes the whole weight per call (see passes/weightonly.py).
+    expand_int8_weights: bool = False
     compiles: bool = True  # whether `qtc compile --target NAME` is supported (legalization exists)
 
     def fusion_passes(self, keep_residual_adds: bool = False) -> list[ir.passes.PassBase]:
@@ -86,19 +89,23 @@ class Backend:
             return recipe, [f"{recipe.name} on {self.name}: no float8 GEMM kernel; weights are dequantized to float32 "
                             "on every run and activations rounded to the float8 grid by QuantizeLinear -> "
                             "DequantizeLinear (float8 rounding, float32 arithmetic)"], {}
+        expansion = [f"{recipe.name} on {self.name}: weight-only int8 layers are stored int8 and expanded to float32 "
+                     "once at session load (ORT's 8-bit MatMulNBits would dequantize them on every call); they compute "
+                     "in float32 at float speed"] if self.expand_int8_weights and has_weight_only_int8(recipe) else []
         if not self.dynamic_activations_for_int4:
-            return recipe, [], {}
+            return recipe, expansion, {}
         if recipe.activation is None:
             # ORT fuses weight-only DQ -> MatMul into MatMulNBits, whose default accuracy_level 4 would quietly
             # quantize the "a16" activations to int8: ask for float activations.
-            return recipe, [f"{recipe.name} on {self.name}: MatMulNBits runs with accuracy_level 0 (float activations)"], \
-                {ACCURACY_LEVEL: "0"}
+            notes = [] if recipe.weight.dtype == "int8" else \
+                [f"{recipe.name} on {self.name}: MatMulNBits runs with accuracy_level 0 (float activations)"]
+            return recipe, notes + expansion, {ACCURACY_LEVEL: "0"}
         if recipe.weight.dtype not in ("int4", "uint4"):
-            return recipe, [], {}
+            return recipe, expansion, {}
         note = (f"{recipe.name} on {self.name}: static int8 activation QDQ would block ORT's MatMulNBits fusion "
                 "(its selector takes one DQ input); activations are quantized to int8 per block at run time instead "
                 "(MatMulNBits accuracy_level 4)")
-        return dataclasses.replace(recipe, activation=None), [note], {ACCURACY_LEVEL: "4"}
+        return dataclasses.replace(recipe, activation=None), [note, *expansion], {ACCURACY_LEVEL: "4"}
 
     def runtime_ops(self, model: ir.Model) -> dict[str, int]:
         """The op histogram after ORT's own graph optimizations: which kernels (and numerics) really run.
@@ -160,6 +167,15 @@ def _count_ops(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
                 _count_ops(sub, counts)
+
+
+def has_weight_only_int8(recipe: Recipe) -> bool:
+    """Whether some layer of the recipe may get int8 weights with float activations (globally or by a rule)."""
+    if recipe.activation is None and recipe.weight.dtype == "int8":
+        return True
+    return any(rule.quantize is not False and rule.activation is None
+               and (recipe.weight if rule.weight is INHERIT else rule.weight) is not None
+               and (recipe.weight if rule.weight is INHERIT else rule.weight).dtype == "int8" for rule in recipe.rules)
 
 
 CPU_PROVIDER = "CPUExecutionProvider"

@@ -13,4 +13,5 @@ CPU = Backend(
     unsigned_weights=True,
     dynamic_activations_for_int4=True,
     block_table_kernels=True,
+    expand_int8_weights=True,
 )

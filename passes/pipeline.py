@@ -17,6 +17,7 @@ from qtc.passes.finalize import LimitIrVersionPass, RecordProvenancePass
 from qtc.passes.layerskip import DiscoverBranchesPass, InsertLayerSkipPass, LayerSkipSpec, ScoreBranchesPass
 from qtc.passes.qdq import InsertQDQPass
 from qtc.passes.tables import FuseQuantizedTablesPass
+from qtc.passes.weightonly import ExpandInt8WeightsPass
 from qtc.recipes import Recipe
 
 
@@ -53,6 +54,8 @@ def build_pipeline(
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
             # 5b. Target kernels the runtime does not fuse itself: quantized embedding tables (and tied heads).
             *([FuseQuantizedTablesPass()] if backend.block_table_kernels else []),
+            #     Weight-only int8 weights the runtime would dequantize on every call: expanded once at load.
+            *([ExpandInt8WeightsPass()] if backend.expand_int8_weights else []),
             # 6. Budget gates (only when asked): branches scored and gated on the quantized flat graph, since
             #    calibration and QDQ insertion see only the top-level graph, not If branches.
             *(_layer_skip_passes(layer_skip, calib, measure, quiet) if layer_skip else []),
