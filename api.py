@@ -19,7 +19,7 @@ from qtc.calibration.data import CalibrationSet, check_vocabulary, load_calibrat
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import data_file_name, external_tensors, load_model, save_model, tensor_bytes
 from qtc.passes.annotate import ROLE
-from qtc.passes.calibrate import OBSERVERS
+from qtc.passes.calibrate import OBSERVERS, CalibrationCache
 from qtc.passes.fusion import fusion_counts
 from qtc.passes.legalize import LEGALIZATION_META
 from qtc.passes.layerskip import SKIP_PLAN, LayerSkipSpec
@@ -142,6 +142,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     allow_fallback: bool = False,
     layer_skip: "LayerSkipSpec | None" = None,
     fuse_residuals: bool | None = None,
+    calibration_cache: CalibrationCache | None = None,
 ) -> CompileResult:
     """Compile a float ONNX model with a recipe for a target. A path is loaded fresh; an ir.Model is changed in place.
 
@@ -159,7 +160,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     # Layer skipping gates residual Adds, so it keeps them unfused; `fuse_residuals=False` builds its ungated twin.
     keep_residual_adds = layer_skip is not None if fuse_residuals is None else not fuse_residuals
     _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
-                        keep_residual_adds), graph_model)
+                        keep_residual_adds, calibration_cache), graph_model)
     measure = backend.measuring_backend()
     report = {
         "qtc_version": __version__,
@@ -280,14 +281,29 @@ def compile_within(
     base = load_recipe(recipe).with_calibrator(options.get("calibrator"))
     analysis_options = {k: options[k] for k in ("tokenizer", "samples", "seq_len", "seed") if k in options}
     ranking = analyze(model, base, calib, target, quiet=options.get("quiet", False), **analysis_options)["layers"]
-    attempts = []
+    # Every attempt reads the same windows; the cache lets attempts after the first stream only what changed.
+    calib = _calibration(calib, Path(model), options.get("tokenizer"), options.get("samples", DEFAULT_SAMPLES),
+                         options.get("seq_len", DEFAULT_SEQ_LEN), options.get("seed", 0))
+    cache, attempts = CalibrationCache(), []
+
+    def attempt(k: int, reuse: bool) -> CompileResult:
+        started = time.perf_counter()
+        result = compile(model, with_fallback(base, [r["node"] for r in ranking[:k]]), calib, target,
+                         calibration_cache=cache if reuse else None, **options)
+        attempts.append({"kept_layers": k, "drop": measured_drop(result.report, metric),
+                         "calibration": "reused" if reuse and attempts else "streamed",
+                         "seconds": round(time.perf_counter() - started, 1)})
+        return result
+
     for k in fallback_sizes(len(ranking)):
-        kept = ranking[:k]
-        result = compile(model, with_fallback(base, [r["node"] for r in kept]), calib, target, **options)
-        drop = measured_drop(result.report, metric)
-        attempts.append({"kept_layers": k, "drop": drop})
-        if drop <= limit:
+        result = attempt(k, reuse=True)
+        if attempts[-1]["drop"] <= limit:
             break
+    if len(attempts) > 1:
+        # Reused ranges were measured on a graph smoothed for another fallback set: equal up to float rounding.
+        # The result is a fresh compile of the chosen recipe, so recompiling the report's recipe gives these bytes.
+        result = attempt(k, reuse=False)
+    kept, drop = ranking[:k], attempts[-1]["drop"]
     result.report["fallback"] = {
         "metric": metric, "meaning": METRICS[metric][0], "budget": limit, "met": drop <= limit, "attempts": attempts,
         "kept": [{"node": r["node"], "module": r["module"], "sqnr_db": r["sqnr_db"], "dominant_noise": r["dominant_noise"]}

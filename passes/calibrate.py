@@ -6,6 +6,8 @@ the number of samples. Ranges land in `model.meta[RANGES]` keyed by `activation_
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Iterator
 
 import numpy as np
@@ -53,14 +55,39 @@ def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet,
             advance()
 
 
+class CalibrationCache:
+    """What the streaming passes measured, kept across compiles of one model on one calibration set.
+
+    `qtc compile --max-drop` compiles the same model several times, only moving layers to weight-only; the layer
+    statistics (taken before smoothing) and the ranges of the activations still quantized do not change, so later
+    attempts stream only what is new. A range is reused only if its activation was smoothed the same way (the
+    smoothing record of its layer group): smoothing rescales that activation and nothing downstream of it.
+    """
+
+    def __init__(self) -> None:
+        self.layer_stats: dict[str, dict] = {}  # activation name -> {"gram": Gram, "absmax": ChannelAbsMax}
+        self.ranges: dict[tuple, tuple] = {}  # activation key -> (smoothing record, range, observer summary)
+
+    def stats(self, name: str, needs: dict) -> dict | None:
+        """A private copy (smoothing updates statistics in place) of the cached collectors, if they cover `needs`."""
+        cached = self.layer_stats.get(name)
+        return copy.deepcopy(cached) if cached is not None and set(needs) <= set(cached) else None
+
+
+def _smoothing_of(model: ir.Model, value: ir.Value) -> str:
+    return json.dumps(model.meta.get("qtc.smoothing", {}).get(value.name), sort_keys=True)
+
+
 class CalibrateActivationsPass(ir.passes.InPlacePass):
     """Observe every activation the annotations ask for; requires annotations, ensures a range for each."""
 
-    def __init__(self, calib: CalibrationSet | None, backend: Backend, quiet: bool = False) -> None:
+    def __init__(self, calib: CalibrationSet | None, backend: Backend, quiet: bool = False,
+                 cache: CalibrationCache | None = None) -> None:
         super().__init__()
         self.calib = calib
         self.backend = backend
         self.quiet = quiet
+        self.cache = cache
 
     def requires(self, model: ir.Model) -> None:
         if activations_to_observe(model.graph) and (self.calib is None or self.calib.n_samples == 0):
@@ -71,16 +98,25 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         wanted = activations_to_observe(model.graph)
         if not wanted:
             return ir.passes.PassResult(model, modified=False)
+        smoothing = {key: _smoothing_of(model, value) for key, (value, _) in wanted.items()}
+        known = {}
+        if self.cache is not None:
+            known = {key: hit[1:] for key in wanted if (hit := self.cache.ranges.get(key)) and hit[0] == smoothing[key]}
         observers = {
             key: make_observer(spec.calibrator, percentile=spec.percentile, symmetric=spec.symmetric)
-            for key, (_, spec) in wanted.items()
+            for key, (_, spec) in wanted.items() if key not in known
         }
-        names = {key: value.name for key, (value, _) in wanted.items()}
-        for produced in stream_activations(model, self.backend, self.calib, set(names.values()), "calibrating", self.quiet):
-            for key, observer in observers.items():
-                observer.update(produced[names[key]])
-        model.meta[RANGES] = {key: obs.range() for key, obs in observers.items()}
-        model.meta[OBSERVERS] = {key: obs.summary() for key, obs in observers.items()}
+        names = {key: wanted[key][0].name for key in observers}
+        if observers:
+            for produced in stream_activations(model, self.backend, self.calib, set(names.values()), "calibrating", self.quiet):
+                for key, observer in observers.items():
+                    observer.update(produced[names[key]])
+        measured = {key: (obs.range(), obs.summary()) for key, obs in observers.items()}
+        if self.cache is not None:
+            self.cache.ranges.update({key: (smoothing[key], *found) for key, found in measured.items()})
+        found = dict(sorted((known | measured).items(), key=lambda item: str(item[0])))
+        model.meta[RANGES] = {key: value[0] for key, value in found.items()}
+        model.meta[OBSERVERS] = {key: value[1] for key, value in found.items()}
         return ir.passes.PassResult(model, modified=False)
 
     def ensures(self, model: ir.Model) -> None:
@@ -97,10 +133,11 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False,
-                 every_layer: bool = False):
+                 every_layer: bool = False, cache: CalibrationCache | None = None):
         super().__init__()
         self.calib, self.backend, self.smooth, self.quiet = calib, backend, smooth, quiet
         self.every_layer = every_layer  # sensitivity analysis wants both statistics for every quantized layer
+        self.cache = cache
 
     def _wanted(self, graph: ir.Graph) -> dict[str, dict]:
         wanted: dict[str, dict] = {}
@@ -121,9 +158,16 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         if self.calib is None or self.calib.n_samples == 0:
             raise QtcError("smoothing and GPTQ/AWQ rounding need calibration data: pass --calib")
-        for produced in stream_activations(model, self.backend, self.calib, set(wanted), "layer statistics", self.quiet):
-            for name, collectors in wanted.items():
-                for collector in collectors.values():
-                    collector.update(produced[name])
-        model.meta[LAYER_STATS] = wanted
+        known = {}
+        if self.cache is not None:
+            known = {name: hit for name, needs in wanted.items() if (hit := self.cache.stats(name, needs)) is not None}
+        missing = {name: needs for name, needs in wanted.items() if name not in known}
+        if missing:
+            for produced in stream_activations(model, self.backend, self.calib, set(missing), "layer statistics", self.quiet):
+                for name, collectors in missing.items():
+                    for collector in collectors.values():
+                        collector.update(produced[name])
+            if self.cache is not None:
+                self.cache.layer_stats.update(copy.deepcopy(missing))
+        model.meta[LAYER_STATS] = dict(sorted((known | missing).items()))
         return ir.passes.PassResult(model, modified=False)

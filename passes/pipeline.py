@@ -9,7 +9,7 @@ from qtc.backends import compile_target
 from qtc.backends.base import max_ir_version
 from qtc.calibration.data import CalibrationSet
 from qtc.passes.annotate import AnnotateQuantizationPass
-from qtc.passes.calibrate import CalibrateActivationsPass, CollectLayerStatisticsPass
+from qtc.passes.calibrate import CalibrateActivationsPass, CalibrationCache, CollectLayerStatisticsPass
 from qtc.passes.outliers import SmoothActivationsPass
 from qtc.passes.rounding import RoundWeightsPass
 from qtc.passes.canonicalize import canonicalize_passes
@@ -30,6 +30,7 @@ def build_pipeline(
     allow_fallback: bool = False,
     layer_skip: LayerSkipSpec | None = None,
     keep_residual_adds: bool = False,
+    cache: CalibrationCache | None = None,
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
     measure = backend.measuring_backend()
@@ -45,11 +46,12 @@ def build_pipeline(
             AnnotateQuantizationPass(recipe),
             # 3. Outliers and rounding from streamed layer statistics (X^T X, channel max): SmoothQuant moves
             #    activation outliers into weights; GPTQ / AWQ choose the integers. Float semantics unchanged.
-            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet),
+            #    `cache`: what an earlier compile of this model on this data measured (--max-drop's attempts).
+            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, cache=cache),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
             RoundWeightsPass(),
             # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming.
-            CalibrateActivationsPass(calib, measure, quiet=quiet),
+            CalibrateActivationsPass(calib, measure, quiet=quiet, cache=cache),
             # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
             # 5b. Target kernels the runtime does not fuse itself: quantized embedding tables (and tied heads).

@@ -1,6 +1,7 @@
 """SmoothQuant, GPTQ and AWQ: float semantics preserved by channel scaling; data-driven rounding beats RTN."""
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
@@ -142,3 +143,20 @@ def test_smoothing_skips_weight_only_layers(tiny_llama):
     CollectLayerStatisticsPass(calib, get_backend("cpu"), recipe.smooth, quiet=True)(model)
     SmoothActivationsPass(recipe.smooth)(model)
     assert len(model.meta["qtc.smoothing"]) == 12  # the 4 down_proj inputs are left alone
+
+
+def test_max_drop_attempts_reuse_calibration_without_changing_the_result(tiny_llama):
+    """Attempts after the first reuse the streamed statistics and ranges (a CalibrationCache); the model returned
+    must be byte for byte the one a fresh compile of the reported fallback recipe gives."""
+    from qtc.fallback import with_fallback
+
+    base = parse_recipe({"base": "w8a8", "name": "w8a8-smooth", "smooth": {"alpha": 0.5}})
+    options = {"calib": "zh-news", "samples": 4, "seq_len": 64, "quiet": True}
+    within = qtc.compile_within(tiny_llama, ("kl", 1e-5), recipe=base, **options)
+    fallback = within.report["fallback"]
+    assert len(fallback["attempts"]) >= 3 and fallback["kept"]
+    # the search reuses what the first attempt streamed; the result is then compiled afresh
+    assert [a["calibration"] for a in fallback["attempts"]] == ["streamed"] + ["reused"] * (len(fallback["attempts"]) - 2) + ["streamed"]
+    fresh = qtc.compile(tiny_llama, with_fallback(base, [layer["node"] for layer in fallback["kept"]]), **options)
+    assert fresh.report["heldout_comparison"] == within.report["heldout_comparison"]
+    assert ir.to_proto(fresh.model).SerializeToString() == ir.to_proto(within.model).SerializeToString()
