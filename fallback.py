@@ -2,7 +2,8 @@
 
 Rank layers by SQNR (`qtc.analyze`), then keep the k most sensitive ones in higher precision for k = 0, 1, 2,
 4, 8, ... until the held-out comparison meets the budget. Higher precision means w8a16 (int8 weights, float
-activations); layers of a recipe that is already weight-only int8 stay in float.
+activations); layers of a recipe that is already weight-only int8 stay in float. The attempts share one
+`CalibrationCache` (qtc.passes.calibrate): only the first streams the calibration windows (see `qtc.compile_within`).
 """
 
 from __future__ import annotations
