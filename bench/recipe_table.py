@@ -10,7 +10,7 @@ Rows (--rows picks a comma list; default all, in this order):
 - w8a8-smooth:          w8a8 + SmoothQuant alpha 0.5;  w8a8-smooth-auto: alpha "auto" (per activation)
 - w4a16-{rtn,gptq,awq}-b{32,128}: int4 symmetric weight-only, block 32 / 128, RTN / GPTQ / AWQ
 - w8a8-sq-down16, w4a16-mlp8: the built-in mixes made for outlier-heavy models such as Gemma
-                        (w4a16-mlp8-gptq: its int4 attention projections rounded by GPTQ)
+                        (w4a16-mlp8-{gptq,awq}: its int4 attention projections rounded by GPTQ / AWQ)
 - w8a8-sq-down16-{p,mse}, w8a8-sqauto-down16: that mix with percentile-99.99 / MSE activation ranges, or with
                         SmoothQuant alpha "auto"; w8a8-sq-down16-v: plus v_proj of layers 8-10 at w8a16
 - ort-quantize-static:  onnxruntime quantize_static(QDQ, per_channel, MinMax, QInt8/QInt8, default op types)
@@ -68,6 +68,7 @@ QTC_ROWS: dict[str, str | dict] = {
         {"name": "*layers.10.self_attn.v_proj*", "recipe": "w8a16"}]},
     "w4a16-mlp8": "w4a16-mlp8",
     "w4a16-mlp8-gptq": {"base": "w4a16-mlp8", "name": "w4a16-mlp8-gptq", "weight": {"algorithm": "gptq"}},
+    "w4a16-mlp8-awq": {"base": "w4a16-mlp8", "name": "w4a16-mlp8-awq", "weight": {"algorithm": "awq"}},
     # the same with clipped activation ranges instead of minmax
     "w8a8-sq-down16-p": {"base": "w8a8-sq-down16", "name": "w8a8-sq-down16-p",
                          "activation": {"calibrator": "percentile", "percentile": 99.99}},
