@@ -146,6 +146,9 @@ def _show_compile(report: dict, output: Path) -> None:
         table.add_row("--max-drop", f"{fallback['metric']} drop {fallback['attempts'][-1]['drop']:.4f} "
                                     f"{'<=' if fallback['met'] else '>'} {fallback['budget']} with "
                                     f"{len(fallback['kept'])} layers kept in higher precision")
+        for step in fallback["attempts"]:
+            table.add_row("  attempt", f"{step['kept_layers']} kept: drop {step['drop']:.4f} "
+                                       f"(calibration {step['calibration']}, {step['seconds']:.0f} s)")
         for layer in fallback["kept"]:
             table.add_row("  kept", f"{layer['module'] or layer['node']} (SQNR {layer['sqnr_db']:.1f} dB, "
                                     f"{layer['dominant_noise']} noise)")

@@ -138,3 +138,13 @@ def test_symlinked_data_leaving_the_folder_is_refused(case):
 
 def test_bad_option_is_one_line(case):
     assert_bad_input(qtc("compile", case["model"], "--calibrator", "magic"), "magic")
+
+
+def test_max_drop_table_lists_each_attempt_and_the_layers_kept(tiny_llama, tmp_path):
+    out = tmp_path / "m.onnx"
+    result = qtc("compile", tiny_llama, "--recipe", "w4a16", "--calib", "zh-news", "--samples", "4", "--seq-len", "64",
+                 "--max-drop", "kl=0.002", "-o", out)
+    assert result.returncode == 0, result.stderr
+    attempts = [line for line in result.stdout.splitlines() if "attempt" in line]
+    assert len(attempts) >= 3 and "calibration streamed" in attempts[0] and "calibration reused" in attempts[1]
+    assert "<= 0.002 with" in result.stdout and "kept" in result.stdout and out.is_file()
