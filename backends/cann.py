@@ -18,6 +18,7 @@ import onnx_ir as ir
 
 from qtc.backends.base import Backend
 from qtc.errors import QtcError
+from qtc.recipes import Recipe
 
 # What the CANN EP takes, read from the onnxruntime-cann wheel itself (bench/cann_wheel_check.py wrote the file from
 # the provider library's kernel registry and from the op-name table that SupportONNXModel() reads), not transcribed.
@@ -215,6 +216,20 @@ class CannBackend(Backend):
         from qtc.passes.legalize import legalization_passes
 
         return legalization_passes(allow_fallback)
+
+    def adapt_recipe(self, recipe: Recipe) -> tuple[Recipe, list[str], dict[str, str]]:
+        """The recipe unchanged, with what the CANN EP really computes for it (../shared/docs/cann-ep.md)."""
+        recipe, notes, entries = super().adapt_recipe(recipe)
+        if not recipe.op_types:
+            return recipe, notes, entries
+        notes = [*notes, f"{recipe.name} on {self.name}: QuantizeLinear / DequantizeLinear have no CANN kernel and are "
+                 "not on the graph-mode whitelist, so ORT runs them on the host CPU and the NPU multiplies the "
+                 "dequantized float weights (precision_mode must_keep_origin_dtype): the file carries the recipe's "
+                 "integer grids, the NPU computes in float. Ascend's integer matmuls are reached through AMCT/ATC "
+                 "(Q/DQ -> AscendQuant / AscendDequant / AscendAntiQuant), which takes per-tensor activations and "
+                 "per-channel weights only"
+                 + (", not the blocks of this recipe" if recipe.weight.granularity == "block" else "")]
+        return recipe, notes, entries
 
     def measuring_backend(self) -> Backend:
         # Calibration and float comparisons need the float graph computed exactly; they run on ORT CPU whether or

@@ -18,3 +18,11 @@ def test_w4a16_packs_weights_and_fuses_to_matmulnbits(tiny_llama, tmp_path):
     assert packed == fp32 / 8  # two 4-bit values per byte, really stored packed
     assert (packed + scales) / fp32 <= 0.16  # with one fp32 scale per 32 weights, no zero points (symmetric)
     assert result.report["heldout_comparison"]["outputs"]["logits"]["cosine"] > 0.9
+
+
+def test_cann_report_says_the_npu_computes_block_int4_in_float(tiny_llama):
+    result = qtc.compile(tiny_llama, recipe="w4a16", target="cann", quiet=True, compare=False)
+    note = next(n for n in result.report["target_notes"] if n.startswith("w4a16 on cann"))
+    assert "host CPU" in note and "computes in float" in note and "not the blocks" in note
+    placement = result.report["placement"]["graph"]
+    assert placement["cpu_ops"].get("DequantizeLinear", 0) > 0  # the placement model agrees: DQ on the host
