@@ -11,8 +11,8 @@ Rows (--rows picks a comma list; default all, in this order):
 - w4a16-{rtn,gptq,awq}-b{32,128}: int4 symmetric weight-only, block 32 / 128, RTN / GPTQ / AWQ
 - w8a8-sq-down16, w4a16-mlp8: the built-in mixes made for outlier-heavy models such as Gemma
                         (w4a16-mlp8-{gptq,awq}: its int4 attention projections rounded by GPTQ / AWQ)
-- w8a8-sq-down16-{p,mse}, w8a8-sqauto-down16: that mix with percentile-99.99 / MSE activation ranges, or with
-                        SmoothQuant alpha "auto"; w8a8-sq-down16-v: plus v_proj of layers 8-10 at w8a16
+- w8a8-sq-down16-{p,mse}, w8a8-sqauto-down16[-mse]: that mix with percentile-99.99 / MSE activation ranges, or
+                        with SmoothQuant alpha "auto"; w8a8-sq-down16-v: plus v_proj of layers 8-10 at w8a16
 - ort-quantize-static:  onnxruntime quantize_static(QDQ, per_channel, MinMax, QInt8/QInt8, default op types)
 - ort-matmulnbits-rtn:  MatMulNBitsQuantizer, DefaultWeightOnlyQuantConfig(4 bit, block 32, symmetric)
 - ort-matmulnbits-gptq: MatMulNBitsQuantizer, GPTQWeightOnlyQuantConfig (the INC-derived GPTQ) with the same
@@ -74,6 +74,8 @@ QTC_ROWS: dict[str, str | dict] = {
                          "activation": {"calibrator": "percentile", "percentile": 99.99}},
     "w8a8-sq-down16-mse": {"base": "w8a8-sq-down16", "name": "w8a8-sq-down16-mse", "activation": {"calibrator": "mse"}},
     "w8a8-sqauto-down16": {"base": "w8a8-sq-down16", "name": "w8a8-sqauto-down16", "smooth": {"alpha": "auto"}},
+    "w8a8-sqauto-down16-mse": {"base": "w8a8-sq-down16", "name": "w8a8-sqauto-down16-mse", "smooth": {"alpha": "auto"},
+                               "activation": {"calibrator": "mse"}},
 }
 ORT_ROWS = ("ort-quantize-static", "ort-matmulnbits-rtn", "ort-matmulnbits-gptq")
 ROWS = ("float", *QTC_ROWS, *ORT_ROWS)
