@@ -9,10 +9,13 @@ median (and p10 / p90) of --runs runs. The kernels column is the op histogram of
 Recipes (--recipes, comma list): float, w8a8, w8a16, w4a16, w4a8, fp8 (the built-ins) and w4a16-float-table
 (w4a16 with the embedding table, and a tied head, left in float: what the int8 table costs or saves in time). `--compiled ROW=PATH` times a
 model compiled earlier instead of compiling it again (its compile time is then the `compile_seconds` of its
-sidecar report, which includes the held-out comparison, and is marked so); ROW may be any label.
+sidecar report, which includes the held-out comparison, and is marked so); ROW may be any label. `--paired R`
+then loads every row's model in one process and runs them round by round for R rounds: the per-round ratio to
+float (median, bootstrap 95 % interval) holds on a busy machine, where the fresh-process absolute times do not.
 
     python bench/latency.py MODEL_ONNX [--recipes ...] [--compiled ROW=PATH ...] [--tokens 256] [--runs 10]
                                        [--warmup 3] [--samples 64] [--seq-len 256] [--out NAME] [--workdir DIR]
+                                       [--paired ROUNDS]
 """
 
 from __future__ import annotations
@@ -86,25 +89,60 @@ def _tokens(model: Path, count: int):
     raise SystemExit(f"the eval split has fewer than {count} tokens")
 
 
-def latency_worker(args) -> dict:
+def _session(path: Path):
+    """An ORT CPU session on all cores with the model's own `qtc.session.*` config entries."""
     import onnxruntime as ort
 
     from qtc.backends import get_backend
     from qtc.backends.base import session_config
-    from qtc.calibration.data import model_inputs, text_feed
-    from qtc.frontends.onnx_file import load_model
 
     backend = get_backend("cpu")
-    path = Path(args.path)
     options = backend.session_options()
     options.intra_op_num_threads = os.cpu_count() or 1
     config = session_config(str(path))
     for key, value in config.items():
         options.add_session_config_entry(key, value)
+    return ort.InferenceSession(str(path), options, providers=[backend.provider]), options, config
+
+
+def _feed(args, path: Path) -> dict:
+    from qtc.calibration.data import model_inputs, text_feed
+    from qtc.frontends.onnx_file import load_model
+
+    return text_feed(_tokens(Path(args.model), args.tokens), model_inputs(load_model(path)))
+
+
+def paired_worker(args) -> dict:
+    """Every row's model in one process, run round by round (float first in each round): a per-round ratio to
+    float cancels load that changes slowly, so the ratios hold on a busy machine where absolute times do not."""
+    from fusion_latency import paired_ratio
+
+    paths = dict(item.split("=", 1) for item in args.paths.split(","))
+    sessions = {row: _session(Path(path))[0] for row, path in paths.items()}
+    feeds = {row: _feed(args, Path(path)) for row, path in paths.items()}
+    for row, session in sessions.items():
+        for _ in range(args.warmup):
+            session.run(None, feeds[row])
+    times: dict[str, list[float]] = {row: [] for row in sessions}
+    for _ in range(args.runs):
+        for row, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, feeds[row])
+            times[row].append((time.perf_counter() - started) * 1000)
+    return {row: {"median_ms": round(statistics.median(t), 2), "ratio_to_float": paired_ratio(t, times["float"])}
+            for row, t in times.items()}
+
+
+def latency_worker(args) -> dict:
+    from qtc.backends import get_backend
+    from qtc.frontends.onnx_file import load_model
+
+    backend = get_backend("cpu")
+    path = Path(args.path)
     started = time.perf_counter()
-    session = ort.InferenceSession(str(path), options, providers=[backend.provider])
+    session, options, config = _session(path)
     session_seconds = time.perf_counter() - started
-    feed = text_feed(_tokens(Path(args.model), args.tokens), model_inputs(load_model(path)))
+    feed = _feed(args, path)
     for _ in range(args.warmup):
         session.run(None, feed)
     times = []
@@ -153,12 +191,13 @@ def markdown(results: dict) -> str:
         f"{WORKLOAD}, {s['samples']} x {s['seq_len']} tokens, seed 0",
         f"- {results.get('note') or 'the machine may be shared: absolute times are upper bounds'}",
         "",
-        "| recipe | MB | compile s | compile peak RSS MB | session s | prefill ms [p10, p90] | vs float | kernels |",
-        "|---|---:|---:|---:|---:|---:|---:|---|",
+        "| recipe | MB | compile s | compile peak RSS MB | session s | prefill ms [p10, p90] | vs float | "
+        "paired time / float [95% CI] | kernels |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in results["rows"]:
         if not row.get("ok"):
-            lines.append(f"| {row['row']} | FAILED: {row.get('error', '?').splitlines()[-1][:120]} | | | | | | |")
+            lines.append(f"| {row['row']} | FAILED: {row.get('error', '?').splitlines()[-1][:120]} | | | | | | | |")
             continue
         lat, comp = row["latency"], row.get("compile") or {}
         speed = f"{float_ms / lat['median_ms']:.2f}x" if float_ms else "-"
@@ -168,8 +207,10 @@ def markdown(results: dict) -> str:
             f"| {row['row']} | {row['bytes'] / 1e6:.1f} | {comp.get('compile_seconds', '-')}"
             f"{' (sidecar)' if comp.get('from_sidecar') else ''} | - | "
         )
+        paired = (row.get("paired") or {}).get("ratio_to_float")
+        ratio = f"{paired['median']:.3f} [{paired['ci95'][0]:.3f}, {paired['ci95'][1]:.3f}]" if paired else "-"
         lines[-1] += (f"{lat['session_seconds']} | {lat['median_ms']:.1f} [{lat['p10_ms']:.1f}, {lat['p90_ms']:.1f}] | "
-                      f"{speed} | {kernels(lat.get('runtime_ops'))} |")
+                      f"{speed} | {ratio} | {kernels(lat.get('runtime_ops'))} |")
     notes = [f"- {r['row']}: {note}" for r in results["rows"] for note in (r.get("compile") or {}).get("target_notes") or []]
     if notes:
         lines += ["", "Notes:", *notes]
@@ -212,7 +253,19 @@ def run_row(row: str, args, workdir: Path, compiled_path: Path | None = None) ->
                        workdir / f"{row}.latency.json")
     if not timed.pop("ok"):
         return entry | {"ok": False, "error": timed.get("error", "")}
-    return entry | {"ok": True, "latency": timed, "bytes": _bytes(path)}
+    return entry | {"ok": True, "latency": timed, "bytes": _bytes(path), "path": str(path)}
+
+
+def run_paired(rows: list[dict], args, workdir: Path) -> None:
+    """Time every row again, interleaved in one process (paired_worker); adds `paired` to each row."""
+    paths = ",".join(f"{r['row']}={r['path']}" for r in rows if r.get("ok"))
+    common = ["--model", args.model, "--tokens", str(args.tokens), "--runs", str(args.paired), "--warmup", "1"]
+    timed = run_worker(Path(__file__).resolve(), ["--worker", "paired", "--paths", paths, *common], workdir / "paired.json")
+    if timed.pop("ok"):
+        for row in rows:
+            row["paired"] = timed.get(row["row"])
+    else:
+        print(f"[{NAME}] paired timing FAILED: {timed.get('error', '')[-500:]}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,14 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results name: bench/results/latency_NAME.{json,md}")
     parser.add_argument("--note", default=None, help="a line for the table header (e.g. machine contention)")
     parser.add_argument("--workdir", type=Path, default=None, help="compiled models (default: temp, removed)")
-    parser.add_argument("--worker", choices=("compile", "latency"), help=argparse.SUPPRESS)
+    parser.add_argument("--paired", type=int, default=0, metavar="ROUNDS", help="then time all rows again in one "
+                        "process, interleaved for ROUNDS rounds, as ratios to float with 95%% intervals (needs float)")
+    parser.add_argument("--paths", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("compile", "latency", "paired"), help=argparse.SUPPRESS)
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.model = args.model_opt or args.model
     if args.worker:
-        write_worker_result(args.result, (compile_worker if args.worker == "compile" else latency_worker)(args))
+        workers = {"compile": compile_worker, "latency": latency_worker, "paired": paired_worker}
+        write_worker_result(args.result, workers[args.worker](args))
         return 0
     if not args.model:
         parser.error("MODEL is required")
@@ -254,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     rows += [row for row in compiled if row not in rows]
     if args.runs < 10:
         parser.error("--runs must be at least 10 (a median of fewer is noise)")
+    if args.paired and "float" not in rows:
+        parser.error("--paired times every row against float: include float in --recipes")
     model = Path(args.model).resolve()
     args.model = str(model)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qtc-latency-"))
@@ -274,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{NAME}] {row} FAILED: {entry['error'][-500:]}", file=sys.stderr, flush=True)
             write_results(f"{NAME}_{name}", results)
             (RESULTS_DIR / f"{NAME}_{name}.md").write_text(markdown(results))
+        if args.paired:
+            print(f"[{NAME}] paired timing, {args.paired} rounds ...", flush=True)
+            run_paired(results["rows"], args, workdir)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
