@@ -2,9 +2,9 @@
 
 ORT fuses every weight-only DequantizeLinear -> MatMul into com.microsoft::MatMulNBits. For 8-bit weights its CPU
 kernel has no float-activation path in ORT 1.32: it dequantizes the whole weight on every call, so a w8a16
-layer runs 1.5x slower than float for a 256-token prefill and ~37x slower for a one-token decode step
-(bench/weight_kernels.py, Gemma-3-270m's 640 x 2048 down projection on an AVX2 machine). Level 4 would be fast but
-quantizes the activations to int8, which is not what "a16" promises.
+layer runs 2.8x slower than float for a 256-token prefill and 20x slower for a one-token decode step
+(bench/weight_kernels.py, Gemma-3-270m's 640 x 2048 down projection, 2-core AVX2 machine). Level 4 would be fast
+but quantizes the activations to int8, which is not what "a16" promises.
 
 So on that target the DequantizeLinear of a weight-only int8 weight becomes Cast -> (Sub zero point) -> Mul scale:
 the same numbers (DequantizeLinear computes (q - zero_point) * scale in float32), which ORT's constant folding
