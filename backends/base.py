@@ -173,9 +173,11 @@ def has_weight_only_int8(recipe: Recipe) -> bool:
     """Whether some layer of the recipe may get int8 weights with float activations (globally or by a rule)."""
     if recipe.activation is None and recipe.weight.dtype == "int8":
         return True
-    return any(rule.quantize is not False and rule.activation is None
-               and (recipe.weight if rule.weight is INHERIT else rule.weight) is not None
-               and (recipe.weight if rule.weight is INHERIT else rule.weight).dtype == "int8" for rule in recipe.rules)
+    for rule in recipe.rules:
+        weight = recipe.weight if rule.weight is INHERIT else rule.weight
+        if rule.quantize is not False and rule.activation is None and weight is not None and weight.dtype == "int8":
+            return True
+    return False
 
 
 CPU_PROVIDER = "CPUExecutionProvider"

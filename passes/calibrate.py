@@ -61,7 +61,8 @@ class CalibrationCache:
     `qtc compile --max-drop` compiles the same model several times, only moving layers to weight-only; the layer
     statistics (taken before smoothing) and the ranges of the activations still quantized do not change, so later
     attempts stream only what is new. A range is reused only if its activation was smoothed the same way (the
-    smoothing record of its layer group): smoothing rescales that activation and nothing downstream of it.
+    smoothing record of its layer group): smoothing rescales that activation and, up to float rounding, nothing
+    downstream of it (which is why `qtc.compile_within` compiles its final recipe afresh).
     """
 
     def __init__(self) -> None:
