@@ -92,16 +92,15 @@ SHORT = {"QuantizeLinear": "Q", "DequantizeLinear": "DQ", "DynamicQuantizeLinear
 
 
 class _Reader(_FeedsReader):
-    """qtc's calibration feeds as an ORT CalibrationDataReader; deep-copyable (ORT's GPTQ path deep-copies the
-    reader before iterating it, and a live generator cannot be copied)."""
+    """qtc's calibration feeds (the first `limit` of them, or all) as an ORT CalibrationDataReader; deep-copyable
+    (ORT's GPTQ path deep-copies the reader before iterating it, and a live generator cannot be copied)."""
 
-    limit: int | None = None
+    def __init__(self, calib, inputs, limit: int | None = None) -> None:
+        self.limit = limit
+        super().__init__(calib, inputs)
 
     def __deepcopy__(self, memo):
-        copy = type(self)(self.calib, self.inputs)
-        copy.limit = self.limit
-        copy.rewind()
-        return copy
+        return type(self)(self.calib, self.inputs, self.limit)
 
     def rewind(self) -> None:
         self._iter = itertools.islice(self.calib.feeds(self.inputs), self.limit)
@@ -110,10 +109,7 @@ class _Reader(_FeedsReader):
 def _reader(calib, inputs, limit: int | None = None):
     from onnxruntime.quantization import CalibrationDataReader
 
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})(calib, inputs)
-    reader.limit = limit
-    reader.rewind()
-    return reader
+    return type("Reader", (_Reader, CalibrationDataReader), {})(calib, inputs, limit)
 
 
 def _calibration(args, tokenizer: Path):

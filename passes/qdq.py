@@ -17,7 +17,7 @@ from qtc.passes.quant_math import activation_qparams, storage_array, weight_qpar
 QDQ_OPSET = 21
 
 
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def constant_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
     graph.register_initializer(value)
     return value
@@ -101,9 +101,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if self.unsigned_weights and dtype == "int8" and note.activation_spec is not None:
             q, zero_point = _unsigned(q), _unsigned(zero_point)
             dtype = "uint8"
-        inputs = [_constant(graph, f"{base}_quantized", storage_array(q, dtype)), _constant(graph, f"{base}_scale", scale)]
+        inputs = [constant_initializer(graph, f"{base}_quantized", storage_array(q, dtype)),
+                  constant_initializer(graph, f"{base}_scale", scale)]
         if zero_point.any():  # an all-zero zero point is the default: leaving it out saves a byte per 2 blocks
-            inputs.append(_constant(graph, f"{base}_zero_point", storage_array(zero_point, dtype)))
+            inputs.append(constant_initializer(graph, f"{base}_zero_point", storage_array(zero_point, dtype)))
         dq = _dequantize(graph, base, inputs, note.axis, note.weight_spec.block_size)
         graph.insert_before(note.transpose or node, dq)
         return dq.outputs[0]
@@ -120,8 +121,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if self.unsigned_activations and zero_point.dtype == np.int8:
             zero_point = _unsigned(zero_point)
         base = value.name
-        scale_value = _constant(graph, f"{base}_scale", scale)
-        zero_value = _constant(graph, f"{base}_zero_point", zero_point)
+        scale_value = constant_initializer(graph, f"{base}_scale", scale)
+        zero_value = constant_initializer(graph, f"{base}_zero_point", zero_point)
         quantize = ir.node("QuantizeLinear", [value, scale_value, zero_value], name=f"{base}_QuantizeLinear",
                            outputs=[ir.Value(name=f"{base}_quantized")])
         dq = _dequantize(graph, base, [quantize.outputs[0], scale_value, zero_value], None)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qtc.passes.qdq import constant_initializer
+
 EXPANDED = "qtc.expanded_int8_weights"
 GEMMS = ("MatMul", "Gemm")
 
@@ -91,12 +93,9 @@ class ExpandInt8WeightsPass(ir.passes.InPlacePass):
         nodes = [values]
         if zero and zero[0] is not None:
             zero_point = _broadcast_scale(zero[0].const_value.numpy().astype(np.float32), axis, rank)
-            offset = ir.Value(name=f"{base}_zero_point_float", const_value=ir.tensor(zero_point, name=f"{base}_zero_point_float"))
-            graph.register_initializer(offset)
+            offset = constant_initializer(graph, f"{base}_zero_point_float", zero_point)
             nodes.append(ir.node("Sub", [nodes[-1].outputs[0], offset], name=f"{base}_Sub", outputs=[ir.Value(name=f"{base}_centred")]))
-        factor = _broadcast_scale(scale.const_value.numpy(), axis, rank)
-        scale_value = ir.Value(name=f"{base}_scale_broadcast", const_value=ir.tensor(factor, name=f"{base}_scale_broadcast"))
-        graph.register_initializer(scale_value)
+        scale_value = constant_initializer(graph, f"{base}_scale_broadcast", _broadcast_scale(scale.const_value.numpy(), axis, rank))
         nodes.append(ir.node("Mul", [nodes[-1].outputs[0], scale_value], name=f"{base}_Mul", outputs=[ir.Value(name=f"{base}_expanded")]))
         graph.insert_before(node, nodes)
         node.outputs[0].replace_all_uses_with(nodes[-1].outputs[0])
