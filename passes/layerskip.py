@@ -503,7 +503,9 @@ def _move_weights(graph: ir.Graph, branch: ir.Graph) -> None:
     """Initializers only the branch reads move into it: ONNX Runtime's QDQ fusions (e.g. DQ + MatMul into
     MatMulNBits) look weights up in the node's own graph, not in the outer scope."""
     inside = set(branch)
-    for value in {v for node in branch for v in node.inputs if v is not None and v.is_initializer()}:
+    # In node order, not set order: a set of Values iterates by memory address, and the initializer order is bytes.
+    read = dict.fromkeys(v for node in branch for v in node.inputs if v is not None and v.is_initializer())
+    for value in read:
         if value.name in graph.initializers and all(user in inside for user, _ in value.uses()):
             graph.initializers.pop(value.name)
             branch.register_initializer(value)
