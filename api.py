@@ -10,23 +10,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
-
-from qtc import __version__
 from qtc.backends import compile_target
 from qtc.backends.base import SESSION_PREFIX, runtime_numerics
-from qtc.cache import sha256_file
-from qtc.calibration.data import CalibrationSet, check_vocabulary, load_calibration, model_inputs
+from qtc.backends.compare import compare_models
+from qtc.calibration.data import (
+    CalibrationSet,
+    check_vocabulary,
+    load_calibration,
+    model_inputs,
+)
 from qtc.errors import QtcError
-from qtc.frontends.onnx_file import data_file_name, external_tensors, load_model, save_model, tensor_bytes
-from qtc.passes.annotate import ROLE
-from qtc.passes.calibrate import OBSERVERS, CalibrationCache
-from qtc.passes.fusion import fusion_counts
-from qtc.passes.legalize import LEGALIZATION_META
-from qtc.passes.layerskip import SKIP_PLAN, LayerSkipSpec
-from qtc.passes.pipeline import build_pipeline
-from qtc.passes.weightonly import EXPANDED
+from qtc.frontends.onnx_file import (
+    data_file_name,
+    external_tensors,
+    load_model,
+    save_model,
+    tensor_bytes,
+)
+from qtc.measure.inspection import graph_summary
+from qtc.measure.mixed_precision import (
+    METRICS,
+    fallback_sizes,
+    measured_drop,
+    with_fallback,
+)
+from qtc.measure.sensitivity import layer_sensitivity
+from qtc.passes import meta
+from qtc.passes.calibrate import CalibrationCache
+from qtc.passes.layerskip import LayerSkipSpec
+from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline
 from qtc.recipes import Recipe, load_recipe
-from qtc.report import compare_models, graph_summary, write_json_atomic
+from qtc.util.cache import sha256_file
+from qtc.util.files import write_json_atomic
+from qtc.util.version import __version__
 
 DEFAULT_SAMPLES = 64
 DEFAULT_SEQ_LEN = 256
@@ -113,19 +129,6 @@ def _provenance(job: "_Job") -> dict[str, str]:
     return props
 
 
-def _quantized_counts(model: ir.Model) -> dict:
-    from qtc.passes.annotate import ANNOTATION
-
-    by_op: dict[str, int] = {}
-    kept = {}
-    for node in model.graph:
-        if ANNOTATION in node.meta:
-            by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
-        elif ROLE in node.meta:
-            kept[node.name] = node.meta[ROLE]
-    return {"quantized_nodes_by_op": dict(sorted(by_op.items())), "kept_float_roles": dict(sorted(kept.items()))}
-
-
 def compile(  # noqa: A001 - the public name users expect: qtc.compile
     model: str | os.PathLike | ir.Model,
     recipe: str | os.PathLike | Recipe = "w8a8",
@@ -168,21 +171,14 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         "target": target,
         "calibration": _calibration_report(calib_set, resolved),
         "source": {"file": source.name if source else None, "graph": before},
-        "compiled": {"graph": graph_summary(graph_model), **_quantized_counts(graph_model),
-                     "expanded_int8_weights": graph_model.meta.get(EXPANDED, 0)},
+        "compiled": {"graph": graph_summary(graph_model), **meta.quantized_counts(graph_model),
+                     "expanded_int8_weights": graph_model.meta.get(meta.EXPANDED, 0)},
         "size": {"source_file_bytes": source_bytes, "source_tensor_bytes": before["tensor_bytes"],
                  "compiled_tensor_bytes": tensor_bytes(graph_model)},
-        "activation_ranges": _ranges(graph_model),
-        "smoothing": graph_model.meta.get("qtc.smoothing"),
-        "rounding": graph_model.meta.get("qtc.rounding"),
-        "fusions": fusion_counts(graph_model),
-        "legalization": graph_model.meta.get(LEGALIZATION_META),
+        **meta.report_sections(graph_model),
         "placement": backend.placement(graph_model),
         "target_notes": job.target_notes,
-        "warnings": graph_model.meta.get("qtc.warnings", []),
     }
-    if layer_skip is not None:
-        report["layer_skip"] = graph_model.meta[SKIP_PLAN]
     if compare and calib_set is not None and calib_set.heldout_samples:
         report["heldout_comparison"] = compare_models(measure, reference, graph_model, calib_set.feeds(inputs, heldout=True))
         report["heldout_comparison"]["provider"] = measure.provider
@@ -248,8 +244,6 @@ def analyze(
     quiet: bool = False,
 ) -> dict:
     """Per-layer sensitivity of MODEL under RECIPE (lowest SQNR first), from one streamed calibration run."""
-    from qtc.passes.pipeline import build_analysis_pipeline
-    from qtc.passes.sensitivity import layer_sensitivity
 
     job = _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed)
     if job.calib is None:
@@ -274,8 +268,7 @@ def compile_within(
     **options,
 ) -> CompileResult:
     """Compile, falling back the most sensitive layers to higher precision until the held-out metric drop is
-    within `budget` (see qtc.fallback). The report's `fallback` section lists each attempt and the layers kept."""
-    from qtc.fallback import METRICS, fallback_sizes, measured_drop, with_fallback
+    within `budget` (see qtc.measure.mixed_precision). The report's `fallback` section lists each attempt and the layers kept."""
 
     metric, limit = budget
     base = load_recipe(recipe).with_calibrator(options.get("calibrator"))
@@ -327,8 +320,3 @@ def _calibration_report(calib: CalibrationSet | None, recipe: Recipe) -> dict | 
     if calib is None:
         return None
     return calib.provenance() | {"calibrator": recipe.activation.calibrator if recipe.activation else None}
-
-
-def _ranges(model: ir.Model) -> dict:
-    summaries = model.meta.get(OBSERVERS, {})
-    return {json.dumps(list(key)): value for key, value in summaries.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from qtc.parity import parity
+from qtc.measure.parity import parity
 
 
 def assert_parity(

@@ -14,9 +14,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-
 from qtc.recipes import FLOAT_DTYPES, INHERIT, Recipe
-
 
 
 @dataclass(frozen=True)
@@ -32,24 +30,15 @@ class Backend:
     unsigned_weights: bool = False
     # Block-int4 weights run as MatMulNBits, which quantizes activations itself (dynamic W4A8).
     dynamic_activations_for_int4: bool = False
-    # com.microsoft GatherBlockQuantized + MatMulNBits read one packed embedding table (see passes/tables.py).
+    # com.microsoft GatherBlockQuantized + MatMulNBits read one packed embedding table (see passes/embedding_tables.py).
     block_table_kernels: bool = False
     float8_kernels: bool = False  # a GEMM that consumes float8 Q/DQ directly (ORT 1.32 CPU has none)
     # Weight-only int8 weights become Cast -> Mul, which ORT folds into float32 at load: its 8-bit MatMulNBits
     # dequantizes the whole weight per call (see passes/weightonly.py).
     expand_int8_weights: bool = False
     compiles: bool = True  # whether `qtc compile --target NAME` is supported (legalization exists)
-
-    def fusion_passes(self, keep_residual_adds: bool = False) -> list[ir.passes.PassBase]:
-        """Fusions into the ops this runtime runs fastest, before quantization is decided (passes/fusion.py).
-        `keep_residual_adds`: leave residual Add + norm unfused, for layer skipping to gate those branches."""
-        from qtc.passes.fusion import RESIDUAL_FUSIONS, FuseOperatorsPass
-
-        return [FuseOperatorsPass(self.name, exclude=RESIDUAL_FUSIONS if keep_residual_adds else ())]
-
-    def legalization_passes(self, allow_fallback: bool = False) -> list[ir.passes.PassBase]:
-        """Rewrites after QDQ insertion that make the graph one this runtime takes (none: it takes everything)."""
-        return []
+    # Graph-mode whitelist the compiled graph must stay inside (cann); the pipeline adds the decompositions.
+    whitelist_only: bool = False
 
     def measuring_backend(self) -> "Backend":
         """Where calibration and float-vs-compiled comparisons run: the target itself when it computes the float

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-
 from qtc.backends.base import Backend
+from qtc.backends.cpu import CPU
 from qtc.errors import QtcError
 from qtc.recipes import Recipe
 
-# What the CANN EP takes, read from the onnxruntime-cann wheel itself (bench/cann_wheel_check.py wrote the file from
+# What the CANN EP takes, read from the onnxruntime-cann wheel itself (tools/cann_wheel_check.py wrote the file from
 # the provider library's kernel registry and from the op-name table that SupportONNXModel() reads), not transcribed.
 _REGISTRY = json.loads(Path(__file__).with_name("cann_kernels.json").read_text(encoding="utf-8"))
 REGISTRY_VERSION = _REGISTRY["onnxruntime_version"]
@@ -212,11 +212,6 @@ class CannBackend(Backend):
     """The CANN EP takes only whitelisted standard ops: fusions run only where they produce one (MatMul + bias ->
     Gemm); everything else is decomposed into primitives after QDQ insertion."""
 
-    def legalization_passes(self, allow_fallback: bool = False) -> list[ir.passes.PassBase]:
-        from qtc.passes.legalize import legalization_passes
-
-        return legalization_passes(allow_fallback)
-
     def adapt_recipe(self, recipe: Recipe) -> tuple[Recipe, list[str], dict[str, str]]:
         """The recipe unchanged, with what the CANN EP really computes for it (../shared/docs/cann-ep.md)."""
         recipe, notes, entries = super().adapt_recipe(recipe)
@@ -234,7 +229,6 @@ class CannBackend(Backend):
     def measuring_backend(self) -> Backend:
         # Calibration and float comparisons need the float graph computed exactly; they run on ORT CPU whether or
         # not an NPU is present (NPU-vs-CPU agreement is `qtc parity`'s job, with its precision mode recorded).
-        from qtc.backends.cpu import CPU
 
         return CPU
 
@@ -247,4 +241,5 @@ CANN = CannBackend(
     provider="CANNExecutionProvider",
     provider_options=cann_options({"precision_mode": "must_keep_origin_dtype"}),
     recipes_native=(),
+    whitelist_only=True,
 )

@@ -63,7 +63,6 @@ def _input(hidden: int, seed: int):
 
 def _build_worker(args) -> dict:
     import onnx_ir as ir
-
     from qtc.frontends.onnx_file import save_model
 
     rss_after_imports = peak_rss_bytes()
@@ -105,9 +104,8 @@ def _build_worker(args) -> dict:
 
 def _compile_worker(args) -> dict:
     import onnx_ir as ir
-    from onnx_ir.passes import _pass_infra
-
     import qtc
+    from onnx_ir.passes import _pass_infra
 
     rss_after_imports = peak_rss_bytes()
     with RssSampler(interval=0.02) as sampler:

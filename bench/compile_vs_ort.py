@@ -133,7 +133,6 @@ def _ort_worker(args) -> dict:
         QuantType,
         quantize_static,
     )
-
     from qtc.calibration.data import load_calibration, model_inputs
     from qtc.frontends.onnx_file import load_model
 

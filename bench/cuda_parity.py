@@ -52,8 +52,8 @@ CORPUS = "zh-news-calib-3000.txt"  # the first 3,000 paragraphs of the zh-news c
 
 def prepare(out: Path, models: list[str]) -> None:
     from qtc.calibration.data import load_calibration, model_inputs, text_feed
+    from qtc.calibration.workloads import get_workload
     from qtc.frontends.onnx_file import load_model
-    from qtc.models.workloads import get_workload
 
     out.mkdir(parents=True, exist_ok=True)
     (out / CORPUS).write_text("\n".join(get_workload("zh-news").texts("calib")[:3000]) + "\n", encoding="utf-8")
@@ -77,7 +77,7 @@ def _reference_model(name: str) -> Path:
         from qtc.models.reference import build_reference
 
         return build_reference(name)
-    from qtc.frontends.registry import export_reference
+    from qtc.models.registry import export_reference
 
     return export_reference(name)
 

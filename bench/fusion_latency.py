@@ -29,13 +29,12 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-
 from qtc.bench._util import machine, table, write_results
-from qtc.cache import cache_dir
 from qtc.calibration.data import load_calibration, model_inputs
 from qtc.frontends.onnx_file import load_model
 from qtc.passes.canonicalize import canonicalize_passes
 from qtc.passes.fusion import FuseOperatorsPass, fusion_counts
+from qtc.util.cache import cache_dir
 
 # onnxruntime.transformers.optimizer has no Gemma type; gpt2 runs its generic decoder fusions (on tiny-llama,
 # gpt2 / qwen3 / bert produced the same graph). Others: --ort-types.

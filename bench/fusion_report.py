@@ -14,16 +14,17 @@ import json
 from pathlib import Path
 
 import onnx_ir as ir
-
 from qtc.backends.cann import offending_nodes, placement
+from qtc.backends.compare import compare_models
 from qtc.backends.cpu import CPU
 from qtc.bench._util import write_results
 from qtc.calibration.data import load_calibration, model_inputs
 from qtc.frontends.onnx_file import load_model
+from qtc.measure.fusions import measure_fusions
 from qtc.passes.canonicalize import canonicalize_passes
-from qtc.passes.fusion import FuseOperatorsPass, fusion_counts, measure_fusions
-from qtc.passes.legalize import LEGALIZATION_META, legalization_passes
-from qtc.report import compare_models
+from qtc.passes.fusion import FuseOperatorsPass, fusion_counts
+from qtc.passes.legalize import legalization_passes
+from qtc.passes.meta import LEGALIZATION as LEGALIZATION_META
 
 TARGETS = ("cpu", "cuda", "cann")
 

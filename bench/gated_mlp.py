@@ -18,7 +18,6 @@ import time
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-
 from qtc.bench._util import machine, write_results
 from qtc.bench.fusion_latency import paired_ratio
 

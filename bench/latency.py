@@ -31,7 +31,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS_DIR, machine, peak_rss_bytes, run_worker, write_results, write_worker_result  # noqa: E402
+from _util import (  # noqa: E402
+    RESULTS_DIR,
+    machine,
+    peak_rss_bytes,
+    run_worker,
+    write_results,
+    write_worker_result,
+)
 
 NAME = "latency"
 WORKLOAD = "zh-news"
@@ -76,9 +83,8 @@ def compile_worker(args) -> dict:
 def _tokens(model: Path, count: int):
     """The first `count` tokens of the zh-news eval split, joined paragraph after paragraph (real text)."""
     import numpy as np
+    from qtc.calibration.workloads import get_workload
     from tokenizers import Tokenizer
-
-    from qtc.models.workloads import get_workload
 
     tokenizer = Tokenizer.from_file(str(model.parent / "tokenizer.json"))
     ids: list[int] = []
@@ -92,7 +98,6 @@ def _tokens(model: Path, count: int):
 def _session(path: Path):
     """An ORT CPU session on all cores with the model's own `qtc.session.*` config entries."""
     import onnxruntime as ort
-
     from qtc.backends import get_backend
     from qtc.backends.base import session_config
 

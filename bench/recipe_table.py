@@ -156,7 +156,12 @@ def _ort_row(row: str, args, out: Path, tokenizer: Path) -> dict:
     calib, inputs = _calibration(args, tokenizer)
     settings: dict
     if row == "ort-quantize-static":
-        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
 
         settings = {"quant_format": "QDQ", "per_channel": True, "calibrate_method": "MinMax",
                     "activation_type": "QInt8", "weight_type": "QInt8", "op_types_to_quantize": "default"}
@@ -206,7 +211,7 @@ def _runtime_ops(path: Path) -> dict:
 
 
 def _evaluate(path: Path, args) -> dict:
-    from qtc.evaluation import evaluate
+    from qtc.measure.evaluation import evaluate
 
     result = evaluate(path, TASK, baseline=args.model, limit=args.limit, quiet=True)
     return {"data": result["data"], "metrics": result["metrics"], "model_metadata_keys": sorted(result["model"]["metadata"])}
@@ -383,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qtc-recipe-table-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    from qtc.cache import sha256_file
-    from qtc.models.tasks import get_task
-    from qtc.models.workloads import get_workload
+    from qtc.calibration.workloads import get_workload
+    from qtc.measure.tasks import get_task
+    from qtc.util.cache import sha256_file
 
     started = time.perf_counter()
     calib, _ = _calibration(args, tokenizer)

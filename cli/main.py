@@ -8,11 +8,22 @@ import sys
 from pathlib import Path
 
 import click
+import onnxruntime
+import qtc
+import yaml
+from qtc import __version__
+from qtc.calibration.workloads import WORKLOADS
+from qtc.cli.export import export_command
+from qtc.errors import QtcError
+from qtc.measure.evaluation import evaluate
+from qtc.measure.inspection import inspect_model
+from qtc.measure.mixed_precision import parse_budget
+from qtc.measure.parity import parity
+from qtc.measure.sweep import parse_sweep_budgets, sweep, write
+from qtc.passes.layerskip import LayerSkipSpec, parse_budgets
+from qtc.recipes import builtin_names, builtin_recipe, load_recipe
 from rich.console import Console
 from rich.table import Table
-
-from qtc import __version__
-from qtc.errors import QtcError
 
 out = Console()
 err = Console(stderr=True)
@@ -23,7 +34,6 @@ class QtcGroup(click.Group):
 
     def main(self, *args, **kwargs):
         kwargs["standalone_mode"] = False
-        import onnxruntime
 
         onnxruntime.set_default_logger_severity(4)  # ORT's own log lines would break the one-line error contract
         try:
@@ -87,8 +97,6 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
                     no_compare, max_drop, allow_fallback, layer_skip, budgets, skip_metric, budget_unit, skip_table_from,
                     as_json):
     """Compile a float ONNX MODEL with a quantization recipe."""
-    import qtc
-    from qtc.fallback import parse_budget
 
     options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json,
                    allow_fallback=allow_fallback)
@@ -111,7 +119,6 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
 
 def _layer_skip_spec(enabled: bool, budgets: str | None, metric: str | None, unit: str | None,
                      table_from: Path | None):
-    from qtc.passes.layerskip import LayerSkipSpec, parse_budgets
 
     if not enabled:
         if budgets or metric or unit or table_from:
@@ -181,7 +188,6 @@ def _placement_line(entry: dict) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect_command(model, target, as_json):
     """Show what MODEL holds: ops, parameters by dtype, opset, external data, quantization, blocks."""
-    from qtc.inspection import inspect_model
 
     info = inspect_model(model, target)
     if as_json:
@@ -234,7 +240,6 @@ def inspect_command(model, target, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def eval_command(model, task, baseline, backend, limit, tokenizer, max_len, seed, as_json):
     """Score MODEL on a Chinese workload TASK, with 95 % bootstrap intervals (paired against --baseline)."""
-    from qtc.evaluation import evaluate
 
     result = evaluate(model, task, baseline=baseline, backend=backend, limit=limit, tokenizer=tokenizer,
                       max_len=max_len, seed=seed, quiet=as_json)
@@ -278,7 +283,6 @@ def show_eval(result: dict) -> None:
 def sweep_command(models, budgets, task, baseline, limit, runs, seq_len, output, as_json):
     """Measure layer-skip MODELS at each budget (metric with interval, CPU latency, sparsity) beside the static
     ShortGPT baseline; write a table, JSON and a PNG of the Pareto front."""
-    from qtc.sweep import parse_sweep_budgets, sweep, write
 
     if runs < 1 or seq_len < 2:
         raise QtcError("--runs must be >= 1 and --seq-len >= 2")
@@ -313,7 +317,6 @@ def sweep_command(models, budgets, task, baseline, limit, runs, seq_len, output,
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def analyze_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, top, as_json):
     """Rank MODEL's layers by how much noise RECIPE adds to each (SQNR), and say whether weights or activations."""
-    import qtc
 
     result = qtc.analyze(model, recipe=recipe, calib=calib, tokenizer=tokenizer, samples=samples, seq_len=seq_len,
                          calibrator=calibrator, seed=seed, quiet=as_json)
@@ -354,7 +357,6 @@ def parity_command(model, backends, reference, against, inputs, tokenizer, sampl
 
     Exit 3 when out of tolerance; exit 4 when a requested backend is unavailable (a CI gate must not pass on a
     machine where the accelerator silently never ran), unless --allow-unavailable."""
-    from qtc.parity import parity
 
     bound = _parse_tolerance(tolerance) if tolerance else None
     result = parity(model, [b.strip() for b in backends.split(",") if b.strip()], reference=reference,
@@ -412,7 +414,6 @@ def _show_parity(result: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def workloads_command(as_json):
     """List the Chinese workloads with each split's size and sha256."""
-    from qtc.models.workloads import WORKLOADS
 
     rows = [w.split_info(split) | {"source": w.source} for w in WORKLOADS.values() for split in w.splits]
     if as_json:
@@ -429,7 +430,6 @@ def workloads_command(as_json):
 def recipes_group(ctx):
     """List the built-in recipes (or `show NAME` for one, resolved)."""
     if ctx.invoked_subcommand is None:
-        from qtc.recipes import builtin_names, builtin_recipe
 
         table = Table("recipe", "weights", "activations", "description")
         for name in builtin_names():
@@ -446,15 +446,12 @@ def recipes_group(ctx):
 @click.argument("name")
 def recipes_show(name):
     """Print the fully resolved recipe NAME (built-in or .yaml) as YAML."""
-    import yaml
 
-    from qtc.recipes import load_recipe
 
     click.echo(yaml.safe_dump(load_recipe(name).to_dict(), sort_keys=False, allow_unicode=True).rstrip())
 
 
 def _register_export() -> None:
-    from qtc.cli.export import export_command
 
     main.add_command(export_command)
 

@@ -43,8 +43,20 @@ import warnings
 from pathlib import Path
 from typing import Literal
 
-from qtc.cache import cache_dir, sha256_file, sha256_text
+import numpy as np
+import onnxruntime
+import onnxruntime as ort
 from qtc.errors import QtcError
+from qtc.frontends.onnx_file import save_model
+from qtc.frontends.torch_export import (
+    exporter_versions,
+    fold_weight_transposes,
+    normalize_metadata,
+    optimize_exported,
+    quiet,
+)
+from qtc.util.cache import cache_dir, sha256_file, sha256_text
+from tokenizers import Tokenizer
 
 # Bump when anything that changes the exported bytes changes (wrappers, graph passes, example inputs, ...).
 EXPORT_VERSION = "qtc-hf-1"
@@ -96,8 +108,6 @@ def _gguf_needs() -> None:
 
 def versions() -> dict[str, str]:
     """Versions of everything that shapes the exported bytes."""
-    from qtc.models.tiny_llama import exporter_versions
-
     return exporter_versions()
 
 
@@ -349,8 +359,6 @@ def _export(wrapper, task: str, vocab_size: int, max_positions: int | None, path
     """Dynamo export + the tiny_llama normalisation (transposes folded, optimized, metadata stripped)."""
     import torch
 
-    from qtc.frontends.onnx_file import save_model
-    from qtc.models.tiny_llama import _fold_weight_transposes, _normalize_metadata, _optimize, _quiet
 
     inputs = _example_inputs(task, vocab_size)
     names = INPUTS[task]
@@ -358,7 +366,7 @@ def _export(wrapper, task: str, vocab_size: int, max_positions: int | None, path
     seq = torch.export.Dim("seq", max=max_positions) if max_positions else torch.export.Dim("seq")
     dynamic = {name: {0: batch, 1: seq} for name in names}
     t0 = time.perf_counter()
-    with _quiet(), torch.no_grad():
+    with quiet(), torch.no_grad():
         program = torch.onnx.export(
             wrapper, inputs, input_names=list(names), output_names=list(OUTPUTS[task]),
             dynamic_shapes=dynamic, dynamo=True, optimize=False, verbose=False,
@@ -366,9 +374,9 @@ def _export(wrapper, task: str, vocab_size: int, max_positions: int | None, path
         model = program.model
         del program
         param_names = {name for name, _ in wrapper.named_parameters()}
-        folded = _fold_weight_transposes(model, param_names)
-        _optimize(model)
-    _normalize_metadata(model)
+        folded = fold_weight_transposes(model, param_names)
+        optimize_exported(model)
+    normalize_metadata(model)
     graph = model.graph
     got = ([v.name for v in graph.inputs], [v.name for v in graph.outputs])
     if got != (list(names), list(OUTPUTS[task])):
@@ -409,8 +417,6 @@ def graph_facts(model) -> dict:
 
 def _verify_inputs(task: str, tokenizer_path: Path, bos_id: int | None):
     """Token ids of VERIFY_TEXTS (right-padded batch) from the exported tokenizer.json."""
-    import numpy as np
-    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(tokenizer_path))
     tok.no_padding()  # some tokenizer.json files pad to a fixed length (MiniLM: 128); pad here, to the longest
@@ -438,8 +444,6 @@ def _verify_inputs(task: str, tokenizer_path: Path, bos_id: int | None):
 
 def verify(wrapper, task: str, onnx_path: Path, feeds: dict) -> dict:
     """Max |ONNX Runtime CPU - torch| on `feeds` (causal LM: positions where attention_mask == 1)."""
-    import numpy as np
-    import onnxruntime as ort
     import torch
 
     with torch.no_grad():
@@ -492,7 +496,6 @@ def export_hf(model_dir_or_gguf: Path, out: Path, *, task: Task | None = None,
     else:
         raise QtcError(f"export source not found: {src}")
 
-    import torch
 
     t_start = time.perf_counter()
     files = source_sha256 or source_files(src)
@@ -564,7 +567,6 @@ def export_hf(model_dir_or_gguf: Path, out: Path, *, task: Task | None = None,
 
 
 def _ort_version() -> str:
-    import onnxruntime
 
     return onnxruntime.__version__
 

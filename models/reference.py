@@ -5,10 +5,10 @@ error shows up in a metric that means something:
 
 - `zh-tiny-lm`: a Llama-style decoder (4 layers, hidden 256, 4 heads / 2 KV heads, SwiGLU 688, RoPE, RMSNorm,
   untied LM head, vocab 4096) trained as a causal LM on zh-news "calib"; metric: bits per character on
-  zh-news "eval". Trained by `python -m qtc.models.train_lm` (see its docstring).
+  zh-news "eval". Trained by `python tools/train_lm.py` (see its docstring).
 - `zh-sentiment`: a BERT-style encoder (2 layers, hidden 128, GELU, post-LayerNorm, learned positions, 512 max)
   with masked mean pooling and a linear head, trained on zh-reviews "train", selected on "calib"; metric:
-  accuracy on zh-reviews "eval". Trained by `python -m qtc.models.train_sentiment` (see its docstring).
+  accuracy on zh-reviews "eval". Trained by `python tools/train_sentiment.py` (see its docstring).
 
 Both use the zh-news BPE tokenizer (4096 tokens, `qtc.models.tokenizer`), committed beside the weights as
 `weights/zh-news-bpe4096.tokenizer.json` so that the weights never drift from the tokenizer they were trained with.
@@ -42,9 +42,13 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
-
-from qtc.cache import cache_dir, sha256_file, sha256_text
+import onnxruntime as ort
 from qtc.errors import QtcError
+from qtc.frontends.torch_export import export_ids_mask_model, exporter_versions
+from qtc.models.tiny_llama import export_tiny_llama, make_tiny_llama
+from qtc.models.tokenizer import BOS_ID, PAD_ID, UNK_ID
+from qtc.util.cache import cache_dir, sha256_file, sha256_text
+from tokenizers import Tokenizer
 
 # Bump when the export recipe of either model changes.
 EXPORT_VERSION = "qtc-reference-1"
@@ -105,23 +109,20 @@ def load_info(name: str) -> dict:
     ref = get_reference(name)
     for path in (ref.weights, ref.info, TOKENIZER_FILE):
         if not path.is_file():
-            raise QtcError(f"reference model '{name}': missing {path} (retrain: python -m {_trainer(name)})")
+            raise QtcError(f"reference model '{name}': missing {path} (retrain: python {_trainer(name)} in a checkout)")
     return json.loads(ref.info.read_text(encoding="utf-8"))
 
 
 def _trainer(name: str) -> str:
-    return "qtc.models.train_lm" if name == "zh-tiny-lm" else "qtc.models.train_sentiment"
+    return "tools/train_lm.py" if name == "zh-tiny-lm" else "tools/train_sentiment.py"
 
 
 def load_tokenizer(path: Path | None = None):
-    from tokenizers import Tokenizer
 
     return Tokenizer.from_file(str(path or TOKENIZER_FILE))
 
 
 def versions() -> dict[str, str]:
-    from qtc.models.tiny_llama import exporter_versions
-
     return exporter_versions()
 
 
@@ -135,7 +136,6 @@ def lm_config(info: dict) -> dict:
 
 def make_lm(config: dict, *, seed: int = 0):
     """The zh-tiny-lm torch module (LlamaForCausalLM, eager attention, eval mode), randomly initialised."""
-    from qtc.models.tiny_llama import make_tiny_llama
 
     config = dict(config)
     vocab_size = config.pop("vocab_size")
@@ -182,7 +182,6 @@ def _make_classifier_class():
 def bert_config(config: dict):
     from transformers import BertConfig
 
-    from qtc.models.tokenizer import PAD_ID
 
     return BertConfig(
         vocab_size=config["vocab_size"],
@@ -286,7 +285,6 @@ def lm_windows(tokenizer, texts: Iterable[str], max_len: int = 256) -> tuple[lis
     """`<bos>` + each paragraph's tokens, cut into windows of at most `max_len` tokens that overlap by one token,
     so that every paragraph token is predicted exactly once (as `qtc eval --task zh-news-ppl` does); and the number
     of characters the predicted tokens cover (all of each paragraph's characters)."""
-    from qtc.models.tokenizer import BOS_ID
 
     windows, chars = [], 0
     for text in texts:
@@ -300,7 +298,6 @@ def lm_windows(tokenizer, texts: Iterable[str], max_len: int = 256) -> tuple[lis
 
 
 def pad_rows(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    from qtc.models.tokenizer import PAD_ID
 
     width = max(len(r) for r in rows)
     ids = np.full((len(rows), width), PAD_ID, dtype=np.int64)
@@ -342,7 +339,6 @@ def lm_bits_per_char(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], max_l
 
 def review_rows(tokenizer, texts: Iterable[str], max_len: int = 512) -> list[np.ndarray]:
     """Each review's tokens (no special tokens), truncated to `max_len`; an empty review becomes one <unk>."""
-    from qtc.models.tokenizer import UNK_ID
 
     rows = []
     for text in texts:
@@ -372,7 +368,6 @@ def torch_logits_fn(model) -> LogitsFn:
 
 
 def ort_logits_fn(onnx_path: Path, threads: int | None = None) -> LogitsFn:
-    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -390,8 +385,6 @@ def ort_logits_fn(onnx_path: Path, threads: int | None = None) -> LogitsFn:
 
 
 def _export_classifier(model, path: Path) -> dict:
-    from qtc.models.tiny_llama import export_ids_mask_model
-
     config = model.bert.config
     return export_ids_mask_model(model, path, vocab_size=config.vocab_size, max_seq=config.max_position_embeddings)
 
@@ -402,7 +395,6 @@ def _check_batch(name: str, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     texts = ["人民日报记者报道，今年我国经济继续保持稳定增长。", "这本书写得很好，值得一读！", "房间太小，服务也很差。"]
     rows = [np.array(tok.encode(t).ids, dtype=np.int64) for t in texts]
     if name == "zh-tiny-lm":
-        from qtc.models.tokenizer import BOS_ID
 
         rows = [np.concatenate([[BOS_ID], r]) for r in rows]
     ids, mask = pad_rows(rows)
@@ -449,7 +441,6 @@ def build_reference(name: str, out_dir: Path | None = None) -> Path:
 
     import torch
 
-    from qtc.models.tiny_llama import export_tiny_llama
 
     torch.manual_seed(0)
     model, info = load_torch_model(name)

@@ -19,9 +19,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from qtc.calibration.workloads import get_workload
+from qtc.util.cache import cache_dir, sha256_text
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-
-from qtc.cache import cache_dir, sha256_text
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
@@ -103,7 +103,6 @@ def tokenizer_key(split_sha256: str, vocab_size: int) -> str:
 
 def zh_news_tokenizer(vocab_size: int = 4096) -> Path:
     """Path of `tokenizer.json` trained on zh-news "calib", cached under cache_dir("tokenizers", key)."""
-    from qtc.models.workloads import get_workload
 
     workload = get_workload("zh-news")
     key = tokenizer_key(workload.split_info("calib")["sha256"], vocab_size)

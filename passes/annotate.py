@@ -9,12 +9,9 @@ import ast
 from dataclasses import dataclass
 
 import onnx_ir as ir
-
+from qtc.passes.meta import ANNOTATED, ANNOTATION, ROLE, TIED
 from qtc.recipes import QuantSpec, Recipe
 
-ANNOTATION = "qtc.quant"
-ROLE = "qtc.role"
-TIED = "qtc.tied"  # the node reads the embedding table (a tied LM head)
 # Ops a logits tensor may pass through on its way from the LM head's MatMul to a graph output.
 _LOGIT_PASSTHROUGH = {"Reshape", "Identity", "Cast", "Add", "Mul", "Div", "Tanh", "Squeeze", "Unsqueeze"}
 
@@ -157,7 +154,7 @@ class AnnotateQuantizationPass(ir.passes.InPlacePass):
                 reduce_axis=found.reduce_axis,
             )
             count += 1
-        model.meta["qtc.annotated"] = count
+        model.meta[ANNOTATED] = count
         return ir.passes.PassResult(model, modified=False)
 
 

@@ -12,19 +12,15 @@ from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
-
 from qtc.backends.base import Backend
 from qtc.calibration.data import CalibrationSet, model_inputs
+from qtc.calibration.moments import ChannelAbsMax, Gram
 from qtc.calibration.observers import make_observer
 from qtc.errors import QtcError
-from qtc.calibration.moments import ChannelAbsMax, Gram
 from qtc.passes.annotate import activations_to_observe, annotated_nodes
+from qtc.passes.meta import LAYER_STATS, OBSERVERS, RANGES, smoothing_of
 from qtc.recipes import SmoothSpec
-from qtc.progress import progress_bar
-
-RANGES = "qtc.ranges"
-LAYER_STATS = "qtc.layer_stats"
-OBSERVERS = "qtc.observers"
+from qtc.util.progress import progress_bar
 
 
 def _session_with_outputs(model: ir.Model, backend: Backend, names: set[str]):
@@ -76,7 +72,7 @@ class CalibrationCache:
 
 
 def _smoothing_of(model: ir.Model, value: ir.Value) -> str:
-    return json.dumps(model.meta.get("qtc.smoothing", {}).get(value.name), sort_keys=True)
+    return json.dumps(smoothing_of(model, value.name), sort_keys=True)
 
 
 class CalibrateActivationsPass(ir.passes.InPlacePass):

@@ -8,8 +8,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import _constant_folding
 from onnxscript.version_converter import ConvertVersionPass
-
 from qtc.errors import QtcError
+from qtc.passes.meta import warn
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class InferShapesPass(ir.passes.InPlacePass):
         try:
             return common.ShapeInferencePass(strict_mode=False)(model)
         except Exception as exc:  # onnx's C++ inference raises many types; none of them is fatal to us
-            model.meta.setdefault("qtc.warnings", []).append(f"shape inference skipped: {str(exc).splitlines()[0]}")
+            warn(model, f"shape inference skipped: {str(exc).splitlines()[0]}")
             return ir.passes.PassResult(model, modified=False)
 
 

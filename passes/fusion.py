@@ -34,10 +34,9 @@ from onnxscript.rewriter.ort_fusions import (
 )
 from onnxscript.rewriter.rules.common import _matmul_add_to_gemm
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rotary_embedding
-
 from qtc.passes.canonicalize import FoldConstantsPass, InferShapesPass
+from qtc.passes.meta import FUSION_COUNTS
 
-FUSIONS_META = "qtc.fusions"
 MS = "com.microsoft"
 # onnxscript's fusions go through intermediate ops in this domain (SDPA, a RotaryEmbedding function) that a
 # later rule consumes; what is left of them is inlined back into standard ops at the end.
@@ -307,7 +306,7 @@ class FuseOperatorsPass(ir.passes.InPlacePass):
             _inline_intermediates(model)
         ops = Counter(op_key(n) for n in model.graph)
         produced = {f.name: f.op_for(self.target, opset) for f in FUSIONS}
-        model.meta[FUSIONS_META] = {
+        model.meta[FUSION_COUNTS] = {
             "target": self.target,
             "opset": opset,
             "fusions": {
@@ -338,26 +337,4 @@ def _inline_intermediates(model: ir.Model) -> None:
 
 
 def fusion_counts(model: ir.Model) -> dict:
-    return model.meta.get(FUSIONS_META, {})
-
-
-def measure_fusions(model: ir.Model, target: str, feeds: list[dict]) -> dict:
-    """Per fusion legal on `target`: applications, fused ops left, and the max |output difference| of the model
-    with only that fusion (and the steps it consumes) against the unfused model, on ORT CPU over `feeds`.
-    `model` is the canonicalized float model; its graph is not changed (its weights are loaded into memory)."""
-    from qtc.backends.cpu import CPU
-    from qtc.report import compare_models
-
-    ir.external_data.load_to_model(model)  # in memory, so that copies need no base folder
-    results = {}
-    for fusion in FUSIONS:
-        if not fusion.op_for(target, model_opset(model)):
-            continue
-        candidate = ir.from_proto(ir.to_proto(model))
-        FuseOperatorsPass(target, only=(fusion.name,))(candidate)
-        entry = dict(fusion_counts(candidate)["fusions"][fusion.name])
-        if entry["applied"]:
-            outputs = compare_models(CPU, model, candidate, feeds)["outputs"]
-            entry["max_abs_diff"] = max(o["max_abs_diff"] for o in outputs.values())
-        results[fusion.name] = entry
-    return results
+    return model.meta.get(FUSION_COUNTS, {})

@@ -1,7 +1,7 @@
 """Budget-gated layer skipping: calibrated skip tables, and `If` gates driven by a run-time `budget` input.
 
 Order (see pipeline.py): after the flat graph is calibrated and quantized,
-1. `DiscoverBranchesPass` finds the residual branches (qtc.passes.blocks);
+1. `DiscoverBranchesPass` finds the residual branches (qtc.core.blocks);
 2. `ScoreBranchesPass` scores them on calibration windows and chooses a skip table: for each budget level, which
    branches to skip so that what is kept (branches, or their weight multiply-adds per token) is at most `budget`
    of the whole. The scoring model is the flat graph with each branch's contribution multiplied by a `keep` input
@@ -29,14 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
-
 from qtc.backends.base import Backend
 from qtc.calibration.data import CalibrationSet, model_inputs, token_input
+from qtc.core.blocks import Branch, blocks, find_branches, summary
 from qtc.errors import QtcError
-from qtc.passes.blocks import BRANCHES, Branch, blocks, find_branches, summary
-from qtc.progress import progress_bar
-from qtc.stats import log_softmax
+from qtc.passes.meta import BRANCHES, SKIP_PLAN, warn
+from qtc.util.arrays import log_softmax
+from qtc.util.progress import progress_bar
 
 METRICS = ("bi", "angular", "loss")
 UNITS = ("branches", "compute")
@@ -45,7 +46,6 @@ BUDGET_INPUT = "budget"
 TABLE = "qtc_skip_table"
 LEVELS = "qtc_budget_levels"
 KEEP_INPUT = "qtc_keep"
-SKIP_PLAN = "qtc.layer_skip"
 LOSS_WINDOWS = 16  # greedy re-scoring runs the model once per candidate: a few windows keep it affordable
 LOSS_CANDIDATES = 12  # and re-scores only the branches with the lowest Block Influence among those left
 
@@ -329,7 +329,6 @@ class DiscoverBranchesPass(ir.passes.InPlacePass):
 
 def _reused_plan(path: Path, branches: list[Branch], levels: tuple[float, ...]) -> dict:
     """The skip plan (table, metric) of another gated build of the same model, checked by branch name and level."""
-    from qtc.sweep import skip_plan
 
     plan = skip_plan(path)
     names = [b.name for b in branches]
@@ -375,7 +374,7 @@ class ScoreBranchesPass(ir.passes.InPlacePass):
             singles = [[i] for i in range(len(branches))]
             skips = [_skip_lowest(costs, singles, scores[self.spec.metric], level) for level in levels]
         checked = range_check(model, self.backend, feeds, branches, skips, levels, self.quiet)
-        model.meta.setdefault("qtc.warnings", []).extend(_range_warnings(checked))
+        warn(model, *_range_warnings(checked))
         model.meta[SKIP_PLAN] = {
             "metric": self.spec.metric if reused is None else reused["metric"],
             "unit": self.spec.unit,
@@ -523,3 +522,18 @@ def metadata(plan: dict) -> dict[str, str]:
         "qtc.layer_skip.table": json.dumps(plan["table"]),
         "qtc.layer_skip.static_shortgpt_table": json.dumps(plan["static_shortgpt"]["table"]),
     }
+
+
+def skip_plan(path: Path) -> dict:
+    """The layer-skip metadata of a compiled model: levels, branch names and costs, qtc's and the static table."""
+    if not path.is_file():
+        raise QtcError(f"model not found: {path}")
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as exc:  # protobuf raises DecodeError and friends
+        raise QtcError(f"{path.name} is not an ONNX model ({type(exc).__name__})") from None
+    if "qtc.layer_skip.table" not in props:
+        raise QtcError(f"{path.name} has no budget gates: compile it with --layer-skip")
+    read = lambda key: json.loads(props[f"qtc.layer_skip.{key}"])  # noqa: E731
+    return {"levels": tuple(read("budgets")), "branches": read("branches"), "costs": read("weight_elements"),
+            "table": read("table"), "static": read("static_shortgpt_table"), "metric": props["qtc.layer_skip.metric"]}

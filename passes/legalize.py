@@ -15,11 +15,10 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import _constant_folding
 from onnxscript.rewriter import pattern
-
 from qtc.backends.cann import QDQ_OPS, offending_nodes
 from qtc.errors import QtcError
+from qtc.passes.meta import LEGALIZATION
 
-LEGALIZATION_META = "qtc.legalization"
 MS = "com.microsoft"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
@@ -413,7 +412,7 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
         before = _op_counts(model)
         count = DECOMPOSITIONS.apply_to_model(model)
         after = _op_counts(model)
-        model.meta[LEGALIZATION_META] = {
+        model.meta[LEGALIZATION] = {
             "decomposed": {op: n - after.get(op, 0) for op, n in sorted(before.items())
                            if _is_decomposable(op) and n > after.get(op, 0)},
             "rewrites": count,
@@ -465,7 +464,7 @@ class CheckCannGraphPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         offending = offending_nodes(model)
-        model.meta.setdefault(LEGALIZATION_META, {})["cpu_fallback_nodes"] = offending
+        model.meta.setdefault(LEGALIZATION, {})["cpu_fallback_nodes"] = offending
         if offending and not self.allow_fallback:
             shown = "; ".join(offending[:20]) + (f"; ... {len(offending) - 20} more" if len(offending) > 20 else "")
             raise QtcError(f"target cann cannot take {len(offending)} node(s) outside its graph-mode whitelist "

@@ -4,19 +4,29 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-
 from qtc.backends import compile_target
 from qtc.backends.base import max_ir_version
 from qtc.calibration.data import CalibrationSet
 from qtc.passes.annotate import AnnotateQuantizationPass
-from qtc.passes.calibrate import CalibrateActivationsPass, CalibrationCache, CollectLayerStatisticsPass
-from qtc.passes.outliers import SmoothActivationsPass
-from qtc.passes.rounding import RoundWeightsPass
+from qtc.passes.calibrate import (
+    CalibrateActivationsPass,
+    CalibrationCache,
+    CollectLayerStatisticsPass,
+)
 from qtc.passes.canonicalize import canonicalize_passes
+from qtc.passes.embedding_tables import FuseQuantizedTablesPass
 from qtc.passes.finalize import LimitIrVersionPass, RecordProvenancePass
-from qtc.passes.layerskip import DiscoverBranchesPass, InsertLayerSkipPass, LayerSkipSpec, ScoreBranchesPass
+from qtc.passes.fusion import RESIDUAL_FUSIONS, FuseOperatorsPass
+from qtc.passes.layerskip import (
+    DiscoverBranchesPass,
+    InsertLayerSkipPass,
+    LayerSkipSpec,
+    ScoreBranchesPass,
+)
+from qtc.passes.legalize import legalization_passes
 from qtc.passes.qdq import InsertQDQPass
-from qtc.passes.tables import FuseQuantizedTablesPass
+from qtc.passes.rounding import RoundWeightsPass
+from qtc.passes.smooth import SmoothActivationsPass
 from qtc.passes.weightonly import ExpandInt8WeightsPass
 from qtc.recipes import Recipe
 
@@ -41,7 +51,7 @@ def build_pipeline(
             # 1b. The float graph the target runs fastest (contrib ops for cpu/cuda; nothing for cann). Weight
             #     MatMuls stay standalone, so the policy below still sees every projection. Layer skipping
             #     needs the residual Adds it gates left unfused.
-            *backend.fusion_passes(keep_residual_adds or layer_skip is not None),
+            FuseOperatorsPass(backend.name, exclude=RESIDUAL_FUSIONS if keep_residual_adds or layer_skip is not None else ()),
             # 2. Policy: which nodes the recipe quantizes, and how (no graph change).
             AnnotateQuantizationPass(recipe),
             # 3. Outliers and rounding from streamed layer statistics (X^T X, channel max): SmoothQuant moves
@@ -63,7 +73,7 @@ def build_pipeline(
             *(_layer_skip_passes(layer_skip, calib, measure, quiet) if layer_skip else []),
             # 7. Legalization: what the target cannot take becomes primitives it can (cann); Q/DQ stay. After the
             #    gates, so a gated model's If nodes are judged (and refused on cann unless --allow-fallback) too.
-            *backend.legalization_passes(allow_fallback),
+            *(legalization_passes(allow_fallback) if backend.whitelist_only else []),
             # 8. Cleanup and what the runtime needs to load the result; provenance last.
             common.RemoveUnusedNodesPass(),
             common.TopologicalSortPass(),
@@ -75,13 +85,13 @@ def build_pipeline(
 
 def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, quiet: bool = False) -> ir.passes.PassManager:
     """The compile pipeline up to calibration, collecting every layer's statistics; nothing is materialized.
-    `qtc.passes.sensitivity.layer_sensitivity` then reads the result."""
+    `qtc.measure.sensitivity.layer_sensitivity` then reads the result."""
     backend = compile_target(target)
     measure = backend.measuring_backend()
     return ir.passes.PassManager(
         [
             *canonicalize_passes(recipe.opset),
-            *backend.fusion_passes(),
+            FuseOperatorsPass(backend.name),
             AnnotateQuantizationPass(recipe),
             CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, every_layer=True),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
+from qtc.core.quant_math import INT_RANGES, expand_scale, weight_qparams
 from qtc.passes.annotate import QuantAnnotation, layer_groups
-from qtc.passes.calibrate import LAYER_STATS
-from qtc.passes.outliers import (
+from qtc.passes.meta import LAYER_STATS, ROUNDING
+from qtc.passes.smooth import (
     Member,
     _scalable,
     apply_channel_scale,
@@ -21,7 +21,6 @@ from qtc.passes.outliers import (
     update_statistics,
     weight_matrix,
 )
-from qtc.passes.quant_math import INT_RANGES, expand_scale, weight_qparams
 from qtc.recipes import QuantSpec
 
 GPTQ_BLOCK = 128
@@ -138,7 +137,7 @@ class RoundWeightsPass(ir.passes.InPlacePass):
                     continue
                 record[node.name] = self._round(note, h) | {"error_rtn": plain[node.name]}
         # In-sample figures: errors are tr(D^T H D) on the calibration statistics the algorithms optimised.
-        model.meta["qtc.rounding"] = {"measured_on": "calibration statistics (in-sample)", "layers": record} if record else {}
+        model.meta[ROUNDING] = {"measured_on": "calibration statistics (in-sample)", "layers": record} if record else {}
         return ir.passes.PassResult(model, modified=bool(record))
 
     @staticmethod

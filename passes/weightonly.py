@@ -11,7 +11,7 @@ the same numbers (DequantizeLinear computes (q - zero_point) * scale in float32)
 turns into one float32 weight at session load. The file keeps the int8 weights (a quarter of the float bytes);
 the running process holds float32 weights and computes exactly what the recipe says, at float speed.
 
-Block-quantized weights (int4 MatMulNBits, which has a float kernel, and the embedding tables of passes/tables.py)
+Block-quantized weights (int4 MatMulNBits, which has a float kernel, and the embedding tables of passes/embedding_tables.py)
 and weights that meet quantized activations (integer kernels) keep their DequantizeLinear.
 """
 
@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
+from qtc.passes.meta import EXPANDED
 from qtc.passes.qdq import constant_initializer
 
-EXPANDED = "qtc.expanded_int8_weights"
 GEMMS = ("MatMul", "Gemm")
 
 

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from qtc.calibration.observers import CALIBRATORS
 from qtc.errors import QtcError
 

@@ -16,7 +16,7 @@ def tiny_llama() -> Path:
 @pytest.fixture(scope="session")
 def chinese_corpus(tmp_path_factory) -> Path:
     """A plain-text corpus file: the first 600 People's Daily paragraphs of the zh-news calibration split."""
-    from qtc.models.workloads import get_workload
+    from qtc.calibration.workloads import get_workload
 
     path = tmp_path_factory.mktemp("corpus") / "renmin-1998.txt"
     path.write_text("\n".join(get_workload("zh-news").texts("calib")[:600]) + "\n", encoding="utf-8")

@@ -3,7 +3,6 @@
 import copy
 
 import numpy as np
-
 from qtc.bench.recipe_table import _reader
 from qtc.calibration.data import load_calibration, model_inputs
 from qtc.frontends.onnx_file import load_model

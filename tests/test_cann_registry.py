@@ -1,6 +1,6 @@
 """The CANN facts qtc relies on, checked against data dumped from the real onnxruntime-cann 1.24.4 wheel.
 
-backends/cann_kernels.json is produced by bench/cann_wheel_check.py (`registry`: the CANN EP kernel registry via
+backends/cann_kernels.json is produced by tools/cann_wheel_check.py (`registry`: the CANN EP kernel registry via
 get_all_opkernel_def(), single-op mode; `graph-whitelist`: SupportONNXModel()'s op whitelist read out of the
 provider library, graph mode with enable_cann_subgraph=1). CPU only: no Ascend hardware and no CANN wheel needed.
 """
@@ -9,9 +9,8 @@ import json
 from pathlib import Path
 
 import pytest
-from onnx import defs
-
 import qtc.backends
+from onnx import defs
 
 KERNELS = json.loads((Path(qtc.backends.__file__).parent / "cann_kernels.json").read_text())
 REGISTRY: dict[str, list[dict]] = {}

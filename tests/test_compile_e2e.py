@@ -7,12 +7,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
 import qtc
-from qtc.backends.base import max_ir_version
-from qtc.calibration.data import load_calibration, model_inputs
-from qtc.report import compare_models
 from qtc.backends import get_backend
+from qtc.backends.base import max_ir_version
+from qtc.backends.compare import compare_models
+from qtc.calibration.data import load_calibration, model_inputs
 
 SAMPLES, SEQ = 16, 128
 

@@ -5,10 +5,9 @@ import subprocess
 import sys
 
 import pytest
-
 import qtc
 from qtc.errors import QtcError
-from qtc.evaluation import evaluate
+from qtc.measure.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,10 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 import qtc
+from qtc.core.quant_math import activation_qparams, dequantize_weight, weight_qparams
 from qtc.errors import QtcError
 from qtc.models.reference import build_reference
-from qtc.passes.quant_math import activation_qparams, dequantize_weight, weight_qparams
 from qtc.recipes import QuantSpec, builtin_recipe, parse_recipe
 
 FP8 = QuantSpec("float8e4m3fn", "channel", True)

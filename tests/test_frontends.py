@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from qtc.cache import sha256_file
 from qtc.errors import QtcError
+from qtc.util.cache import sha256_file
 
 MINILM_TEXTS = [
     "A man is playing a guitar.",
@@ -56,7 +55,7 @@ def _session(path: Path):
 
 @pytest.fixture(scope="module")
 def minilm():
-    from qtc.frontends.registry import export_source
+    from qtc.models.registry import export_source
 
     return export_source("minilm-l6")
 
@@ -107,7 +106,7 @@ def test_minilm_tokenizer_and_record_beside_model(minilm):
 
 @needs_minilm
 def test_minilm_second_call_reuses_cache(minilm):
-    from qtc.frontends.registry import export_reference
+    from qtc.models.registry import export_reference
 
     folder = minilm.model.parent
     before = {n: ((folder / n).stat().st_mtime_ns, sha256_file(folder / n)) for n in ("model.onnx", "model.onnx.data")}
@@ -133,7 +132,6 @@ def test_minilm_export_is_byte_reproducible(minilm, tmp_path):
 @needs_minilm
 def test_cli_export_copies_model_data_and_tokenizer(minilm, tmp_path):
     from click.testing import CliRunner
-
     from qtc.cli.export import export_command
 
     out = tmp_path / "out" / "minilm.onnx"
@@ -152,10 +150,9 @@ def test_cli_export_copies_model_data_and_tokenizer(minilm, tmp_path):
 
 def test_bad_sources_raise_qtc_error(tmp_path):
     from click.testing import CliRunner
-
     from qtc.cli.export import export_command
     from qtc.frontends.hf import export_hf
-    from qtc.frontends.registry import export_reference, resolve_export_source
+    from qtc.models.registry import export_reference, resolve_export_source
 
     with pytest.raises(QtcError, match="unknown export source"):
         resolve_export_source("no-such-model")
@@ -200,11 +197,10 @@ def test_missing_wheels_name_the_install_command(monkeypatch):
 @pytest.mark.skipif(os.environ.get("QTC_GEMMA") != "1", reason="minutes of CPU: set QTC_GEMMA=1 to run")
 def test_gemma_export_logits_match_torch():
     import torch
+    from qtc.frontends import hf
+    from qtc.models.registry import export_source
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
-
-    from qtc.frontends import hf
-    from qtc.frontends.registry import export_source
 
     exported = export_source("gemma-3-270m")
     info = exported.info

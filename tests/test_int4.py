@@ -1,7 +1,6 @@
 """4-bit block recipes end to end: packed storage, ORT's MatMulNBits fusion, agreement with float."""
 
 import onnx_ir as ir
-
 import qtc
 
 

@@ -7,12 +7,13 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 import qtc
-from qtc.passes.blocks import find_branches
+from onnx import TensorProto, helper, numpy_helper
+from qtc.core.blocks import find_branches
 from qtc.passes.layerskip import LayerSkipSpec, level_of
-from tests.test_cli import assert_bad_input, case, qtc as run_cli  # noqa: F401  (case: a writable model folder)
+
+from tests.test_cli import assert_bad_input, case  # noqa: F401  (case: a writable model folder)
+from tests.test_cli import qtc as run_cli
 
 SPEC = LayerSkipSpec(budgets=(1.0, 0.9, 0.8, 0.7), metric="bi")
 OPTIONS = dict(samples=4, seq_len=64, quiet=True)
@@ -173,7 +174,7 @@ def test_compile_rejects_bad_budgets(case, args, fragment):
 def test_quantized_build_reuses_the_float_builds_table(compiled, tiny_llama, chinese_corpus):
     import dataclasses
 
-    from qtc.sweep import skip_plan
+    from qtc.passes.layerskip import skip_plan
 
     spec = dataclasses.replace(SPEC, table_from=compiled["float-gated"])
     result = qtc.compile(tiny_llama, recipe="w8a8", calib=chinese_corpus, layer_skip=spec, **OPTIONS)
@@ -215,7 +216,7 @@ def test_range_warnings_name_the_levels_that_push_activations_further():
 
 def test_parity_feeds_the_budget(compiled, tiny_llama):
     """`qtc parity --feed budget=B`: at 1.0 the gated model is its ungated twin; at 0.7 branches really are skipped."""
-    from qtc.parity import parity
+    from qtc.measure.parity import parity
 
     def max_diff(budget: float) -> float:
         result = parity(compiled["w8a8-gated"], ["cpu"], against=compiled["w8a8"], feed={"budget": budget}, samples=2,

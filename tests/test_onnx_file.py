@@ -5,7 +5,6 @@ import os
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model, save_model
 

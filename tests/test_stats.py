@@ -1,8 +1,7 @@
 """Bootstrap intervals: seeded, paired, and wide or narrow where they should be."""
 
 import numpy as np
-
-from qtc.stats import bootstrap_interval, estimate
+from qtc.measure.stats import bootstrap_interval, estimate
 
 
 def test_interval_covers_true_mean_and_shrinks_with_n():

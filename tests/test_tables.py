@@ -7,12 +7,11 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
 import qtc
+from qtc.core.quant_math import dequantize_weight, weight_qparams
 from qtc.errors import QtcError
-from qtc.inspection import inspect_model
+from qtc.measure.inspection import inspect_model
 from qtc.models.reference import build_reference
-from qtc.passes.quant_math import dequantize_weight, weight_qparams
 from qtc.recipes import builtin_recipe, parse_recipe
 
 TABLE = {"dtype": "int4", "granularity": "block", "block_size": 32}

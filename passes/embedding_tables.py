@@ -19,8 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
-
-from qtc.passes.annotate import ANNOTATION, ROLE
+from qtc.passes.meta import ANNOTATION, FUSED_TABLES, ROLE
 
 BITS = {ir.DataType.INT4: 4, ir.DataType.INT8: 8}
 MS_DOMAIN = "com.microsoft"
@@ -155,5 +154,5 @@ class FuseQuantizedTablesPass(ir.passes.InPlacePass):
         count = rules.apply_to_model(model)
         if count:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-        model.meta["qtc.fused_tables"] = count
+        model.meta[FUSED_TABLES] = count
         return ir.passes.PassResult(model, modified=bool(count))

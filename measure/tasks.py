@@ -1,5 +1,5 @@
 """Evaluation tasks on Chinese workloads. Each task scores one unit (a paragraph, a review, a sentence) at a time
-and returns per-unit columns, so that `qtc.evaluation` can aggregate them and bootstrap paired intervals.
+and returns per-unit columns, so that `qtc.measure.evaluation` can aggregate them and bootstrap paired intervals.
 
 - `zh-news-ppl`: bits per character on the zh-news eval split (tokenizer-independent: summed next-token NLL in
   bits over the characters the predicted tokens cover) and token perplexity; against a baseline also the mean
@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-
 from qtc.calibration.data import InputSpec, text_feed
 from qtc.errors import QtcError
-from qtc.stats import log_softmax
+from qtc.util.arrays import log_softmax
 
 LN2 = np.log(2.0)
 BOS_TOKENS = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import onnx_ir as ir
-
 from qtc.backends import get_backend
+from qtc.core.blocks import find_branches, summary
 from qtc.frontends.onnx_file import all_initializers, external_tensors, load_model
-from qtc.report import graph_summary
 
 _LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)[./_](?P<index>\d+)[./_]")
 
@@ -62,7 +61,6 @@ def repeated_blocks(model: ir.Model) -> list[dict]:
 
 def residual_branches(model: ir.Model) -> dict:
     """Blocks and their attention / MLP residual branches (found by structure), and any budget gates."""
-    from qtc.passes.blocks import find_branches, summary
 
     found = summary(find_branches(model.graph))
     found["gates"] = sum(1 for node in model.graph if node.op_type == "If" and (node.name or "").startswith("qtc_gate_"))
@@ -97,3 +95,21 @@ def inspect_model(path: str | Path, target: str | None = None) -> dict:
 def _describe(value: ir.Value) -> dict:
     dims = [d if isinstance(d, int) else str(d) for d in value.shape] if value.shape is not None else None
     return {"name": value.name, "dtype": value.dtype.name if value.dtype else None, "shape": dims}
+
+
+def graph_summary(model: ir.Model) -> dict:
+    """Op histogram and tensor bytes by dtype: the same numbers `qtc inspect` shows."""
+    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
+    by_dtype: Counter = Counter()
+    params: Counter = Counter()
+    for value in all_initializers(model):
+        tensor = value.const_value
+        if tensor is not None:
+            by_dtype[tensor.dtype.name] += tensor.nbytes
+            params[tensor.dtype.name] += tensor.size
+    return {
+        "ops": dict(sorted(ops.items())),
+        "bytes_by_dtype": dict(sorted(by_dtype.items())),
+        "params_by_dtype": dict(sorted(params.items())),
+        "tensor_bytes": sum(by_dtype.values()),
+    }

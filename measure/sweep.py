@@ -9,36 +9,20 @@ that a busy machine slows them all alike), median of `runs` after `warmup`.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-
 from qtc.backends import get_backend
+from qtc.calibration.data import embedding_rows
 from qtc.errors import QtcError
-from qtc.evaluation import evaluate
-from qtc.passes.layerskip import BUDGET_INPUT, TABLE, level_of
-from qtc.report import write_json_atomic
+from qtc.frontends.onnx_file import load_model
+from qtc.measure.evaluation import evaluate
+from qtc.passes.layerskip import BUDGET_INPUT, TABLE, level_of, skip_plan
+from qtc.util.files import write_json_atomic
 
 LOWER_IS_BETTER = {"bits_per_char": True, "perplexity": True, "accuracy": False, "cosine_to_baseline": False}
-
-
-def skip_plan(path: Path) -> dict:
-    """The layer-skip metadata of a compiled model: levels, branch names and costs, qtc's and the static table."""
-    if not path.is_file():
-        raise QtcError(f"model not found: {path}")
-    try:
-        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    except Exception as exc:  # protobuf raises DecodeError and friends
-        raise QtcError(f"{path.name} is not an ONNX model ({type(exc).__name__})") from None
-    if "qtc.layer_skip.table" not in props:
-        raise QtcError(f"{path.name} has no budget gates: compile it with --layer-skip")
-    read = lambda key: json.loads(props[f"qtc.layer_skip.{key}"])  # noqa: E731
-    return {"levels": tuple(read("budgets")), "branches": read("branches"), "costs": read("weight_elements"),
-            "table": read("table"), "static": read("static_shortgpt_table"), "metric": props["qtc.layer_skip.metric"]}
 
 
 def parse_sweep_budgets(text: str) -> list[float]:
@@ -129,8 +113,6 @@ def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path
 
 
 def _vocabulary(path: Path) -> int:
-    from qtc.calibration.data import embedding_rows
-    from qtc.frontends.onnx_file import load_model
 
     return embedding_rows(load_model(path)) or 2
 

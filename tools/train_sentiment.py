@@ -29,8 +29,8 @@ weight averaging) 0.827. The labels are noisy (e.g. plainly negative hotel revie
 
 Results of the committed weights (see `weights/zh-sentiment.json`): RESULTS_PLACEHOLDER
 
-Rebuild: `python -m qtc.models.train_sentiment` (rewrites the weights and the JSON; needs the tokenizer copy
-that `python -m qtc.models.train_lm` installs, which it installs itself if missing). Then
+Rebuild: `python tools/train_sentiment.py` (rewrites the weights and the JSON; needs the tokenizer copy
+that `python tools/train_lm.py` installs, which it installs itself if missing). Then
 `python -m qtc.models.reference zh-sentiment` exports the ONNX model.
 """
 
@@ -42,10 +42,9 @@ import sys
 import time
 
 import numpy as np
-
-from qtc.cache import sha256_file
 from qtc.models import reference
 from qtc.models.reference import TOKENIZER_FILE
+from qtc.util.cache import sha256_file
 
 NAME = "zh-sentiment"
 ARCH = dict(layers=2, hidden=128, heads=4, intermediate=512, max_positions=512, dropout=0.1, attention_dropout=0.1,
@@ -99,9 +98,9 @@ def train(hp: dict, *, limit: int | None = None) -> dict:
 
     torch.set_num_threads(hp["threads"])
     torch.use_deterministic_algorithms(True)
+    from qtc.calibration.workloads import get_workload
     from qtc.models.tokenizer import UNK_ID
-    from qtc.models.train_lm import install_tokenizer
-    from qtc.models.workloads import get_workload
+    from train_lm import install_tokenizer
 
     tokenizer = reference.load_tokenizer(install_tokenizer())
     reviews = get_workload("zh-reviews")
@@ -223,7 +222,7 @@ def train(hp: dict, *, limit: int | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qtc.models.train_sentiment", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/train_sentiment.py", description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])
     parser.add_argument("--threads", type=int, default=DEFAULTS["threads"])

@@ -41,10 +41,3 @@ def estimate(columns: dict[str, np.ndarray], statistic: Statistic, *, seed: int 
     whole = {name: np.asarray(values)[None, :] for name, values in columns.items()}
     low, high = bootstrap_interval(columns, statistic, seed=seed)
     return {"value": float(statistic(whole)[0]), "ci95": [low, high], "n": len(next(iter(columns.values())))}
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Along the last axis, in float64 (262k-way vocabularies lose the tail in float32)."""
-    logits = logits.astype(np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))

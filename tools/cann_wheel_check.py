@@ -6,21 +6,21 @@ environment, never in qtc's main one. Its provider library `libonnxruntime_provi
 loaded at all, and ORT builds the CANN kernel registry only once it is loaded. Stub libraries that export the
 imported symbols (returning 0 / a dummy handle) let it load, so the registry and `GetCapability` can be read.
 
-    python bench/cann_wheel_check.py setup [--env /tmp/cann-env] [--pkg /tmp/cann-pkg]
+    python tools/cann_wheel_check.py setup [--env /tmp/cann-env] [--pkg /tmp/cann-pkg]
         builds the environment (idempotent): python3.11 venv, numpy<2, onnxruntime-cann==1.24.4, qtc's other
         dependencies (not onnxruntime), and PKG/qtc -> this repository for PYTHONPATH.
-    python bench/cann_wheel_check.py stubs --out /tmp/cann-stubs
+    python tools/cann_wheel_check.py stubs --out /tmp/cann-stubs
         generates and compiles (gcc) the stub CANN libraries from `nm -D --undefined-only` of the provider library.
-    python bench/cann_wheel_check.py registry [--json backends/cann_kernels.json]
+    python tools/cann_wheel_check.py registry [--json backends/cann_kernels.json]
         dumps the CANN EP kernel registry (`get_all_opkernel_def()`, single-op mode) into the JSON.
-    python bench/cann_wheel_check.py graph-whitelist [--json backends/cann_kernels.json]
+    python tools/cann_wheel_check.py graph-whitelist [--json backends/cann_kernels.json]
         recovers the graph-mode (enable_cann_subgraph=1) op whitelist of `SupportONNXModel()` from the provider
         library's machine code and relocations (binutils), and adds it to the JSON.
-    python bench/cann_wheel_check.py probe [--out bench/results/cann_probe.json]
+    python tools/cann_wheel_check.py probe [--out bench/results/cann_probe.json]
         small models on CANNExecutionProvider with the stubs: which nodes GetCapability gave CANN, per mode.
-    python bench/cann_wheel_check.py parity --model M --inputs DIR
+    python tools/cann_wheel_check.py parity --model M --inputs DIR
         `qtc parity M --backends cpu,cann --json` in the CANN environment without and with the stubs.
-    python bench/cann_wheel_check.py all --model M --inputs DIR
+    python tools/cann_wheel_check.py all --model M --inputs DIR
         every step above in order.
 
 The stubs make a fake device: anything that "runs" on them computes nothing. They are for reading what the
@@ -307,9 +307,9 @@ def registry(env: Path, pkg: Path, stubs: Path, path: Path) -> dict:
         "onnxruntime_version": raw["onnxruntime"],
         "provider_library": {"name": PROVIDER_LIB, "sha256": _sha256(lib)},
         "produced_by": (
-            "python bench/cann_wheel_check.py registry: onnxruntime.capi._pybind_state.get_all_opkernel_def() "
+            "python tools/cann_wheel_check.py registry: onnxruntime.capi._pybind_state.get_all_opkernel_def() "
             "filtered to provider CANNExecutionProvider, run in a separate venv (numpy<2, " + raw["wheel"] + ") "
-            "with stub CANN libraries (bench/cann_wheel_check.py stubs) on LD_LIBRARY_PATH: without them the "
+            "with stub CANN libraries (tools/cann_wheel_check.py stubs) on LD_LIBRARY_PATH: without them the "
             "provider library does not load and get_all_opkernel_def() raises 'Failed to load library ... "
             "libascendcl.so'. The stubs only satisfy the loader; the registry is the wheel's own."),
         "matching_rule": (
@@ -417,7 +417,7 @@ def graph_whitelist(env: Path, path: Path) -> dict:
         "opset_check": [f"cmp ${int(v, 16)} then set{cond}" for v, cond in bounds],
         "opset_lower_bound": int(bounds[0][0], 16) + 1 if bounds and bounds[0][1] == "le" else None,
         "method": (
-            f"bench/cann_wheel_check.py graph-whitelist: objdump of {func} (onnxruntime::cann::SupportONNXModel) "
+            f"tools/cann_wheel_check.py graph-whitelist: objdump of {func} (onnxruntime::cann::SupportONNXModel) "
             f"finds the static initializer-list array {array} ({nbytes} bytes = {nbytes // 8} pointers in "
             ".data.rel.ro) that fills the function's static std::set<std::string> cann_supported_ops; each pointer's "
             "R_X86_64_RELATIVE relocation (readelf -r) gives the string's address in .rodata. The opset check is "

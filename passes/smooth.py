@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-
+from qtc.core.quant_math import dequantize_weight, weight_qparams
 from qtc.passes.annotate import QuantAnnotation, layer_groups
-from qtc.passes.calibrate import LAYER_STATS
-from qtc.passes.quant_math import dequantize_weight, weight_qparams
+from qtc.passes.meta import LAYER_STATS, SMOOTHING
 from qtc.recipes import SmoothSpec
 
 ALPHA_GRID = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
@@ -162,7 +161,7 @@ class SmoothActivationsPass(ir.passes.InPlacePass):
             how = apply_channel_scale(graph, members[0][0].inputs[0], members, s)
             update_statistics(stats, s)
             record[name] = {"alpha": alpha, "applied": how, "max_scale": float(s.max()), "min_scale": float(s.min())}
-        model.meta["qtc.smoothing"] = record
+        model.meta[SMOOTHING] = record
         return ir.passes.PassResult(model, modified=bool(record))
 
     def _alpha(self, members: list[Member], stats: dict) -> float:

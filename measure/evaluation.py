@@ -6,15 +6,14 @@ import os
 from pathlib import Path
 
 import numpy as np
-
 from qtc.backends import get_backend
-from qtc.errors import QtcError
 from qtc.calibration.data import check_vocabulary, load_tokenizer, model_inputs
+from qtc.calibration.workloads import get_workload
+from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model
-from qtc.models.tasks import Runner, Task, get_task
-from qtc.models.workloads import get_workload
-from qtc.progress import progress_bar
-from qtc.stats import estimate
+from qtc.measure.stats import estimate
+from qtc.measure.tasks import Runner, Task, get_task
+from qtc.util.progress import progress_bar
 
 DEFAULT_MAX_LEN = 512
 
@@ -34,14 +33,12 @@ def _runner(backend, path: Path, output: str, tokenizer, extra: dict | None = No
 
 
 def _task_error(path: Path, output: str, names: list[str]):
-    from qtc.errors import QtcError
 
     return QtcError(f"{path.name} has no output {output!r} for this task (outputs: {', '.join(names)})")
 
 
 def _tokenizer_for(path: Path, tokenizer: str | os.PathLike | None, baseline: Path | None):
     """--tokenizer, else the tokenizer.json beside the model, else the one beside the baseline."""
-    from qtc.errors import QtcError
 
     if tokenizer:
         return load_tokenizer(Path(tokenizer))
@@ -93,7 +90,6 @@ def evaluate(
     path = Path(model)
     engine = get_backend(backend)
     if spec.needs_baseline and baseline is None:
-        from qtc.errors import QtcError
 
         raise QtcError(f"task {task} compares with a baseline: pass --baseline FLOAT_MODEL")
     baseline = Path(baseline) if baseline else None

@@ -25,7 +25,7 @@ log2(4096) / 1.232 chars per token = 9.74 bits/char.
 
 Results of the committed weights (see `weights/zh-tiny-lm.json` for the exact record): RESULTS_PLACEHOLDER
 
-Rebuild: `python -m qtc.models.train_lm` (rewrites the weights and the JSON; `--measure` only times a few
+Rebuild: `python tools/train_lm.py` (rewrites the weights and the JSON; `--measure` only times a few
 steps). Then `python -m qtc.models.reference zh-tiny-lm` exports the ONNX model.
 """
 
@@ -39,10 +39,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from qtc.cache import sha256_file
 from qtc.models import reference
 from qtc.models.reference import TOKENIZER_FILE, WEIGHTS_DIR
+from qtc.util.cache import sha256_file
 
 NAME = "zh-tiny-lm"
 ARCH = dict(layers=4, hidden=256, heads=4, kv_heads=2, intermediate=688, max_positions=512)
@@ -126,7 +125,7 @@ def _batches(n_windows: int, batch: int, seed: int, torch):
 
 def train(hp: dict, *, measure: int = 0, log_every: int = 25) -> dict:
     torch = _setup_torch(hp["threads"])
-    from qtc.models.workloads import get_workload
+    from qtc.calibration.workloads import get_workload
 
     tokenizer = reference.load_tokenizer(install_tokenizer())
     vocab_size = tokenizer.get_vocab_size()
@@ -216,7 +215,7 @@ def train(hp: dict, *, measure: int = 0, log_every: int = 25) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m qtc.models.train_lm", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/train_lm.py", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=DEFAULTS["steps"])
     parser.add_argument("--batch", type=int, default=DEFAULTS["batch"])
     parser.add_argument("--lr", type=float, default=DEFAULTS["lr"])

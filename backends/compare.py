@@ -1,20 +1,17 @@
-"""The compile report: provenance, what was quantized, sizes, and float-vs-compiled agreement on held-out data."""
+"""Output agreement between two models on the same feeds, computed on a backend's sessions: cosine, max |diff|,
+relative error, and for logits top-1 agreement and KL."""
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import onnx_ir as ir
-
 from qtc.backends.base import Backend
-from qtc.frontends.onnx_file import all_initializers
-from qtc.stats import log_softmax
+from qtc.util.arrays import log_softmax
 
 
 class OutputStats:
@@ -84,30 +81,3 @@ def compare_models(
                 for name in names:
                     stats[name].update(reference_outputs[name], outputs[name], logits="logit" in name)
     return {"samples": len(saved), "outputs": {name: s.result() for name, s in stats.items()}}
-
-
-def graph_summary(model: ir.Model) -> dict:
-    """Op histogram and tensor bytes by dtype: the same numbers `qtc inspect` shows."""
-    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
-    by_dtype: Counter = Counter()
-    params: Counter = Counter()
-    for value in all_initializers(model):
-        tensor = value.const_value
-        if tensor is not None:
-            by_dtype[tensor.dtype.name] += tensor.nbytes
-            params[tensor.dtype.name] += tensor.size
-    return {
-        "ops": dict(sorted(ops.items())),
-        "bytes_by_dtype": dict(sorted(by_dtype.items())),
-        "params_by_dtype": dict(sorted(params.items())),
-        "tensor_bytes": sum(by_dtype.values()),
-    }
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
