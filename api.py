@@ -10,14 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
+
 from qtc.backends import compile_target
 from qtc.backends.base import SESSION_PREFIX, runtime_numerics
 from qtc.backends.compare import compare_models
 from qtc.calibration.data import (
+    TOKENIZER_FILE,
     CalibrationSet,
     check_vocabulary,
     load_calibration,
     model_inputs,
+    tokenizer_beside,
 )
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import (
@@ -78,12 +81,11 @@ class CompileResult:
 
 def _copy_tokenizer(source: Path | None, out: Path) -> list[Path]:
     """Ship the model's own tokenizer.json beside the output (never replacing one already there)."""
-    if source is None or not (source.parent / "tokenizer.json").is_file():
+    own = tokenizer_beside(source)
+    target = out.parent / TOKENIZER_FILE
+    if own is None or target.exists():
         return []
-    target = out.parent / "tokenizer.json"
-    if target.exists():
-        return []
-    shutil.copyfile(source.parent / "tokenizer.json", target)
+    shutil.copyfile(own, target)
     return [target]
 
 
@@ -310,8 +312,7 @@ def _calibration(calib, source, tokenizer, samples, seq_len, seed) -> Calibratio
         return calib
     if samples < 1 or seq_len < 2:
         raise QtcError("--samples must be >= 1 and --seq-len >= 2")
-    if tokenizer is None and source is not None and (source.parent / "tokenizer.json").is_file():
-        tokenizer = source.parent / "tokenizer.json"  # the model's own tokenizer, shipped beside it
+    tokenizer = tokenizer or tokenizer_beside(source)
     return load_calibration(calib, tokenizer=Path(tokenizer) if tokenizer else None, n_samples=samples,
                             seq_len=seq_len, seed=seed)
 

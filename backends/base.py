@@ -14,7 +14,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+
+from qtc.core.ops import op_key
 from qtc.recipes import FLOAT_DTYPES, INHERIT, Recipe
+
+
+def session_threads() -> int:
+    """Intra-op threads of every qtc session: `QTC_THREADS`, else the cores up to 8."""
+    return int(os.environ.get("QTC_THREADS", min(os.cpu_count() or 1, 8)))
 
 
 @dataclass(frozen=True)
@@ -120,7 +127,7 @@ class Backend:
         options = ort.SessionOptions()
         options.log_severity_level = 3  # ORT's warnings about unused initializers etc. are noise to our users
         # Fixed thread count: calibration ranges and reports must not depend on how busy the machine is.
-        options.intra_op_num_threads = int(os.environ.get("QTC_THREADS", min(os.cpu_count() or 1, 8)))
+        options.intra_op_num_threads = session_threads()
         return options
 
     def session(self, model: str | os.PathLike | bytes | ir.Model) -> ort.InferenceSession:
@@ -151,7 +158,7 @@ class Backend:
 def _count_ops(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
     """Ops of a graph and of its subgraphs (If branches hold what a layer-skip gate runs)."""
     for node in graph.node:
-        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        key = op_key(node)
         counts[key] = counts.get(key, 0) + 1
         for attr in node.attribute:
             for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):

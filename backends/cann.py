@@ -15,8 +15,10 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+
 from qtc.backends.base import Backend
 from qtc.backends.cpu import CPU
+from qtc.core.ops import op_key
 from qtc.errors import QtcError
 from qtc.recipes import Recipe
 
@@ -141,7 +143,7 @@ def placement(model: ir.Model, mode: str) -> dict:
         device[node] = "cpu" if reason else "npu"
         if reason:
             reasons[reason] += 1
-            cpu_ops[node.op_type if not node.domain else f"{node.domain}::{node.op_type}"] += 1
+            cpu_ops[op_key(node)] += 1
         elif previous == "cpu":
             partitions += 1
         previous = device[node]
@@ -202,7 +204,7 @@ def offending_nodes(model: ir.Model) -> list[str]:
     for node in model.graph:
         reason = graph_reason(node, opset)
         if reason and reason != "every input is an initializer" and node.op_type not in QDQ_OPS:
-            op = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            op = op_key(node)
             found.append(f"{node.name or '?'} ({op}: {reason})")
     return found
 

@@ -10,6 +10,7 @@ from typing import Iterable
 
 import numpy as np
 import onnx_ir as ir
+
 from qtc.backends.base import Backend
 from qtc.util.arrays import log_softmax
 

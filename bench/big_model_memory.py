@@ -63,6 +63,7 @@ def _input(hidden: int, seed: int):
 
 def _build_worker(args) -> dict:
     import onnx_ir as ir
+
     from qtc.frontends.onnx_file import save_model
 
     rss_after_imports = peak_rss_bytes()
@@ -104,8 +105,9 @@ def _build_worker(args) -> dict:
 
 def _compile_worker(args) -> dict:
     import onnx_ir as ir
-    import qtc
     from onnx_ir.passes import _pass_infra
+
+    import qtc
 
     rss_after_imports = peak_rss_bytes()
     with RssSampler(interval=0.02) as sampler:

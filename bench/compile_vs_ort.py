@@ -108,37 +108,24 @@ def _qtc_worker(args) -> dict:
     }
 
 
-class _FeedsReader:
-    """A CalibrationDataReader yielding exactly qtc's calibration feeds (same windows, same order)."""
-
-    def __init__(self, calib, inputs) -> None:
-        self.calib, self.inputs = calib, inputs
-        self.rewind()
-
-    def get_next(self):
-        return next(self._iter, None)
-
-    def rewind(self) -> None:
-        self._iter = self.calib.feeds(self.inputs)
-
-
 def _ort_worker(args) -> dict:
     import logging
 
     import onnx
     from onnxruntime.quantization import (
-        CalibrationDataReader,
         CalibrationMethod,
         QuantFormat,
         QuantType,
         quantize_static,
     )
+
     from qtc.calibration.data import load_calibration, model_inputs
+    from qtc.calibration.ort_reader import CalibrationReader
     from qtc.frontends.onnx_file import load_model
 
     logging.getLogger().setLevel(logging.ERROR)  # the "please run pre-processing" warning
     rss_after_imports = peak_rss_bytes()
-    Reader = type("Reader", (_FeedsReader, CalibrationDataReader), {})
+    Reader = CalibrationReader
     variant = args.worker
     op_types = ["MatMul"] if variant.startswith("ort-matmul") else None
     exclude = None

@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
-from qtc.bench._util import machine, table, write_results
+from _util import machine, table, write_results
+
 from qtc.calibration.data import load_calibration, model_inputs
 from qtc.frontends.onnx_file import load_model
 from qtc.passes.canonicalize import canonicalize_passes

@@ -14,10 +14,11 @@ import json
 from pathlib import Path
 
 import onnx_ir as ir
+from _util import write_results
+
 from qtc.backends.cann import offending_nodes, placement
 from qtc.backends.compare import compare_models
 from qtc.backends.cpu import CPU
-from qtc.bench._util import write_results
 from qtc.calibration.data import load_calibration, model_inputs
 from qtc.frontends.onnx_file import load_model
 from qtc.measure.fusions import measure_fusions

@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 import onnxruntime as ort
+from _util import machine, write_results
+from fusion_latency import paired_ratio
 from onnx import TensorProto, helper, numpy_helper
-from qtc.bench._util import machine, write_results
-from qtc.bench.fusion_latency import paired_ratio
 
 HIDDEN, INTERMEDIATE = 640, 2048
 

@@ -83,8 +83,9 @@ def compile_worker(args) -> dict:
 def _tokens(model: Path, count: int):
     """The first `count` tokens of the zh-news eval split, joined paragraph after paragraph (real text)."""
     import numpy as np
-    from qtc.calibration.workloads import get_workload
     from tokenizers import Tokenizer
+
+    from qtc.calibration.workloads import get_workload
 
     tokenizer = Tokenizer.from_file(str(model.parent / "tokenizer.json"))
     ids: list[int] = []
@@ -98,6 +99,7 @@ def _tokens(model: Path, count: int):
 def _session(path: Path):
     """An ORT CPU session on all cores with the model's own `qtc.session.*` config entries."""
     import onnxruntime as ort
+
     from qtc.backends import get_backend
     from qtc.backends.base import session_config
 

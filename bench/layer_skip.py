@@ -18,10 +18,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from _util import RESULTS_DIR  # noqa: E402
+
 import qtc  # noqa: E402
-from qtc.bench._util import RESULTS_DIR  # noqa: E402
+from qtc.cli.options import parse_budgets  # noqa: E402
 from qtc.measure.sweep import sweep, write  # noqa: E402
-from qtc.passes.layerskip import LayerSkipSpec, parse_budgets  # noqa: E402
+from qtc.passes.layerskip import LayerSkipSpec  # noqa: E402
 
 FLOAT_RECIPE = "base: w8a16\nname: float\ndescription: nothing quantized (the float model, gated)\nop_types: []\n"
 
@@ -29,6 +31,7 @@ FLOAT_RECIPE = "base: w8a16\nname: float\ndescription: nothing quantized (the fl
 def dense_check(args, workdir: Path, compiled: list[Path]) -> int:
     """budget=1.0 (the default) against the same recipe compiled without gates, on held-out windows."""
     import numpy as np
+
     from qtc.backends import get_backend
     from qtc.calibration.data import load_calibration, model_inputs
     from qtc.frontends.onnx_file import load_model

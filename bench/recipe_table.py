@@ -29,7 +29,6 @@ JSON is rewritten after every row, so an interrupted run keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import shutil
@@ -41,7 +40,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import RESULTS_DIR, machine, write_results  # noqa: E402
-from compile_vs_ort import _FeedsReader, graph_facts  # noqa: E402
+from compile_vs_ort import graph_facts  # noqa: E402
+
+from qtc.calibration.ort_reader import CalibrationReader  # noqa: E402
 
 NAME = "recipe_table"
 WORKLOAD = "zh-news"
@@ -89,27 +90,6 @@ SHORT = {"QuantizeLinear": "Q", "DequantizeLinear": "DQ", "DynamicQuantizeLinear
 
 
 # ------------------------------------------------------------------------------------------------ rows
-
-
-class _Reader(_FeedsReader):
-    """qtc's calibration feeds (the first `limit` of them, or all) as an ORT CalibrationDataReader; deep-copyable
-    (ORT's GPTQ path deep-copies the reader before iterating it, and a live generator cannot be copied)."""
-
-    def __init__(self, calib, inputs, limit: int | None = None) -> None:
-        self.limit = limit
-        super().__init__(calib, inputs)
-
-    def __deepcopy__(self, memo):
-        return type(self)(self.calib, self.inputs, self.limit)
-
-    def rewind(self) -> None:
-        self._iter = itertools.islice(self.calib.feeds(self.inputs), self.limit)
-
-
-def _reader(calib, inputs, limit: int | None = None):
-    from onnxruntime.quantization import CalibrationDataReader
-
-    return type("Reader", (_Reader, CalibrationDataReader), {})(calib, inputs, limit)
 
 
 def _calibration(args, tokenizer: Path):
@@ -165,7 +145,7 @@ def _ort_row(row: str, args, out: Path, tokenizer: Path) -> dict:
 
         settings = {"quant_format": "QDQ", "per_channel": True, "calibrate_method": "MinMax",
                     "activation_type": "QInt8", "weight_type": "QInt8", "op_types_to_quantize": "default"}
-        quantize_static(args.model, str(out), _reader(calib, inputs), quant_format=QuantFormat.QDQ,
+        quantize_static(args.model, str(out), CalibrationReader(calib, inputs), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     else:
@@ -184,7 +164,7 @@ def _ort_row(row: str, args, out: Path, tokenizer: Path) -> dict:
             # ORT's GPTQ runs the whole model once per window per distinct MatMul input (gemma-3-270m: 72 inputs),
             # so a large model may get only the first --ort-gptq-samples windows; the row records how many.
             windows = min(args.ort_gptq_samples or args.samples, args.samples)
-            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=_reader(calib, inputs, windows))
+            config = GPTQWeightOnlyQuantConfig(calibration_data_reader=CalibrationReader(calib, inputs, windows))
             settings = {"algo_config": "GPTQWeightOnlyQuantConfig", "calibration_windows": windows, "bits": 4, "group_size": block,
                         "is_symmetric": symmetric, "percdamp": config.percdamp, "gptq_blocksize": config.block_size,
                         "actorder": config.actorder, "mse": config.mse, "perchannel": config.perchannel}

@@ -14,15 +14,25 @@ from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
+from tokenizers import Tokenizer
+
 from qtc.calibration import workloads
 from qtc.errors import QtcError
 from qtc.util.cache import sha256_file
-from tokenizers import Tokenizer
 
+TOKENIZER_FILE = "tokenizer.json"
 HELDOUT_SAMPLES = 8
 HELDOUT_FRACTION = 0.1
 EOS_TOKENS = ("<eos>", "</s>", "<|endoftext|>", "[SEP]")
 _TOKEN_INPUTS = ("input_ids", "ids", "tokens")
+
+
+def tokenizer_beside(model_path: Path | None) -> Path | None:
+    """A model's own tokenizer: `tokenizer.json` in its folder, where exports and compiles put it."""
+    if model_path is None:
+        return None
+    path = Path(model_path).parent / TOKENIZER_FILE
+    return path if path.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ not stretch the range of every later one.
 import math
 
 import numpy as np
+
 from qtc.errors import QtcError
 
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")

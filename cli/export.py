@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from qtc.errors import QtcError
 from qtc.frontends import hf
 from qtc.frontends.onnx_file import load_model, save_model

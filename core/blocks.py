@@ -19,7 +19,8 @@ import re
 from dataclasses import dataclass
 
 import onnx_ir as ir
-from qtc.passes.annotate import find_weight, module_path
+
+from qtc.core.weights import find_weight, module_path
 
 _LAYER = re.compile(r"^(?P<block>.*?[./_]\d+)(?:[./_]|$)")
 _ATTENTION_OPS = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention")

@@ -46,6 +46,8 @@ from typing import Literal
 import numpy as np
 import onnxruntime
 import onnxruntime as ort
+from tokenizers import Tokenizer
+
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import save_model
 from qtc.frontends.torch_export import (
@@ -56,7 +58,7 @@ from qtc.frontends.torch_export import (
     quiet,
 )
 from qtc.util.cache import cache_dir, sha256_file, sha256_text
-from tokenizers import Tokenizer
+from qtc.util.files import write_json_atomic
 
 # Bump when anything that changes the exported bytes changes (wrappers, graph passes, example inputs, ...).
 EXPORT_VERSION = "qtc-hf-1"
@@ -260,7 +262,7 @@ def gguf_to_hf(gguf: Path, *, gguf_sha256: str | None = None) -> Path:
         "transformers": versions()["transformers"],
         "load_and_save_s": round(time.perf_counter() - t0, 1),
     }
-    record_path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(record_path, record)
     return folder
 
 
@@ -561,8 +563,7 @@ def export_hf(model_dir_or_gguf: Path, out: Path, *, task: Task | None = None,
     if task == "sentence-embedding":
         info["pooling"] = "mean over attention_mask (not normalised)"
         info["embedding_dim"] = int(getattr(text_config, "hidden_size", 0))
-    (out / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
-                                 encoding="utf-8")
+    write_json_atomic(out / INFO_FILE, info)
     return out / MODEL_FILE
 
 

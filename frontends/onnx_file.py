@@ -9,6 +9,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
+
 from qtc.errors import QtcError
 
 # Above this many bytes of tensors a model is saved with external data (protobuf cannot hold 2 GiB).

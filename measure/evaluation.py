@@ -6,8 +6,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from qtc.backends import get_backend
-from qtc.calibration.data import check_vocabulary, load_tokenizer, model_inputs
+from qtc.calibration.data import (
+    check_vocabulary,
+    load_tokenizer,
+    model_inputs,
+    tokenizer_beside,
+)
 from qtc.calibration.workloads import get_workload
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model
@@ -42,9 +48,9 @@ def _tokenizer_for(path: Path, tokenizer: str | os.PathLike | None, baseline: Pa
 
     if tokenizer:
         return load_tokenizer(Path(tokenizer))
-    for folder in (path.parent, baseline.parent if baseline else None):
-        if folder is not None and (folder / "tokenizer.json").is_file():
-            return load_tokenizer(folder / "tokenizer.json")
+    own = tokenizer_beside(path) or tokenizer_beside(baseline)
+    if own is not None:
+        return load_tokenizer(own)
     raise QtcError(f"no tokenizer: pass --tokenizer, or put tokenizer.json beside {path.name}")
 
 

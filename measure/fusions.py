@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import onnx_ir as ir
+
 from qtc.backends.compare import compare_models
 from qtc.backends.cpu import CPU
 from qtc.passes.fusion import FUSIONS, FuseOperatorsPass, fusion_counts, model_opset

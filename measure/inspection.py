@@ -7,8 +7,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import onnx_ir as ir
+
 from qtc.backends import get_backend
 from qtc.core.blocks import find_branches, summary
+from qtc.core.ops import MS_DOMAIN, op_key
 from qtc.frontends.onnx_file import all_initializers, external_tensors, load_model
 
 _LAYER_INDEX = re.compile(r"^(?P<prefix>.*?)[./_](?P<index>\d+)[./_]")
@@ -27,7 +29,7 @@ def quantized_fraction(model: ir.Model) -> dict:
                  and (n.op_type == "DequantizeLinear"
                       or n.op_type == "Cast" and n.inputs[0].dtype in (ir.DataType.INT8, ir.DataType.UINT8))}
     packed = {n.inputs[PACKED_INPUT[n.op_type]].name: n.attributes.get_int("bits", 4)
-              for n in model.graph.all_nodes() if n.op_type in PACKED_INPUT and n.domain == "com.microsoft"}
+              for n in model.graph.all_nodes() if n.op_type in PACKED_INPUT and n.domain == MS_DOMAIN}
     quantized = floating = 0
     for value in all_initializers(model):
         tensor = value.const_value
@@ -99,7 +101,7 @@ def _describe(value: ir.Value) -> dict:
 
 def graph_summary(model: ir.Model) -> dict:
     """Op histogram and tensor bytes by dtype: the same numbers `qtc inspect` shows."""
-    ops = Counter(f"{n.domain}::{n.op_type}" if n.domain else n.op_type for n in model.graph.all_nodes())
+    ops = Counter(op_key(n) for n in model.graph.all_nodes())
     by_dtype: Counter = Counter()
     params: Counter = Counter()
     for value in all_initializers(model):

@@ -20,17 +20,6 @@ METRICS = {
 }
 
 
-def parse_budget(text: str) -> tuple[str, float]:
-    """'top1=0.02' -> ('top1', 0.02)."""
-    name, _, value = text.partition("=")
-    if name not in METRICS or not value:
-        raise QtcError(f"--max-drop takes METRIC=VALUE with METRIC one of {', '.join(METRICS)} (got {text!r})")
-    try:
-        return name, float(value)
-    except ValueError:
-        raise QtcError(f"--max-drop value must be a number (got {value!r})") from None
-
-
 def measured_drop(report: dict, metric: str) -> float:
     outputs = report.get("heldout_comparison", {}).get("outputs", {})
     logits = next((stats for name, stats in outputs.items() if "top1_agreement" in stats), None)

@@ -21,10 +21,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from qtc.backends import get_backend
 from qtc.backends.base import BackendUnavailable
 from qtc.backends.compare import OutputStats
-from qtc.calibration.data import load_calibration, model_inputs
+from qtc.calibration.data import load_calibration, model_inputs, tokenizer_beside
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model
 
@@ -73,8 +74,7 @@ def _verdict(outputs: dict, tolerance: dict) -> list[str]:
 
 
 def _feeds(model_path: Path, model, inputs: str, tokenizer: str | None, samples: int, seq_len: int) -> list[dict]:
-    beside = model_path.parent / "tokenizer.json"
-    tokenizer_path = Path(tokenizer) if tokenizer else (beside if beside.is_file() else None)
+    tokenizer_path = Path(tokenizer) if tokenizer else tokenizer_beside(model_path)
     calib = load_calibration(inputs, tokenizer=tokenizer_path, n_samples=1, seq_len=seq_len, seed=0)
     return list(calib.feeds(model_inputs(model), heldout=True))[:samples]
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from qtc.core.quant_math import activation_qparams
-from qtc.passes.annotate import activation_key, annotated_nodes, module_path
+from qtc.core.weights import module_path
+from qtc.passes.annotate import activation_key, annotated_nodes
 from qtc.passes.meta import LAYER_STATS, OBSERVERS, RANGES
 from qtc.passes.smooth import rounding_error, weight_matrix
 

@@ -9,37 +9,25 @@ that a busy machine slows them all alike), median of `runs` after `warmup`.
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import numpy as np
+
 from qtc.backends import get_backend
-from qtc.calibration.data import embedding_rows
-from qtc.errors import QtcError
+from qtc.backends.base import session_threads
+from qtc.calibration.data import embedding_rows, tokenizer_beside
 from qtc.frontends.onnx_file import load_model
 from qtc.measure.evaluation import evaluate
-from qtc.passes.layerskip import BUDGET_INPUT, TABLE, level_of, skip_plan
+from qtc.passes.layerskip import BUDGET_INPUT, TABLE, level_of, skip_plan, sparsity
 from qtc.util.files import write_json_atomic
 
 LOWER_IS_BETTER = {"bits_per_char": True, "perplexity": True, "accuracy": False, "cosine_to_baseline": False}
 
 
-def parse_sweep_budgets(text: str) -> list[float]:
-    try:
-        budgets = [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        budgets = []
-    if not budgets or any(not 0 < b <= 1 for b in budgets):
-        raise QtcError(f"--budgets takes comma-separated numbers in (0, 1], e.g. 1.0,0.9,0.8 (got {text!r})")
-    return budgets
-
-
 def _sparsity(plan: dict, row: list[bool]) -> dict:
-    total = sum(plan["costs"])
     skipped = [name for name, skip in zip(plan["branches"], row) if skip]
-    return {"skipped": skipped, "branch_sparsity": len(skipped) / len(row),
-            "compute_sparsity": sum(c for c, skip in zip(plan["costs"], row) if skip) / total}
+    return {"skipped": skipped, **sparsity(plan["costs"], {i for i, skip in enumerate(row) if skip})}
 
 
 def _latencies(sessions: dict[str, tuple], seq_len: int, runs: int, warmup: int, seed: int) -> dict[str, float]:
@@ -80,7 +68,7 @@ def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path
     for path, plan in plans.items():
         session = backend.session(path)
         vocab = _vocabulary(path)
-        words = tokenizer or (path.parent / "tokenizer.json" if (path.parent / "tokenizer.json").is_file() else None)
+        words = tokenizer or tokenizer_beside(path)
         for method, table in (("qtc", plan["table"]), ("static-shortgpt", plan["static"])):
             for budget in budgets:
                 level = level_of(plan["levels"], budget)
@@ -106,7 +94,7 @@ def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path
     return {"task": task, "metric": metric, "lower_is_better": LOWER_IS_BETTER.get(metric, True),
             "baseline": baseline.name if baseline else None, "limit": limit,
             "latency": {"backend": "cpu", "batch": 1, "seq_len": seq_len, "runs": runs, "warmup": warmup,
-                        "statistic": "median", "threads": int(os.environ.get("QTC_THREADS", min(os.cpu_count() or 1, 8)))},
+                        "statistic": "median", "threads": session_threads()},
             "tables": {p.name: {"levels": plan["levels"], "branches": plan["branches"], "metric": plan["metric"]}
                        for p, plan in plans.items()},
             "rows": rows, "pareto": pareto(rows, metric, LOWER_IS_BETTER.get(metric, True))}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+
 from qtc.calibration.data import InputSpec, text_feed
 from qtc.errors import QtcError
 from qtc.util.arrays import log_softmax

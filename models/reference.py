@@ -43,12 +43,14 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
+
 from qtc.errors import QtcError
 from qtc.frontends.torch_export import export_ids_mask_model, exporter_versions
 from qtc.models.tiny_llama import export_tiny_llama, make_tiny_llama
 from qtc.models.tokenizer import BOS_ID, PAD_ID, UNK_ID
 from qtc.util.cache import cache_dir, sha256_file, sha256_text
-from tokenizers import Tokenizer
+from qtc.util.files import write_json_atomic
 
 # Bump when the export recipe of either model changes.
 EXPORT_VERSION = "qtc-reference-1"
@@ -224,7 +226,7 @@ def publish_weights(name: str, model, config: dict, info: dict) -> dict:
     save_weights(model, ref.weights, {"name": name, "config": json.dumps(config, sort_keys=True)})
     info["weights_sha256"] = sha256_file(ref.weights)
     info["weights_bytes"] = ref.weights.stat().st_size
-    ref.info.write_text(json.dumps(info, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json_atomic(ref.info, info)
     print(f"wrote {ref.weights} ({info['weights_bytes']:,} bytes) and {ref.info.name}")
     return info
 
@@ -475,7 +477,7 @@ def build_reference(name: str, out_dir: Path | None = None) -> Path:
         "model_sha256": sha256_file(onnx_path),
         "data_sha256": sha256_file(out_dir / DATA_FILE),
     }
-    info_path.write_text(json.dumps(build, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(info_path, build)
     return onnx_path
 
 

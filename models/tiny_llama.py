@@ -32,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from tokenizers import Tokenizer
+
 from qtc.errors import QtcError
 from qtc.frontends.torch_export import export_ids_mask_model, exporter_versions
 from qtc.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, zh_news_tokenizer
 from qtc.util.cache import cache_dir, sha256_file, sha256_text
-from tokenizers import Tokenizer
+from qtc.util.files import write_json_atomic
 
 # Bump when the export recipe changes (graph normalisation, config defaults, ...).
 EXPORT_VERSION = "qtc-tiny-llama-1"
@@ -204,7 +206,7 @@ def build_tiny_llama(
         "model_sha256": sha256_file(onnx_path),
         "data_sha256": sha256_file(out_dir / DATA_FILE),
     }
-    info_path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(info_path, info)
     return onnx_path
 
 

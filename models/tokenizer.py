@@ -19,9 +19,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
 from qtc.calibration.workloads import get_workload
 from qtc.util.cache import cache_dir, sha256_text
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<bos>", "<eos>")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
+
 from qtc.backends.base import Backend
 from qtc.calibration.data import CalibrationSet, model_inputs
 from qtc.calibration.moments import ChannelAbsMax, Gram

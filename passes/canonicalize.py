@@ -8,6 +8,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import _constant_folding
 from onnxscript.version_converter import ConvertVersionPass
+
 from qtc.errors import QtcError
 from qtc.passes.meta import warn
 

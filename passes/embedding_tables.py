@@ -19,10 +19,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
+
+from qtc.core.ops import MS_DOMAIN
 from qtc.passes.meta import ANNOTATION, FUSED_TABLES, ROLE
 
 BITS = {ir.DataType.INT4: 4, ir.DataType.INT8: 8}
-MS_DOMAIN = "com.microsoft"
 
 
 def pack_blocks(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:

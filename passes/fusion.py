@@ -34,10 +34,11 @@ from onnxscript.rewriter.ort_fusions import (
 )
 from onnxscript.rewriter.rules.common import _matmul_add_to_gemm
 from onnxscript.rewriter.rules.fusion import _layer_norm, _rotary_embedding
+
+from qtc.core.ops import MS_DOMAIN, op_key
 from qtc.passes.canonicalize import FoldConstantsPass, InferShapesPass
 from qtc.passes.meta import FUSION_COUNTS
 
-MS = "com.microsoft"
 # onnxscript's fusions go through intermediate ops in this domain (SDPA, a RotaryEmbedding function) that a
 # later rule consumes; what is left of them is inlined back into standard ops at the end.
 _INTERMEDIATE_DOMAIN = "ai.onnxruntime._fusion"
@@ -60,7 +61,7 @@ class SiluFusion(pattern.RewriteRuleClassBase):
         return result
 
     def rewrite(self, op, x, **_):
-        return op.QuickGelu(x, alpha=1.0, _domain=MS)
+        return op.QuickGelu(x, alpha=1.0, _domain=MS_DOMAIN)
 
 
 class CosSinCacheByMulFusion(cos_sin_cache.CosSinCacheFusion):
@@ -118,7 +119,7 @@ class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
         # The positions are shared by the batch, but RotaryEmbedding wants one row of them per sequence.
         batch = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[1]), axis=0)
         return op.RotaryEmbedding(x, op.Expand(rows, batch), cos, sin, interleaved=interleaved, num_heads=num_heads,
-                                  _domain=MS)
+                                  _domain=MS_DOMAIN)
 
 
 def _sdpa_scale(sdpa_output: ir.Value) -> dict:
@@ -223,15 +224,15 @@ FUSIONS: tuple[Fusion, ...] = (
     Fusion("layer_norm", _layer_norm.layer_normalization_ruleset, _each(_ORT, "LayerNormalization"),
            "decomposed mean/variance normalization -> ONNX LayerNormalization (opset 17)"),
     Fusion("skip_rms_norm", skip_normalization.skip_rms_normalization_ruleset,
-           _each(_ORT, f"{MS}::SkipSimplifiedLayerNormalization"), "residual Add + RMSNorm", after=("rms_norm",)),
+           _each(_ORT, f"{MS_DOMAIN}::SkipSimplifiedLayerNormalization"), "residual Add + RMSNorm", after=("rms_norm",)),
     Fusion("skip_layer_norm", skip_normalization.skip_layer_normalization_ruleset,
-           _each(_ORT, f"{MS}::SkipLayerNormalization"), "residual Add (+ bias) + LayerNorm",
+           _each(_ORT, f"{MS_DOMAIN}::SkipLayerNormalization"), "residual Add (+ bias) + LayerNorm",
            after=("layer_norm",)),
-    Fusion("gelu_erf", erfgelu.rules, _each(_ORT, f"{MS}::Gelu"), "0.5 x (1 + erf(x / sqrt 2))"),
-    Fusion("gelu_tanh", gelu.gelu_rules, _each(_ORT, f"{MS}::FastGelu"), "0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))"),
-    Fusion("bias_gelu", bias_gelu.bias_gelu_rules, _each(_ORT, f"{MS}::BiasGelu"),
+    Fusion("gelu_erf", erfgelu.rules, _each(_ORT, f"{MS_DOMAIN}::Gelu"), "0.5 x (1 + erf(x / sqrt 2))"),
+    Fusion("gelu_tanh", gelu.gelu_rules, _each(_ORT, f"{MS_DOMAIN}::FastGelu"), "0.5 x (1 + tanh(sqrt(2/pi)(x + 0.044715 x^3)))"),
+    Fusion("bias_gelu", bias_gelu.bias_gelu_rules, _each(_ORT, f"{MS_DOMAIN}::BiasGelu"),
            "Add(bias) + Gelu: the MatMul before it stays standalone", after=("gelu_erf",)),
-    Fusion("silu", _rules(SiluFusion.rule()), _each(_ORT, f"{MS}::QuickGelu"),
+    Fusion("silu", _rules(SiluFusion.rule()), _each(_ORT, f"{MS_DOMAIN}::QuickGelu"),
            "x * sigmoid(x) (the SwiGLU gate's activation; gate and up MatMuls stay standalone)"),
     Fusion("rotary", rotary_embedding.rotary_embedding_rules, {},
            "x cos + rotate_half(x) sin: an intermediate function, kept only when its cos/sin cache fuses too",
@@ -242,7 +243,7 @@ FUSIONS: tuple[Fusion, ...] = (
         CosSinCacheByMulFusion.rule("CosSinCache_const_freqs", cast=False, const_freqs=True),
         CosSinCacheByMulFusion.rule("CosSinCache", cast=False),
         BroadcastCosSinCacheFusion.rule()),
-           _each(_ORT, f"{MS}::RotaryEmbedding"), "position-indexed cos/sin tables from constant inverse frequencies",
+           _each(_ORT, f"{MS_DOMAIN}::RotaryEmbedding"), "position-indexed cos/sin tables from constant inverse frequencies",
            after=("rotary",)),
     Fusion("sdpa", sdpa.sdpa_rules, {}, "softmax(Q K^T * scale + mask) V, with GQA's K/V head expansion",
            infer_shapes=True),
@@ -250,7 +251,7 @@ FUSIONS: tuple[Fusion, ...] = (
     # (ORT profiles, kernel ms per prefill: minilm-l6 128 tokens 42.0 vs 37.2; zh-tiny-lm 256: 26.7 vs 22.9;
     # gemma-3-270m 256: MHA 44 vs 30 for the unfused attention ops), so cpu gets no MHA. At opset 23 cpu gets
     # the standard Attention, which takes grouped K/V heads without the expanded copies (gemma: 33 ms).
-    Fusion("attention", sdpa_via_mha._rules, {"cuda": f"{MS}::MultiHeadAttention"},
+    Fusion("attention", sdpa_via_mha._rules, {"cuda": f"{MS_DOMAIN}::MultiHeadAttention"},
            "SDPA -> MultiHeadAttention after the Q/K/V projections (which stay MatMuls for quantization); at "
            "opset 23 on cpu, ONNX Attention over the unexpanded K/V heads",
            after=("sdpa",),
@@ -272,10 +273,6 @@ def _runs_on(fusion: Fusion, target: str, opset: int) -> bool:
 
 def model_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", 0)
-
-
-def op_key(node: ir.Node) -> str:
-    return f"{node.domain}::{node.op_type}" if node.domain else node.op_type
 
 
 class FuseOperatorsPass(ir.passes.InPlacePass):

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+
 from qtc.backends.base import Backend
 from qtc.calibration.data import CalibrationSet, model_inputs, token_input
 from qtc.core.blocks import Branch, blocks, find_branches, summary
@@ -85,13 +86,6 @@ class LayerSkipSpec:
         return tuple(sorted(set(self.budgets) | {1.0}, reverse=True))
 
 
-def parse_budgets(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(item) for item in text.split(",") if item.strip())
-    except ValueError:
-        raise QtcError(f"--budgets takes comma-separated numbers in (0, 1], e.g. 1.0,0.9,0.8 (got {text!r})") from None
-
-
 # ------------------------------------------------------------------------------------------ skip tables
 
 
@@ -119,9 +113,13 @@ def _skip_lowest(costs: list[float], units: list[list[int]], unit_scores: list[f
     return skipped
 
 
+def sparsity(costs: list[float], skipped: set[int]) -> dict:
+    """The share of branches skipped, and of their weight multiply-adds (`costs` per branch)."""
+    return {"branch_sparsity": len(skipped) / len(costs), "compute_sparsity": 1 - _kept_fraction(costs, skipped)}
+
+
 def realized(branches: list[Branch], skipped) -> dict:
-    return {"skipped_branches": len(skipped), "branch_sparsity": len(skipped) / len(branches),
-            "compute_sparsity": 1 - _kept_fraction(unit_costs(branches, "compute"), set(skipped))}
+    return {"skipped_branches": len(skipped), **sparsity(unit_costs(branches, "compute"), set(skipped))}
 
 
 # ------------------------------------------------------------------------------------------ scoring model

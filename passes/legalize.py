@@ -15,11 +15,12 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript.optimizer import _constant_folding
 from onnxscript.rewriter import pattern
+
 from qtc.backends.cann import QDQ_OPS, offending_nodes
+from qtc.core.ops import MS_DOMAIN, op_key
 from qtc.errors import QtcError
 from qtc.passes.meta import LEGALIZATION
 
-MS = "com.microsoft"
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
 
@@ -117,7 +118,7 @@ class _DecomposeSkipNorm(pattern.RewriteRuleClassBase):
     op_type = ""
 
     def pattern(self, op, x, skip):
-        return getattr(op, self.op_type)(x, skip, _domain=MS, _allow_other_inputs=True,
+        return getattr(op, self.op_type)(x, skip, _domain=MS_DOMAIN, _allow_other_inputs=True,
                                          _outputs=["y", "mean", "inv_std", "sum"])
 
     def check(self, context, x, y, mean, inv_std, **_):
@@ -215,7 +216,7 @@ class DecomposeMultiHeadAttention(pattern.RewriteRuleClassBase):
     bias (as qtc's cuda fusion writes it) -> per-head Reshape / Transpose around the same MatMul / Softmax / MatMul."""
 
     def pattern(self, op, query, key, value):
-        return op.MultiHeadAttention(query, key, value, _domain=MS, _allow_other_inputs=True, _outputs=["y"])
+        return op.MultiHeadAttention(query, key, value, _domain=MS_DOMAIN, _allow_other_inputs=True, _outputs=["y"])
 
     def check(self, context, query, key, value, y, **_):
         node = y.producer()
@@ -267,7 +268,7 @@ class DecomposeMsRotaryEmbedding(DecomposeRotaryEmbedding):
     """com.microsoft RotaryEmbedding(x, position_ids, cos_cache, sin_cache) on a 4-D input, the same way."""
 
     def pattern(self, op, x, positions, cos, sin):
-        return op.RotaryEmbedding(x, positions, cos, sin, _domain=MS, _outputs=["y"])
+        return op.RotaryEmbedding(x, positions, cos, sin, _domain=MS_DOMAIN, _outputs=["y"])
 
     def check(self, context, x, y, **_):
         result = super().check(context, x, y)
@@ -315,7 +316,7 @@ class DecomposeMsGelu(pattern.RewriteRuleClassBase):
     """com.microsoft Gelu -> the erf form."""
 
     def pattern(self, op, x):
-        return op.Gelu(x, _domain=MS)
+        return op.Gelu(x, _domain=MS_DOMAIN)
 
     def check(self, context, x, **_):
         return _float_input(x)
@@ -328,7 +329,7 @@ class DecomposeBiasGelu(pattern.RewriteRuleClassBase):
     """com.microsoft BiasGelu(x, bias) -> the erf form of x + bias."""
 
     def pattern(self, op, x, bias):
-        return op.BiasGelu(x, bias, _domain=MS)
+        return op.BiasGelu(x, bias, _domain=MS_DOMAIN)
 
     def check(self, context, x, **_):
         return _float_input(x)
@@ -341,7 +342,7 @@ class DecomposeFastGelu(pattern.RewriteRuleClassBase):
     """com.microsoft FastGelu(x[, bias]) -> the tanh form."""
 
     def pattern(self, op, x):
-        return op.FastGelu(x, _domain=MS, _allow_other_inputs=True, _outputs=["y"])
+        return op.FastGelu(x, _domain=MS_DOMAIN, _allow_other_inputs=True, _outputs=["y"])
 
     def check(self, context, x, **_):
         return _float_input(x)
@@ -356,7 +357,7 @@ class DecomposeQuickGelu(pattern.RewriteRuleClassBase):
     """com.microsoft QuickGelu(x, alpha) -> x * Sigmoid(alpha * x) (SiLU when alpha is 1)."""
 
     def pattern(self, op, x):
-        return op.QuickGelu(x, _domain=MS, _outputs=["y"])
+        return op.QuickGelu(x, _domain=MS_DOMAIN, _outputs=["y"])
 
     def check(self, context, x, **_):
         return _float_input(x)
@@ -422,15 +423,15 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
 
 def _is_decomposable(op: str) -> bool:
     return op in {"Transpose", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
-                  f"{MS}::Gelu", f"{MS}::BiasGelu", f"{MS}::FastGelu", f"{MS}::QuickGelu",
-                  f"{MS}::SkipSimplifiedLayerNormalization", f"{MS}::SkipLayerNormalization", "Attention",
-                  "RotaryEmbedding", f"{MS}::MultiHeadAttention", f"{MS}::RotaryEmbedding"}
+                  f"{MS_DOMAIN}::Gelu", f"{MS_DOMAIN}::BiasGelu", f"{MS_DOMAIN}::FastGelu", f"{MS_DOMAIN}::QuickGelu",
+                  f"{MS_DOMAIN}::SkipSimplifiedLayerNormalization", f"{MS_DOMAIN}::SkipLayerNormalization", "Attention",
+                  "RotaryEmbedding", f"{MS_DOMAIN}::MultiHeadAttention", f"{MS_DOMAIN}::RotaryEmbedding"}
 
 
 def _op_counts(model: ir.Model) -> dict[str, int]:
     counts: dict[str, int] = {}
     for node in model.graph:
-        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        key = op_key(node)
         counts[key] = counts.get(key, 0) + 1
     return counts
 

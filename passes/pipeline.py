@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common
+
 from qtc.backends import compile_target
 from qtc.backends.base import max_ir_version
 from qtc.calibration.data import CalibrationSet

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from qtc.core.quant_math import activation_qparams, storage_array, weight_qparams
+from qtc.core.weights import original_name
 from qtc.errors import QtcError
-from qtc.passes.annotate import (
-    QuantAnnotation,
-    activation_key,
-    annotated_nodes,
-    original_name,
-)
+from qtc.passes.annotate import QuantAnnotation, activation_key, annotated_nodes
 from qtc.passes.meta import RANGES
 
 QDQ_OPSET = 21

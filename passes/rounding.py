@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from qtc.core.quant_math import INT_RANGES, expand_scale, weight_qparams
 from qtc.passes.annotate import QuantAnnotation, layer_groups
 from qtc.passes.meta import LAYER_STATS, ROUNDING

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from qtc.core.quant_math import dequantize_weight, weight_qparams
 from qtc.passes.annotate import QuantAnnotation, layer_groups
 from qtc.passes.meta import LAYER_STATS, SMOOTHING

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+
 from qtc.passes.meta import EXPANDED
 from qtc.passes.qdq import constant_initializer
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from qtc.calibration.observers import CALIBRATORS
 from qtc.errors import QtcError
 

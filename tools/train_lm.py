@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from qtc.models import reference
 from qtc.models.reference import TOKENIZER_FILE, WEIGHTS_DIR
 from qtc.util.cache import sha256_file

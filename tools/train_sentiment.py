@@ -42,6 +42,7 @@ import sys
 import time
 
 import numpy as np
+
 from qtc.models import reference
 from qtc.models.reference import TOKENIZER_FILE
 from qtc.util.cache import sha256_file
@@ -98,9 +99,10 @@ def train(hp: dict, *, limit: int | None = None) -> dict:
 
     torch.set_num_threads(hp["threads"])
     torch.use_deterministic_algorithms(True)
+    from train_lm import install_tokenizer
+
     from qtc.calibration.workloads import get_workload
     from qtc.models.tokenizer import UNK_ID
-    from train_lm import install_tokenizer
 
     tokenizer = reference.load_tokenizer(install_tokenizer())
     reviews = get_workload("zh-reviews")
