@@ -33,6 +33,8 @@ demo: setup
 	$(BIN)/qtc eval $(OUT)/zh-tiny-lm.w8a8.onnx --task zh-news-ppl --baseline $$model --limit 400
 
 test: setup
+	$(BIN)/ruff check --quiet .
+	$(BIN)/python tools/check_layers.py
 	$(BIN)/python -m pytest -q
 
 bench: setup
