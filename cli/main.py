@@ -64,6 +64,14 @@ def _print_json(data: dict) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False))
 
 
+def _emit(data: dict, as_json: bool, show) -> None:
+    """--json prints the data; otherwise `show()` renders it as tables."""
+    if as_json:
+        _print_json(data)
+    else:
+        show()
+
+
 @click.group(cls=QtcGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qtc")
 def main() -> None:
@@ -112,10 +120,7 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
         result = qtc.compile(model, recipe=recipe, calib=calib, target=target, compare=not no_compare, **options)
     output = output or model.with_name(f"{model.stem}.{result.report['recipe']['name']}.onnx")
     result.save(output)
-    if as_json:
-        _print_json(result.report)
-    else:
-        render.show_compile(result.report, output)
+    _emit(result.report, as_json, lambda: render.show_compile(result.report, output))
 
 
 @main.command("inspect")
@@ -125,10 +130,7 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
 def inspect_command(model, target, as_json):
     """Show what MODEL holds: ops, parameters by dtype, opset, external data, quantization, blocks."""
     info = inspect_model(model, target)
-    if as_json:
-        _print_json(info)
-    else:
-        render.show_inspect(info, target)
+    _emit(info, as_json, lambda: render.show_inspect(info, target))
 
 
 @main.command("eval")
@@ -145,10 +147,7 @@ def eval_command(model, task, baseline, target, limit, tokenizer, max_len, seed,
     """Score MODEL on a Chinese workload TASK, with 95 % bootstrap intervals (paired against --baseline)."""
     result = evaluate(model, task, baseline=baseline, backend=target, limit=limit, tokenizer=tokenizer,
                       max_len=max_len, seed=seed, quiet=as_json)
-    if as_json:
-        _print_json(result)
-    else:
-        render.show_eval(result)
+    _emit(result, as_json, lambda: render.show_eval(result))
 
 
 @main.command("sweep")
@@ -171,10 +170,7 @@ def sweep_command(models, budgets, task, baseline, limit, runs, seq_len, output,
     result = sweep(list(models), list(parse_budgets(budgets)), task, baseline=baseline, limit=limit, runs=runs,
                    seq_len=seq_len, quiet=as_json)
     written = write(result, output or models[0].with_name(f"{models[0].stem}.sweep"))
-    if as_json:
-        _print_json(result)
-    else:
-        render.show_sweep(result, task, written)
+    _emit(result, as_json, lambda: render.show_sweep(result, task, written))
 
 
 @main.command("analyze")
@@ -192,10 +188,7 @@ def analyze_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
     """Rank MODEL's layers by how much noise RECIPE adds to each (SQNR), and say whether weights or activations."""
     result = qtc.analyze(model, recipe=recipe, calib=calib, tokenizer=tokenizer, samples=samples, seq_len=seq_len,
                          calibrator=calibrator, seed=seed, quiet=as_json)
-    if as_json:
-        _print_json(result)
-    else:
-        render.show_analysis(result, top)
+    _emit(result, as_json, lambda: render.show_analysis(result, top))
 
 
 @main.command("parity")
@@ -223,10 +216,7 @@ def parity_command(model, targets, reference, against, inputs, tokenizer, sample
     result = parity(model, parse_list(targets), reference=reference,
                     against=against, inputs=inputs, tokenizer=tokenizer, samples=samples, seq_len=seq_len, tolerance=bound,
                     feed=parse_feeds(feeds))
-    if as_json:
-        _print_json(result)
-    else:
-        render.show_parity(result)
+    _emit(result, as_json, lambda: render.show_parity(result))
     if not result["passed"]:
         return 3
     unavailable = [name for name, entry in result["backends"].items() if not entry["available"]]
@@ -238,10 +228,7 @@ def parity_command(model, targets, reference, against, inputs, tokenizer, sample
 def workloads_command(as_json):
     """List the Chinese workloads with each split's size and sha256."""
     rows = [w.split_info(split) | {"source": w.source} for w in WORKLOADS.values() for split in w.splits]
-    if as_json:
-        _print_json({"workloads": rows})
-    else:
-        render.show_workloads(rows)
+    _emit({"workloads": rows}, as_json, lambda: render.show_workloads(rows))
 
 
 @main.group("recipes", invoke_without_command=True)

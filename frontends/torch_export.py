@@ -18,6 +18,8 @@ import onnxscript
 import onnxscript.optimizer
 import onnxscript.rewriter
 
+from qtc.util.cache import sha256_file
+
 # Node metadata the exporter writes that depends on where/how the export ran; dropped.
 _DROP_NODE_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node")
 
@@ -154,3 +156,8 @@ def export_ids_mask_model(module, path: Path, *, vocab_size: int, max_seq: int |
         "opset": onnx_model.opset_imports.get("", None),
         "folded_weight_transposes": folded,
     }
+
+
+def export_hashes(onnx_path: Path) -> dict[str, str]:
+    """sha256 of an exported model and of its external data file (`<name>.data` beside it), for build records."""
+    return {"model_sha256": sha256_file(onnx_path), "data_sha256": sha256_file(onnx_path.with_name(onnx_path.name + ".data"))}

@@ -46,7 +46,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from qtc.errors import QtcError
-from qtc.frontends.torch_export import export_ids_mask_model, exporter_versions
+from qtc.frontends.torch_export import export_hashes, export_ids_mask_model, exporter_versions
 from qtc.models.tiny_llama import export_tiny_llama, make_tiny_llama
 from qtc.models.tokenizer import BOS_ID, PAD_ID, UNK_ID
 from qtc.util.cache import cache_dir, sha256_file, sha256_text
@@ -474,8 +474,7 @@ def build_reference(name: str, out_dir: Path | None = None) -> Path:
         "max_abs_diff_vs_torch": diff,
         "metric": info.get("metric"),
         **facts,
-        "model_sha256": sha256_file(onnx_path),
-        "data_sha256": sha256_file(out_dir / DATA_FILE),
+        **export_hashes(onnx_path),
     }
     write_json_atomic(info_path, build)
     return onnx_path

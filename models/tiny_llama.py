@@ -35,7 +35,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from qtc.errors import QtcError
-from qtc.frontends.torch_export import export_ids_mask_model, exporter_versions
+from qtc.frontends.torch_export import export_hashes, export_ids_mask_model, exporter_versions
 from qtc.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, zh_news_tokenizer
 from qtc.util.cache import cache_dir, sha256_file, sha256_text
 from qtc.util.files import write_json_atomic
@@ -203,8 +203,7 @@ def build_tiny_llama(
         "param_bytes_fp32": 4 * n_params,
         "max_abs_diff_vs_torch": max_diff,
         **facts,
-        "model_sha256": sha256_file(onnx_path),
-        "data_sha256": sha256_file(out_dir / DATA_FILE),
+        **export_hashes(onnx_path),
     }
     write_json_atomic(info_path, info)
     return onnx_path
