@@ -25,6 +25,7 @@ from qtc.cli.options import (
     parse_tolerance,
 )
 from qtc.errors import QtcError
+from qtc.frontends.onnx_file import check_writable
 from qtc.measure.evaluation import evaluate
 from qtc.measure.inspection import inspect_model
 from qtc.measure.parity import parity
@@ -109,6 +110,8 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
     """Compile a float ONNX MODEL with a quantization recipe."""
     options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json,
                    allow_fallback=allow_fallback)
+    if output is not None:
+        check_writable(output)  # before minutes of calibration, not after
     skip = layer_skip_spec(layer_skip, budgets, skip_metric, budget_unit, skip_table_from)
     if skip is not None:
         if max_drop:

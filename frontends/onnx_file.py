@@ -105,6 +105,26 @@ def save_model(model: ir.Model, out_path: str | os.PathLike, *, external_data: b
     tensor ends up in the output's own files, never as a reference to the input's data file.
     """
     out_path = Path(out_path)
+    check_writable(out_path)
+    try:
+        return _save(model, out_path, external_data)
+    except OSError as exc:  # disk full, read-only file system, permissions: the user's to fix; nothing is left behind
+        raise QtcError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+
+
+def check_writable(out_path: Path) -> None:
+    """Refuse, before any work, an output whose folder cannot be made or written (checked on the nearest folder
+    that exists; root passes permission bits, so the write itself is checked again in save_model)."""
+    folder = Path(out_path).absolute().parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise QtcError(f"cannot write {out_path}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise QtcError(f"cannot write {out_path}: {folder} is not writable")
+
+
+def _save(model: ir.Model, out_path: Path, external_data: bool | None) -> list[Path]:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if external_data is None:
         external_data = bool(external_tensors(model)) or tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD

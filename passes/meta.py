@@ -40,10 +40,11 @@ def smoothing_of(model: ir.Model, name: str) -> dict | None:
 
 
 def quantized_counts(model: ir.Model) -> dict:
-    """Quantized nodes by op type and the roles of nodes kept float (top-level graph)."""
+    """Quantized nodes by op type and the roles of nodes kept float, subgraphs included (--layer-skip moves the
+    quantized MatMuls into If branches)."""
     by_op: dict[str, int] = {}
     kept = {}
-    for node in model.graph:
+    for node in model.graph.all_nodes():
         if ANNOTATION in node.meta:
             by_op[node.op_type] = by_op.get(node.op_type, 0) + 1
         elif ROLE in node.meta:
