@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx_ir as ir
+import onnxruntime as ort
 
 from qtc.backends import compile_target
 from qtc.backends.base import SESSION_PREFIX, runtime_numerics
@@ -166,12 +167,13 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     keep_residual_adds = layer_skip is not None if fuse_residuals is None else not fuse_residuals
     _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
                         keep_residual_adds, calibration_cache), graph_model)
-    measure = backend.measuring_backend()
+    measure = job.measure
     report = {
         "qtc_version": __version__,
         "recipe": resolved.to_dict(),
         "target": target,
         "calibration": _calibration_report(calib_set, resolved),
+        "calibrated_on": measure.name,
         "source": {"file": source.name if source else None, "graph": before},
         "compiled": {"graph": graph_summary(graph_model), **meta.quantized_counts(graph_model),
                      "expanded_int8_weights": graph_model.meta.get(meta.EXPANDED, 0)},
@@ -200,6 +202,7 @@ class _Job:
     recipe: Recipe
     calib: CalibrationSet | None
     backend: object
+    measure: object  # where calibration and comparisons run (the target, or ORT CPU when cross-compiling)
     target_notes: list[str]
     session_entries: dict[str, str]
 
@@ -210,13 +213,18 @@ def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrat
     graph_model = load_model(source) if source is not None else model
     backend = compile_target(target)
     resolved, target_notes, session_entries = backend.adapt_recipe(load_recipe(recipe).with_calibrator(calibrator))
+    measure = backend.measuring_backend()
+    if measure is not backend and backend.provider not in ort.get_available_providers():
+        target_notes = [*target_notes, f"cross-compiled: this machine's onnxruntime {ort.__version__} has no "
+                        f"{backend.provider}, so calibration and the float comparison ran on {measure.provider} (the "
+                        f"same float graph); the file is the {target} form, and what {target} computes is in these notes"]
     calib_set = _calibration(calib, source, tokenizer, samples, seq_len, seed)
     if calib_set is not None and calib_set.kind == "text":
         check_vocabulary(graph_model, calib_set.vocab_size, calib_set.tokenizer)
     if resolved.needs_calibration and calib_set is None:
         # No silent random calibration: static ranges, smoothing and GPTQ/AWQ need real data.
         raise QtcError(f"recipe {resolved.name!r} needs calibration data: pass --calib")
-    return _Job(source, graph_model, resolved, calib_set, backend, target_notes, session_entries)
+    return _Job(source, graph_model, resolved, calib_set, backend, measure, target_notes, session_entries)
 
 
 def _run(pipeline: ir.passes.PassManager, model: ir.Model) -> None:
