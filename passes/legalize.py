@@ -368,6 +368,20 @@ class DecomposeQuickGelu(pattern.RewriteRuleClassBase):
         return op.Mul(x, op.Sigmoid(scaled))
 
 
+class DecomposeIsNaN(pattern.RewriteRuleClassBase):
+    """IsNaN(x) -> Not(Equal(x, x)): NaN is the one value unequal to itself. IsNaN is not on the CANN graph-mode
+    list, Equal and Not are; default transformers exports (sdpa attention) put IsNaN in the attention mask."""
+
+    def pattern(self, op, x):
+        return op.IsNaN(x)
+
+    def check(self, context, x, **_):
+        return _float_input(x)
+
+    def rewrite(self, op, x, **_):
+        return op.Not(op.Equal(x, x))
+
+
 class TransposedWeightMatMulToGemm(pattern.RewriteRuleClassBase):
     """MatMul(x, Transpose(W)) with W an initializer (a tied LM head reading the embedding table) -> Gemm(transB=1)
     between Reshapes. The Transpose alone has only an initializer input, so the EP would run it on the host and
@@ -402,7 +416,7 @@ DECOMPOSITIONS = pattern.RewriteRuleSet([
     DecomposeAttention.rule(), DecomposeMultiHeadAttention.rule(), DecomposeRotaryEmbedding.rule(),
     DecomposeMsRotaryEmbedding.rule(),
     DecomposeGelu.rule(), DecomposeMsGelu.rule(), DecomposeBiasGelu.rule(), DecomposeFastGelu.rule(),
-    DecomposeQuickGelu.rule(),
+    DecomposeQuickGelu.rule(), DecomposeIsNaN.rule(),
 ])
 
 
@@ -422,7 +436,7 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
 
 
 def _is_decomposable(op: str) -> bool:
-    return op in {"Transpose", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
+    return op in {"Transpose", "IsNaN", "LayerNormalization", "RMSNormalization", "SimplifiedLayerNormalization", "Gelu",
                   f"{MS_DOMAIN}::Gelu", f"{MS_DOMAIN}::BiasGelu", f"{MS_DOMAIN}::FastGelu", f"{MS_DOMAIN}::QuickGelu",
                   f"{MS_DOMAIN}::SkipSimplifiedLayerNormalization", f"{MS_DOMAIN}::SkipLayerNormalization", "Attention",
                   "RotaryEmbedding", f"{MS_DOMAIN}::MultiHeadAttention", f"{MS_DOMAIN}::RotaryEmbedding"}
