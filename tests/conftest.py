@@ -1,5 +1,6 @@
 """Shared fixtures: the real reference model (a dynamo-exported Llama-style decoder) and real Chinese text."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,3 +22,13 @@ def chinese_corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "renmin-1998.txt"
     path.write_text("\n".join(get_workload("zh-news").texts("calib")[:600]) + "\n", encoding="utf-8")
     return path
+
+
+@pytest.fixture()
+def case(tiny_llama, chinese_corpus, tmp_path):
+    """A writable copy of the model folder, and where an output would go (the CLI's bad-input tests)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
+        shutil.copyfile(tiny_llama.parent / name, folder / name)
+    return {"model": folder / "model.onnx", "corpus": chinese_corpus, "out": tmp_path / "out" / "x.onnx", "tmp": tmp_path}

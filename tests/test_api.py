@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
 import qtc
 from qtc.backends import get_backend
 from qtc.backends.base import max_ir_version

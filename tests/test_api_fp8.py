@@ -5,6 +5,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import pytest
+
 import qtc
 from qtc.core.quant_math import activation_qparams, dequantize_weight, weight_qparams
 from qtc.errors import QtcError

@@ -1,6 +1,7 @@
 """4-bit block recipes end to end: packed storage, ORT's MatMulNBits fusion, agreement with float."""
 
 import onnx_ir as ir
+
 import qtc
 
 

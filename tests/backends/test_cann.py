@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import pytest
-import qtc.backends
 from onnx import defs
+
+import qtc.backends
 
 KERNELS = json.loads((Path(qtc.backends.__file__).parent / "cann_kernels.json").read_text())
 REGISTRY: dict[str, list[dict]] = {}
@@ -82,6 +83,14 @@ def test_float_matmul_runs_on_cann(opset):
 ])
 def test_exact_since_version_rule(op, opset, expected):
     assert kernel_matches(op, opset) is expected
+
+
+def test_exact_since_version_kernel_matching():
+    """qtc.backends.cann's own matcher (the placement estimate uses it) follows the same rule."""
+    from qtc.backends.cann import kernel_matches as placement_matches
+
+    assert placement_matches(((13, None),), 13) and not placement_matches(((13, None),), 14)
+    assert placement_matches(((7, 12),), 11) and not placement_matches(((1, None),), 13)
 
 
 @pytest.mark.parametrize("op", ["Exp", "Gemm"])

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+
 from qtc.calibration.observers import CALIBRATORS, make_observer
 from qtc.errors import QtcError
 

@@ -4,6 +4,7 @@ import importlib.util
 import json
 
 import pytest
+
 from qtc.calibration import workloads
 from qtc.calibration.workloads import WORKLOADS, get_workload, is_workload
 from qtc.errors import QtcError
@@ -142,8 +143,9 @@ def test_tokenizer_is_deterministic():
 
 
 def test_zh_news_tokenizer(tmp_path, monkeypatch):
-    from qtc.models.tokenizer import zh_news_tokenizer
     from tokenizers import Tokenizer
+
+    from qtc.models.tokenizer import zh_news_tokenizer
 
     monkeypatch.setenv("QTC_CACHE", str(tmp_path))
     path = zh_news_tokenizer()

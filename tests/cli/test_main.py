@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -41,16 +40,6 @@ def test_compile_and_inspect_json(tiny_llama, chinese_corpus, tmp_path):
     assert 0.5 < info["weights_quantized"]["fraction"] < 1.0  # embedding and LM head stay float
     assert info["repeated_blocks"][0]["count"] == 4
     assert info["qtc_metadata"]["qtc.recipe"]
-
-
-@pytest.fixture()
-def case(tiny_llama, chinese_corpus, tmp_path):
-    """A writable copy of the model folder, and where an output would go."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
-        shutil.copyfile(tiny_llama.parent / name, folder / name)
-    return {"model": folder / "model.onnx", "corpus": chinese_corpus, "out": tmp_path / "out" / "x.onnx", "tmp": tmp_path}
 
 
 def _no_output(case):
@@ -148,3 +137,27 @@ def test_max_drop_table_lists_each_attempt_and_the_layers_kept(tiny_llama, tmp_p
     attempts = [line for line in result.stdout.splitlines() if "attempt" in line]
     assert len(attempts) >= 3 and "calibration streamed" in attempts[0] and "calibration reused" in attempts[1]
     assert "<= 0.002 with" in result.stdout and "kept" in result.stdout and out.is_file()
+
+
+@pytest.mark.parametrize("where", ["file-as-folder", "system"])
+def test_unwritable_output_is_one_line_before_any_work(case, where):
+    blocker = case["tmp"] / "a-file"
+    blocker.write_text("x")
+    out = blocker / "x.onnx" if where == "file-as-folder" else "/proc/qtc-nope/x.onnx"
+    result = qtc("compile", case["model"], "--recipe", "w8a16", "-o", out)
+    assert_bad_input(result, f"cannot write {out}")
+    assert "calibrat" not in result.stdout  # refused before the compile started
+
+
+def test_cross_compile_for_cuda_on_a_machine_without_it(case):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: nothing to cross-compile")
+    result = qtc("compile", case["model"], "--recipe", "w8a8", "--calib", case["corpus"], "--samples", "4",
+                 "--seq-len", "32", "--target", "cuda", "-o", case["out"], "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["target"] == "cuda" and report["calibrated_on"] == "cpu"
+    assert any(note.startswith("cross-compiled") for note in report["target_notes"])
+    assert case["out"].is_file()

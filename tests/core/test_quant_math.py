@@ -3,6 +3,7 @@
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+
 from qtc.core.quant_math import (
     activation_qparams,
     dequantize_array,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from qtc.errors import QtcError
 from qtc.util.cache import sha256_file
 
@@ -132,6 +133,7 @@ def test_minilm_export_is_byte_reproducible(minilm, tmp_path):
 @needs_minilm
 def test_cli_export_copies_model_data_and_tokenizer(minilm, tmp_path):
     from click.testing import CliRunner
+
     from qtc.cli.export import export_command
 
     out = tmp_path / "out" / "minilm.onnx"
@@ -150,6 +152,7 @@ def test_cli_export_copies_model_data_and_tokenizer(minilm, tmp_path):
 
 def test_bad_sources_raise_qtc_error(tmp_path):
     from click.testing import CliRunner
+
     from qtc.cli.export import export_command
     from qtc.frontends.hf import export_hf
     from qtc.models.registry import export_reference, resolve_export_source
@@ -177,7 +180,7 @@ def test_bad_sources_raise_qtc_error(tmp_path):
 
 
 def test_missing_wheels_name_the_install_command(monkeypatch):
-    from qtc.frontends import registry
+    from qtc.models import registry
 
     real = importlib.util.find_spec
 
@@ -197,10 +200,11 @@ def test_missing_wheels_name_the_install_command(monkeypatch):
 @pytest.mark.skipif(os.environ.get("QTC_GEMMA") != "1", reason="minutes of CPU: set QTC_GEMMA=1 to run")
 def test_gemma_export_logits_match_torch():
     import torch
-    from qtc.frontends import hf
-    from qtc.models.registry import export_source
     from tokenizers import Tokenizer
     from transformers import AutoModelForCausalLM
+
+    from qtc.frontends import hf
+    from qtc.models.registry import export_source
 
     exported = export_source("gemma-3-270m")
     info = exported.info

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+
 import qtc
 from qtc.errors import QtcError
 from qtc.measure.evaluation import evaluate

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import onnx_ir as ir
 import pytest
+
 import qtc
 from qtc.backends import BACKENDS
 from qtc.backends.cann import cann_options

@@ -1,6 +1,7 @@
 """Bootstrap intervals: seeded, paired, and wide or narrow where they should be."""
 
 import numpy as np
+
 from qtc.measure.stats import bootstrap_interval, estimate
 
 

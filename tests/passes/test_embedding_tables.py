@@ -7,12 +7,19 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
 import qtc
 from qtc.core.quant_math import dequantize_weight, weight_qparams
 from qtc.errors import QtcError
 from qtc.measure.inspection import inspect_model
 from qtc.models.reference import build_reference
+from qtc.passes.annotate import AnnotateQuantizationPass
+from qtc.passes.embedding_tables import FuseQuantizedTablesPass, check_table, pack_blocks
+from qtc.passes.meta import FUSED_TABLES, quantized_counts
+from qtc.passes.qdq import InsertQDQPass
 from qtc.recipes import builtin_recipe, parse_recipe
+from tests import graphs
 
 TABLE = {"dtype": "int4", "granularity": "block", "block_size": 32}
 
@@ -137,3 +144,106 @@ def test_embedding_resolves_for_table_and_tied_head_only():
         assert decision.weight == recipe.embedding and decision.activation is None  # rules do not apply
     assert recipe.resolve("head", "MatMul", role="lm_head") is None  # an untied head: keep_float
     assert builtin_recipe("w8a8").embedding is None and builtin_recipe("w4a16").embedding.dtype == "int8"
+
+
+# --------------------------------------------------------------------- hand-built graphs (no export needed)
+
+
+def _table_recipe(**table):
+    return parse_recipe({"base": "w4a16", "name": "table-only", "op_types": [], "embedding": TABLE | table})
+
+
+def _portable_tied_lm(**table) -> tuple[ir.Model, object]:
+    """graphs.tiny_lm with a tied head, its table quantized by InsertQDQPass in the portable DequantizeLinear form."""
+    recipe = _table_recipe(**table)
+    model = graphs.tiny_lm(tied=True)
+    AnnotateQuantizationPass(recipe)(model)
+    InsertQDQPass()(model)
+    return model, recipe
+
+
+def test_pack_blocks_int8_adds_128_and_groups_blocks():
+    q = np.arange(-128, 128, dtype=np.int8).reshape(4, 64)
+    packed = pack_blocks(q, bits=8, block_size=16)
+    assert packed.dtype == np.uint8 and packed.shape == (4, 4, 16)
+    assert np.array_equal(packed.reshape(4, 64).astype(np.int16) - 128, q)
+
+
+def test_pack_blocks_int4_puts_the_first_value_in_the_low_nibble():
+    q = np.array([[-8, 7, -1, 0, 1, 2, 3, 4]], dtype=np.int8)
+    packed = pack_blocks(q, bits=4, block_size=4)
+    assert packed.shape == (1, 2, 2)
+    # offsets +8: [0, 15, 7, 8, 9, 10, 11, 12] -> bytes 0xF0, 0x87, 0xA9, 0xCB
+    assert packed.reshape(-1).tolist() == [0xF0, 0x87, 0xA9, 0xCB]
+    low, high = packed.reshape(-1) & 0xF, packed.reshape(-1) >> 4
+    assert np.array_equal(np.stack([low, high], axis=-1).reshape(1, 8).astype(np.int16) - 8, q)
+
+
+def _dequantize(table: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None = None, **attributes):
+    """A DequantizeLinear node on constant inputs, and its (output, table, scale) for check_table."""
+    values = [graphs.weight("t", table), graphs.weight("s", scale)]
+    if zero_point is not None:
+        values.append(graphs.weight("z", zero_point))
+    node = ir.node("DequantizeLinear", values, attributes, outputs=[ir.Value(name="dq")])
+    return node.outputs[0], values[0], values[1]
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({}, None),
+    ({"zero_point": np.zeros((8, 2), np.int8)}, "zero point"),
+    ({"block_size": 8}, "power-of-two size >= 16"),
+    ({"block_size": 24}, "power-of-two size >= 16"),
+    ({"axis": 0}, "along axis 1"),
+    ({"table": np.zeros((8, 48), np.int8), "scale": np.ones((8, 2), np.float32)}, "not a whole number of blocks"),
+    ({"scale": np.ones((8, 1), np.float32)}, "scales are not float32"),
+    ({"table": np.zeros((2, 8, 64), np.int8)}, "not a 2-D int4/int8 table"),
+    ({"table": np.zeros((8, 64), np.uint8)}, "not a 2-D int4/int8 table"),
+])
+def test_check_table_accepts_only_symmetric_power_of_two_blocks_along_hidden(change, reason):
+    table = change.get("table", np.zeros((8, 64), np.int8))
+    scale = change.get("scale", np.ones((8, 2), np.float32))
+    attributes = {"axis": change.get("axis", 1), "block_size": change.get("block_size", 32)}
+    result = check_table(*_dequantize(table, scale, change.get("zero_point"), **attributes))
+    if reason is None:
+        assert result, result.reason
+    else:
+        assert not result and reason in result.reason
+
+
+@pytest.mark.parametrize("table", [{}, {"dtype": "int8", "block_size": 16}])
+def test_fuse_tables_on_a_hand_built_tied_model(table):
+    model, recipe = _portable_tied_lm(**table)
+    feed = graphs.random_feed(model)
+    # the portable form: one DequantizeLinear of the table, read by the Gather and the head's Transpose
+    dq = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 1 and sorted(user.op_type for user, _ in dq[0].outputs[0].uses()) == ["Gather", "Transpose"]
+    stored = dq[0].inputs[0].const_value.numpy().astype(np.int8)
+    scale = dq[0].inputs[1].const_value.numpy()
+    portable = graphs.run(model, feed)[0]
+
+    result = FuseQuantizedTablesPass()(model)
+    RemoveUnusedNodesPass()(model)
+    assert result.modified and model.meta[FUSED_TABLES] == 2
+    fused = {n.op_type: n for n in model.graph if n.domain == "com.microsoft"}
+    assert set(fused) == {"GatherBlockQuantized", "MatMulNBits"}
+    assert "DequantizeLinear" not in graphs.ops(model) and "Transpose" not in graphs.ops(model)
+    blob = fused["GatherBlockQuantized"].inputs[0]
+    assert fused["MatMulNBits"].inputs[1] is blob  # one packed table, read by both kernels
+    bits = 4 if recipe.embedding.dtype == "int4" else 8
+    assert np.array_equal(blob.const_value.numpy(), pack_blocks(stored, bits, recipe.embedding.block_size))
+    assert quantized_counts(model)["quantized_nodes_by_op"] == {"GatherBlockQuantized": 1, "MatMulNBits": 1}
+
+    got = graphs.run(model, feed)[0]
+    assert np.abs(got - portable).max() <= 1e-5 * np.abs(portable).max()
+    # ... which is the float model computed with the dequantized table
+    dequantized = dequantize_weight(stored, scale, np.zeros_like(scale, dtype=np.int8), 1, recipe.embedding.block_size)
+    hidden = np.maximum(dequantized[feed["ids"]] @ graphs.initializer(model, "w_mlp"), 0)
+    assert np.abs(got - hidden @ dequantized.T).max() <= 1e-4 * np.abs(got).max()
+
+
+def test_asymmetric_hand_built_table_is_left_in_the_portable_form():
+    model, _ = _portable_tied_lm(symmetric=False)
+    before = graphs.ops(model)
+    result = FuseQuantizedTablesPass()(model)
+    assert not result.modified and model.meta[FUSED_TABLES] == 0
+    assert graphs.ops(model) == before and "com.microsoft" not in model.opset_imports

@@ -7,13 +7,14 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
-import qtc
 from onnx import TensorProto, helper, numpy_helper
-from qtc.core.blocks import find_branches
-from qtc.passes.layerskip import LayerSkipSpec, level_of
 
-from tests.test_cli import assert_bad_input, case  # noqa: F401  (case: a writable model folder)
-from tests.test_cli import qtc as run_cli
+import qtc
+from qtc.core.blocks import find_branches
+from qtc.errors import QtcError
+from qtc.passes.layerskip import LayerSkipSpec, level_of
+from tests.cli.test_main import assert_bad_input
+from tests.cli.test_main import qtc as run_cli
 
 SPEC = LayerSkipSpec(budgets=(1.0, 0.9, 0.8, 0.7), metric="bi")
 OPTIONS = dict(samples=4, seq_len=64, quiet=True)
@@ -125,6 +126,12 @@ def test_lower_budget_skips_exactly_the_table(compiled, tmp_path):
         assert np.abs(out - _session(removed).run(None, _feed())[0]).max() <= 1e-5
 
 
+def test_report_counts_quantized_nodes_inside_the_gates(compiled):
+    """The quantized MatMuls move into If branches; the report still counts them (it read only the top graph)."""
+    gated, flat = compiled["w8a8-gated-report"]["compiled"], compiled["w8a8-report"]["compiled"]
+    assert gated["quantized_nodes_by_op"] == flat["quantized_nodes_by_op"] and gated["quantized_nodes_by_op"]["MatMul"]
+
+
 def test_table_meets_each_budget_and_is_recorded(compiled):
     report = compiled["w8a8-gated-report"]["layer_skip"]
     assert report["budgets"] == [1.0, 0.9, 0.8, 0.7]
@@ -161,7 +168,7 @@ def test_sweep_writes_table_json_and_png(compiled, tmp_path):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--layer-skip", "--budgets", "1.5"], "--budgets must be numbers in (0, 1]"),
+    (["--layer-skip", "--budgets", "1.5"], "--budgets takes comma-separated numbers in (0, 1]"),
     (["--layer-skip", "--budgets", "0.9,x"], "--budgets takes comma-separated numbers"),
     (["--budgets", "0.9"], "need --layer-skip"),
 ])
@@ -169,6 +176,18 @@ def test_compile_rejects_bad_budgets(case, args, fragment):
     result = run_cli("compile", case["model"], "--calib", case["corpus"], "-o", case["out"], *args)
     assert_bad_input(result, fragment)
     assert not case["out"].exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"budgets": (1.0, 1.5)}, r"--budgets must be numbers in \(0, 1\]"),
+    ({"budgets": ()}, r"--budgets must be numbers in \(0, 1\]"),
+    ({"budgets": (0.9, 0.9)}, "must not repeat a level"),
+    ({"metric": "magic"}, "--skip-metric must be one of"),
+])
+def test_spec_rejects_what_the_api_is_given(options, message):
+    # the Python API's check (the CLI refuses such budgets before building a spec)
+    with pytest.raises(QtcError, match=message):
+        LayerSkipSpec(**options)
 
 
 def test_quantized_build_reuses_the_float_builds_table(compiled, tiny_llama, chinese_corpus):

@@ -4,6 +4,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
 import qtc
 from qtc.calibration.moments import Gram
 from qtc.core.quant_math import expand_scale

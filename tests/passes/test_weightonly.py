@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+
 import qtc
 from qtc.measure.inspection import inspect_model
 from qtc.models.reference import build_reference

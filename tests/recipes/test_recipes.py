@@ -2,6 +2,7 @@
 
 import pytest
 import yaml
+
 from qtc.errors import QtcError
 from qtc.recipes import (
     QuantSpec,
