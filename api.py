@@ -13,10 +13,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qtc.backends import compile_target
-from qtc.backends.base import SESSION_PREFIX, runtime_numerics
+from qtc.backends.base import ACCURACY_LEVEL, SESSION_PREFIX, runtime_numerics
 from qtc.backends.compare import compare_models
 from qtc.calibration.data import (
-    TOKENIZER_FILE,
     CalibrationSet,
     check_vocabulary,
     load_calibration,
@@ -24,6 +23,7 @@ from qtc.calibration.data import (
     tokenizer_beside,
 )
 from qtc.errors import QtcError
+from qtc.frontends.decoder import servable_folder_files
 from qtc.frontends.onnx_file import (
     data_file_name,
     external_tensors,
@@ -66,6 +66,7 @@ class CompileResult:
         """Write the model (external data beside it when large) and the sidecar `OUT.qtc.json`, atomically."""
         path = Path(path)
         _refuse_overwriting_source(path, self.source, self.model)
+        companions = servable_folder_files(self.source, path) if self.source is not None else {}
         self.written = save_model(self.model, path, external_data=self.external_data)
         self.report["output"] = {
             "path": path.name,
@@ -76,18 +77,22 @@ class CompileResult:
         if source_bytes:
             self.report["output"]["ratio_to_source"] = self.report["output"]["bytes"] / source_bytes
         write_json_atomic(sidecar_path(path), self.report)
-        self.written += _copy_tokenizer(self.source, path)
+        self.written += _write_companions(companions, path.parent)
         return path
 
 
-def _copy_tokenizer(source: Path | None, out: Path) -> list[Path]:
-    """Ship the model's own tokenizer.json beside the output (never replacing one already there)."""
-    own = tokenizer_beside(source)
-    target = out.parent / TOKENIZER_FILE
-    if own is None or target.exists():
-        return []
-    shutil.copyfile(own, target)
-    return [target]
+def _write_companions(files: dict, folder: Path) -> list[Path]:
+    """The source's tokenizer files (never replacing one already there) and, for a decoder, its genai_config.json
+    naming the output: the folder runs in onnxruntime-genai as the source's did."""
+    written = []
+    for name, content in files.items():
+        target = folder / name
+        if isinstance(content, dict):
+            write_json_atomic(target, content)
+        else:
+            shutil.copyfile(content, target)
+        written.append(target)
+    return written
 
 
 def sidecar_path(model_path: Path) -> Path:
@@ -165,8 +170,9 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         raise QtcError("--layer-skip scores branches on calibration text: pass --calib")
     # Layer skipping gates residual Adds, so it keeps them unfused; `fuse_residuals=False` builds its ungated twin.
     keep_residual_adds = layer_skip is not None if fuse_residuals is None else not fuse_residuals
+    level = job.session_entries.get(ACCURACY_LEVEL)
     _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
-                        keep_residual_adds, calibration_cache), graph_model)
+                        keep_residual_adds, calibration_cache, int(level) if level is not None else None), graph_model)
     measure = job.measure
     report = {
         "qtc_version": __version__,

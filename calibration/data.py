@@ -17,6 +17,7 @@ import onnx_ir as ir
 from tokenizers import Tokenizer
 
 from qtc.calibration import workloads
+from qtc.core.decoder import cache_pairs
 from qtc.errors import QtcError
 from qtc.util.cache import sha256_file
 
@@ -24,7 +25,10 @@ TOKENIZER_FILE = "tokenizer.json"
 HELDOUT_SAMPLES = 8
 HELDOUT_FRACTION = 0.1
 EOS_TOKENS = ("<eos>", "</s>", "<|endoftext|>", "[SEP]")
+BOS_TOKENS = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]")
 _TOKEN_INPUTS = ("input_ids", "ids", "tokens")
+# Calibration of a KV-cache decoder: the last tokens of each window arrive as one-token decode steps
+DECODE_STEPS = 4
 
 
 def tokenizer_beside(model_path: Path | None) -> Path | None:
@@ -40,17 +44,28 @@ class InputSpec:
     name: str
     dtype: np.dtype
     rank: int | None
+    shape: tuple = ()  # static dims as ints, the others as None
+    present: str | None = None  # a KV-cache input: the output its next value comes from (core/decoder.py)
 
 
 def model_inputs(model: ir.Model) -> list[InputSpec]:
     specs = []
+    cache = cache_pairs(model.graph)
     for value in model.graph.inputs:
         if value.is_initializer():
             continue  # an input with a default (e.g. a layer-skip `budget`): feeding it is optional
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         rank = value.shape.rank() if value.shape is not None else None
-        specs.append(InputSpec(value.name, np.dtype(dtype), rank))
+        shape = tuple(d if isinstance(d, int) else None for d in value.shape) if value.shape is not None else ()
+        specs.append(InputSpec(value.name, np.dtype(dtype), rank, shape, cache.get(value.name)))
     return specs
+
+
+def empty_past(spec: InputSpec, batch: int = 1) -> np.ndarray:
+    """A KV-cache input for a prefill: [batch, kv_heads, 0, head_size] (its static dims from the graph)."""
+    if len(spec.shape) != 4 or spec.shape[1] is None or spec.shape[3] is None:
+        raise QtcError(f"KV-cache input {spec.name!r} needs static kv_heads and head_size dims (has {spec.shape})")
+    return np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=spec.dtype)
 
 
 @dataclass
@@ -129,9 +144,22 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
+def _special_id(tokenizer, names: tuple[str, ...]) -> int | None:
+    return next((tokenizer.token_to_id(t) for t in names if tokenizer.token_to_id(t) is not None), None)
+
+
+def bos_id(tokenizer) -> int | None:
+    """The beginning-of-sequence token, when the tokenizer has one of the usual spellings."""
+    return _special_id(tokenizer, BOS_TOKENS)
+
+
+def eos_id(tokenizer) -> int | None:
+    return _special_id(tokenizer, EOS_TOKENS)
+
+
 def tokenize(tokenizer, texts: list[str]) -> np.ndarray:
     """One token stream: paragraphs joined by the end-of-sequence token when the tokenizer has one."""
-    eos = next((tokenizer.token_to_id(t) for t in EOS_TOKENS if tokenizer.token_to_id(t) is not None), None)
+    eos = eos_id(tokenizer)
     parts = []
     for encoding in tokenizer.encode_batch(texts, add_special_tokens=False):
         parts.append(encoding.ids)
@@ -202,12 +230,15 @@ def _corpus_texts(source: str) -> tuple[list[str], list[str] | None, str, str]:
 
 
 def text_feed(tokens: np.ndarray, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
-    """Feeds for a token window: ids, and the usual companions (mask of ones, positions, zero token types)."""
+    """Feeds for a token window: ids, and the usual companions (mask of ones, positions, zero token types, an
+    empty KV cache)."""
     token_spec = token_input(inputs)
     ids = tokens.reshape(1, -1)
     feed = {}
     for spec in inputs:
-        if spec.name == token_spec.name:
+        if spec.present is not None:
+            feed[spec.name] = empty_past(spec)
+        elif spec.name == token_spec.name:
             feed[spec.name] = ids.astype(spec.dtype)
         elif "mask" in spec.name:
             feed[spec.name] = np.ones_like(ids, dtype=spec.dtype)
@@ -218,6 +249,38 @@ def text_feed(tokens: np.ndarray, inputs: list[InputSpec]) -> dict[str, np.ndarr
         else:
             raise QtcError(f"model input {spec.name!r} cannot be fed from text: calibrate with .npz files instead")
     return feed
+
+
+def decode_steps(window: dict[str, np.ndarray], inputs: list[InputSpec], run, steps: int = DECODE_STEPS):
+    """What a KV-cache decoder sees when it generates, from one token window: a prefill of all but the last
+    `steps` tokens (empty past), then one-token decode steps, each fed the model's own present cache from the run
+    before. Yields (feed, outputs) per run; `run(feed)` returns a dict holding every present output."""
+    token = token_input(inputs).name
+    ids = window[token]
+    steps = min(steps, ids.shape[1] - 1)
+    feed = text_feed(ids[0, : ids.shape[1] - steps], inputs)
+    for position in range(ids.shape[1] - steps, ids.shape[1] + 1):
+        outputs = run(feed)
+        yield feed, outputs
+        if position == ids.shape[1]:
+            return
+        feed = next_step_feed(feed, outputs, ids[:, position : position + 1], position, inputs)
+
+
+def next_step_feed(feed: dict, outputs: dict, token: np.ndarray, position: int, inputs: list[InputSpec]) -> dict:
+    step = {}
+    for spec in inputs:
+        if spec.present is not None:
+            step[spec.name] = outputs[spec.present]
+        elif spec.name == token_input(inputs).name:
+            step[spec.name] = token.astype(spec.dtype)
+        elif "mask" in spec.name:  # attention masks cover past + new tokens
+            step[spec.name] = np.ones((1, position + 1), dtype=spec.dtype)
+        elif "position" in spec.name:
+            step[spec.name] = np.array([[position]], dtype=spec.dtype)
+        else:
+            step[spec.name] = feed[spec.name][:, -1:]
+    return step
 
 
 def token_input(inputs: list[InputSpec]) -> InputSpec:

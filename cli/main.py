@@ -27,6 +27,7 @@ from qtc.cli.options import (
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import check_writable
 from qtc.measure.evaluation import evaluate
+from qtc.measure.generate import Sampling, generate_text
 from qtc.measure.inspection import inspect_model
 from qtc.measure.parity import parity
 from qtc.measure.sweep import sweep, write
@@ -224,6 +225,24 @@ def parity_command(model, targets, reference, against, inputs, tokenizer, sample
         return 3
     unavailable = [name for name, entry in result["backends"].items() if not entry["available"]]
     return 4 if unavailable and not allow_unavailable else 0
+
+
+@main.command("generate")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--prompt", required=True, help="Text to continue.")
+@click.option("--max-new-tokens", default=32, show_default=True, help="Tokens to generate (stops early at EOS).")
+@click.option("--sample", is_flag=True, help="Sample from the softmax instead of greedy decoding.")
+@click.option("--temperature", default=1.0, show_default=True, help="Softmax temperature for --sample.")
+@click.option("--top-k", default=0, show_default=True, help="Sample among the K most likely tokens (0: all).")
+@click.option("--seed", default=0, show_default=True, help="Seed of --sample.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: the one beside MODEL).")
+@click.option("--target", default="cpu", show_default=True, help="Execution target.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def generate_command(model, prompt, max_new_tokens, sample, temperature, top_k, seed, tokenizer, target, as_json):
+    """Continue PROMPT with MODEL through ONNX Runtime (the KV-cache feed loop a server runs; see README)."""
+    result = generate_text(model, prompt, max_new_tokens=max_new_tokens, tokenizer=tokenizer, target=target,
+                           sampling=Sampling(sample, temperature, top_k, seed))
+    _emit(result, as_json, lambda: render.show_generation(result))
 
 
 @main.command("workloads")

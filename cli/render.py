@@ -194,3 +194,12 @@ def show_recipes(recipes: list) -> None:
     for name, weights, activations, summary in rows:
         table.add_row(name, weights, activations, summary if len(summary) <= room else summary[:room - 1] + "…")
     out.print(table)
+
+
+def show_generation(result: dict) -> None:
+    out.print(f"[bold]{result['prompt']}[/bold]{result['text']}", highlight=False)
+    speed = result["decode_tokens_per_s"]
+    out.print(f"{result['model']}: {len(result['tokens'])} new tokens after {result['prompt_tokens']} prompt tokens, "
+              f"first token {result['ttft_ms']:.1f} ms" + (f", then {speed:.1f} tokens/s" if speed else "")
+              + ("" if result["kv_cache"] else " (no KV cache: the whole sequence is re-run per token)"),
+              highlight=False, style="dim")

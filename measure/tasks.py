@@ -16,12 +16,11 @@ from typing import Callable
 
 import numpy as np
 
-from qtc.calibration.data import InputSpec, text_feed
+from qtc.calibration.data import InputSpec, bos_id, text_feed
 from qtc.errors import QtcError
 from qtc.util.arrays import log_softmax
 
 LN2 = np.log(2.0)
-BOS_TOKENS = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]")
 # Zero-shot prompt for decoders: "<review>\n评价：" followed by 好 (good) or 差 (bad).
 REVIEW_PROMPT = "{text}\n评价："
 REVIEW_LABELS = ("差", "好")  # index = label (0 negative, 1 positive)
@@ -40,16 +39,12 @@ class Runner:
         return self.session.run([self.output], text_feed(ids, self.inputs) | self.extra)[0]
 
 
-def _bos_id(tokenizer) -> int | None:
-    return next((tokenizer.token_to_id(t) for t in BOS_TOKENS if tokenizer.token_to_id(t) is not None), None)
-
-
 def paragraph_chunks(tokenizer, text: str, max_len: int) -> tuple[list[np.ndarray], int]:
     """Token windows covering a paragraph, each overlapping the previous by one token, so that every token after
     the first is predicted exactly once; and the number of characters those predicted tokens cover."""
     encoding = tokenizer.encode(text, add_special_tokens=False)
     ids, offsets = list(encoding.ids), list(encoding.offsets)
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     if bos is not None:
         ids = [bos, *ids]
         chars = len(text)  # with BOS in front every character's token is predicted
@@ -90,7 +85,7 @@ def predict_review(model: Runner, tokenizer, text: str, max_len: int) -> int:
     if _is_classifier(model):
         ids = np.array(tokenizer.encode(text).ids[:max_len], dtype=np.int64)
         return int(np.argmax(model.run(ids)[0]))
-    bos = _bos_id(tokenizer)
+    bos = bos_id(tokenizer)
     prompt = tokenizer.encode(REVIEW_PROMPT.format(text=text), add_special_tokens=False).ids
     prompt = ([bos] if bos is not None else []) + prompt[-(max_len - 4):]
     scores = [_label_logprob(model, tokenizer, prompt, label) for label in REVIEW_LABELS]

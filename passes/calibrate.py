@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qtc.backends.base import Backend
-from qtc.calibration.data import CalibrationSet, model_inputs
+from qtc.calibration.data import CalibrationSet, decode_steps, model_inputs
 from qtc.calibration.moments import ChannelAbsMax, Gram
 from qtc.calibration.observers import make_observer
 from qtc.errors import QtcError
@@ -43,12 +43,22 @@ def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet,
                        quiet: bool) -> Iterator[dict[str, np.ndarray]]:
     """Yield {name: activation} for each calibration sample, one sample at a time (nothing accumulates here)."""
     session = _session_with_outputs(model, backend, names)
+    inputs = model_inputs(model)
     outputs = sorted(n for n in names if n not in {v.name for v in model.graph.inputs})
+    # A KV-cache decoder also calibrates on decode steps fed its own presents (calibration/data.py:decode_steps).
+    presents = sorted({spec.present for spec in inputs if spec.present is not None} - set(outputs))
+    fetched = outputs + presents
+
+    def run(feed: dict) -> dict:
+        return dict(zip(fetched, session.run(fetched, feed)))
+
     with progress_bar(label, total=calib.n_samples, quiet=quiet) as advance:
-        for feed in calib.feeds(model_inputs(model)):
-            produced = dict(zip(outputs, session.run(outputs, feed)))
-            produced.update({k: v for k, v in feed.items() if k in names})  # an activation may be a graph input
-            yield produced
+        for window in calib.feeds(inputs):
+            runs = decode_steps(window, inputs, run) if presents and calib.kind == "text" else [(window, run(window))]
+            for feed, produced in runs:
+                produced = {k: produced[k] for k in outputs}
+                produced.update({k: v for k, v in feed.items() if k in names})  # an activation may be a graph input
+                yield produced
             advance()
 
 

@@ -25,6 +25,7 @@ ROUNDING = "qtc.rounding"  # rounding: GPTQ / AWQ record per layer
 RANGES = "qtc.ranges"  # calibrate: activation key -> (min, max)
 OBSERVERS = "qtc.observers"  # calibrate: activation key -> observer summary
 FUSED_TABLES = "qtc.fused_tables"  # embedding_tables: packed tables written
+WRITTEN_MATMULNBITS = "qtc.matmulnbits"  # matmulnbits: block-int4 MatMuls written as MatMulNBits, and the level
 EXPANDED = "qtc.expanded_int8_weights"  # weightonly: int8 weights expanded at load
 BRANCHES = "qtc.branches"  # layerskip: residual branches (core.blocks.Branch)
 SKIP_PLAN = "qtc.layer_skip"  # layerskip: tables, scores, range re-check
@@ -64,6 +65,7 @@ def report_sections(model: ir.Model) -> dict:
         "rounding": model.meta.get(ROUNDING),
         "fusions": model.meta.get(FUSION_COUNTS, {}),
         "legalization": model.meta.get(LEGALIZATION),
+        "matmulnbits": model.meta.get(WRITTEN_MATMULNBITS),
         "warnings": model.meta.get(WARNINGS, []),
     }
     if SKIP_PLAN in model.meta:

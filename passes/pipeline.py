@@ -25,6 +25,7 @@ from qtc.passes.layerskip import (
     ScoreBranchesPass,
 )
 from qtc.passes.legalize import legalization_passes
+from qtc.passes.matmulnbits import WriteMatMulNBitsPass
 from qtc.passes.qdq import InsertQDQPass
 from qtc.passes.rounding import RoundWeightsPass
 from qtc.passes.smooth import SmoothActivationsPass
@@ -42,6 +43,7 @@ def build_pipeline(
     layer_skip: LayerSkipSpec | None = None,
     keep_residual_adds: bool = False,
     cache: CalibrationCache | None = None,
+    accuracy_level: int | None = None,
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
     measure = backend.measuring_backend()
@@ -67,6 +69,9 @@ def build_pipeline(
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
             # 5b. Target kernels the runtime does not fuse itself: quantized embedding tables (and tied heads).
             *([FuseQuantizedTablesPass()] if backend.block_table_kernels else []),
+            #     Block-int4 weight MatMuls as MatMulNBits with the recipe's accuracy level in the node (a server
+            #     reads no qtc session config; ORT's own fusion would default to int8 activations).
+            *([WriteMatMulNBitsPass(accuracy_level)] if backend.block_table_kernels and accuracy_level is not None else []),
             #     Weight-only int8 weights the runtime would dequantize on every call: expanded once at load.
             *([ExpandInt8WeightsPass()] if backend.expand_int8_weights else []),
             # 6. Budget gates (only when asked): branches scored and gated on the quantized flat graph, since

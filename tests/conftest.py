@@ -32,3 +32,19 @@ def case(tiny_llama, chinese_corpus, tmp_path):
     for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
         shutil.copyfile(tiny_llama.parent / name, folder / name)
     return {"model": folder / "model.onnx", "corpus": chinese_corpus, "out": tmp_path / "out" / "x.onnx", "tmp": tmp_path}
+
+
+@pytest.fixture(scope="session")
+def kv_decoder() -> Path:
+    """zh-tiny-lm as a KV-cache decoder folder (onnxruntime-genai layout), built from the committed weights."""
+    from qtc.models.decoders import build_kv_decoder
+
+    return build_kv_decoder("zh-tiny-lm")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_reference() -> Path:
+    """zh-tiny-lm exported cache-less by the torch dynamo exporter (the trained weights, not tiny_llama's random ones)."""
+    from qtc.models.reference import build_reference
+
+    return build_reference("zh-tiny-lm")

@@ -1,0 +1,68 @@
+"""KV-cache decoders recognised by structure: which graph input is a past key/value and which output is the
+present it becomes, whatever they are called (GenAI builder, Optimum and qtc exports name them differently).
+
+A past input is a float rank-4 input [batch, kv_heads, past_seq, head_size] that reaches a graph output
+  - through `Concat(past, new, axis=2)` (the standard form; Optimum, torch, qtc's own decoders), or
+  - as input 3 / 4 of `com.microsoft::GroupQueryAttention`, whose outputs 1 / 2 are the presents (GenAI builder).
+Only where neither is found are the conventional names paired (`past_key_values.N.key` -> `present.N.key`,
+`past_key_values.N.value` -> `present.N.value`, `past.N.key` -> `present.N.key`)."""
+
+from __future__ import annotations
+
+import re
+
+import onnx_ir as ir
+
+from qtc.core.ops import MS_DOMAIN
+
+_PAST_NAME = re.compile(r"^past(?:_key_values)?[._](?P<layer>\d+)[._](?P<kind>key|value)$")
+_GQA_CACHE = {3: 1, 4: 2}  # GroupQueryAttention: past_key -> present_key, past_value -> present_value
+
+
+def _rank4_float(value: ir.Value) -> bool:
+    return (value.shape is not None and value.shape.rank() == 4 and value.dtype is not None
+            and value.dtype.is_floating_point())
+
+
+def _through_concat(past: ir.Value, outputs: set[str]) -> str | None:
+    for node, index in past.uses():
+        # the past comes first (past + new tokens); the new keys are the other operand
+        if node.op_type == "Concat" and index == 0 and node.domain in ("", "ai.onnx") and node.outputs[0].name in outputs:
+            axis = node.attributes.get_int("axis", 0)
+            if axis in (2, -2):
+                return node.outputs[0].name
+    return None
+
+
+def _through_gqa(past: ir.Value, outputs: set[str]) -> str | None:
+    for node, index in past.uses():
+        if node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN and index in _GQA_CACHE:
+            out = node.outputs[_GQA_CACHE[index]] if len(node.outputs) > _GQA_CACHE[index] else None
+            if out is not None and out.name in outputs:
+                return out.name
+    return None
+
+
+def _by_name(name: str, outputs: set[str]) -> str | None:
+    match = _PAST_NAME.match(name)
+    if match is None:
+        return None
+    present = f"present.{match['layer']}.{match['kind']}"
+    return present if present in outputs else None
+
+
+def cache_pairs(graph: ir.Graph) -> dict[str, str]:
+    """{past input name: present output name} for every KV-cache input of the graph (empty: not a KV decoder)."""
+    outputs = {v.name for v in graph.outputs}
+    pairs = {}
+    for value in graph.inputs:
+        if value.is_initializer() or not _rank4_float(value):
+            continue
+        present = _through_concat(value, outputs) or _through_gqa(value, outputs) or _by_name(value.name, outputs)
+        if present is not None:
+            pairs[value.name] = present
+    return dict(sorted(pairs.items()))
+
+
+def is_kv_decoder(graph: ir.Graph) -> bool:
+    return bool(cache_pairs(graph))

@@ -1,0 +1,91 @@
+"""Block-quantized weight MatMuls written as com.microsoft::MatMulNBits, with the recipe's accuracy_level fixed in
+the node: the numerics are in the graph, not in a session config entry a server never sets.
+
+ORT CPU fuses `DequantizeLinear(int4 blocks) -> MatMul` into MatMulNBits itself, but takes the accuracy level from
+`session.qdq_matmulnbits_accuracy_level`, default 4 (int8 activations): onnxruntime-genai or a plain session
+would run a w4a16 model as w4a8. Written here, the level is the recipe's: 0 (float activations) for w4a16,
+4 (int8 activations per block, quantized at run time) for w4a8 on cpu.
+
+`InsertQDQPass` stores a weight [K, N] (in, out) as int4 blocks along K with scales [K / B, N]; MatMulNBits wants
+B as [N, K / B, B / 2] uint8 blobs (low nibble first, value + 8) and scales [N, K / B]: the weight is transposed
+once here (a last partial block is padded with zeros; the kernel reads K values). Only symmetric weights (no zero
+point) with power-of-two blocks >= 16 qualify; others keep the DequantizeLinear form, and the rule says why.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, pattern
+
+from qtc.core.ops import MS_DOMAIN
+from qtc.passes.embedding_tables import pack_blocks
+from qtc.passes.meta import ANNOTATION, ROLE, WRITTEN_MATMULNBITS
+
+
+def _check_weight(dq: ir.Value, weight: ir.Value, scale: ir.Value) -> MatchResult:
+    result = MatchResult()
+    node = dq.producer()
+    tensor, scales = weight.const_value, scale.const_value
+    if tensor is None or scales is None:
+        return result.fail("weight or scale is not a constant")
+    if tensor.dtype != ir.DataType.INT4 or tensor.shape.rank() != 2:
+        return result.fail(f"weight is {tensor.dtype} of rank {tensor.shape.rank()}, not 2-D int4")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return result.fail("weight has a zero point (asymmetric); MatMulNBits' default zero point would differ")
+    block = node.attributes.get_int("block_size", 0)
+    if node.attributes.get_int("axis", 1) != 0 or block < 16 or block & (block - 1):
+        return result.fail(f"blocks must run along axis 0 (K) with a power-of-two size >= 16 (block_size {block})")
+    k, n = tensor.shape.numpy()
+    if scales.dtype != ir.DataType.FLOAT or tuple(scales.shape.numpy()) != (-(-k // block), n):
+        return result.fail("scales are not float32 [ceil(K / block), N]")
+    return result
+
+
+class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
+    """MatMul(x, DequantizeLinear(int4 blocks)) -> MatMulNBits(x, packed, scales, accuracy_level=the recipe's)."""
+
+    def __init__(self, accuracy_level: int) -> None:
+        super().__init__(remove_nodes=False)  # a weight read twice keeps its DequantizeLinear; cleanup drops it
+        self.accuracy_level = accuracy_level
+
+    def pattern(self, op, x, weight, scale):
+        return op.MatMul(x, op.DequantizeLinear(weight, scale, _outputs=["dq"]), _outputs=["product"])
+
+    def check(self, context, x, weight, scale, dq, **_) -> MatchResult:
+        result = _check_weight(dq, weight, scale)
+        if result and x.dtype != ir.DataType.FLOAT:
+            return result.fail(f"activation is {x.dtype}; MatMulNBits here takes float32 (as its scales)")
+        return result
+
+    def rewrite(self, op, x, weight, scale, dq, product, **_):
+        block = dq.producer().attributes.get_int("block_size")
+        q = weight.const_value.numpy().astype(np.int8)
+        k, n = q.shape
+        q = np.pad(q, ((0, -k % block), (0, 0)))  # a last partial block: zeros, which the kernel never reads
+        name = weight.name.removesuffix("_quantized")
+        packed = op.initializer(ir.tensor(pack_blocks(np.ascontiguousarray(q.T), 4, block), name=f"{name}_nbits"),
+                                name=f"{name}_nbits")
+        scales_t = np.ascontiguousarray(scale.const_value.numpy().T)
+        scales = op.initializer(ir.tensor(scales_t, name=f"{name}_nbits_scale"), name=f"{name}_nbits_scale")
+        fused = op.MatMulNBits(x, packed, scales, _domain=MS_DOMAIN, K=int(k), N=int(n), bits=4, block_size=block,
+                               accuracy_level=self.accuracy_level)
+        for key in (ANNOTATION, ROLE):  # the fused node stands for the annotated MatMul in the report
+            if key in product.producer().meta:
+                fused.producer().meta[key] = product.producer().meta[key]
+        return fused
+
+
+class WriteMatMulNBitsPass(ir.passes.InPlacePass):
+    """Requires InsertQDQPass's block-int4 weight form; writes MatMulNBits with `accuracy_level` (see module)."""
+
+    def __init__(self, accuracy_level: int) -> None:
+        super().__init__()
+        self.accuracy_level = accuracy_level
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count = pattern.RewriteRuleSet([BlockWeightMatMulNBitsRule.rule(self.accuracy_level)]).apply_to_model(model)
+        if count:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        model.meta[WRITTEN_MATMULNBITS] = {"nodes": count, "accuracy_level": self.accuracy_level}
+        return ir.passes.PassResult(model, modified=bool(count))

@@ -1,0 +1,92 @@
+"""Generation through the KV-cache feed loop, checked against onnxruntime-genai token for token."""
+
+import json
+
+import numpy as np
+import pytest
+
+import qtc
+from qtc.measure.generate import Decoder, Sampling, generate_text
+from tests.cli.test_main import assert_bad_input
+from tests.cli.test_main import qtc as run_cli
+
+PROMPT = [2, 120, 331, 872, 1045, 77, 2000]  # <bos> and six zh-news tokens
+
+
+def _genai_tokens(folder, prompt, max_length):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=max_length, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    return [int(t) for t in generator.get_sequence(0)][len(prompt):]
+
+
+@pytest.fixture(scope="module")
+def compiled_decoders(kv_decoder, chinese_corpus, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("decoders")
+    paths = {"float": kv_decoder}
+    for recipe in ("w8a8", "w4a16"):
+        result = qtc.compile(kv_decoder, recipe=recipe, calib=chinese_corpus, samples=8, seq_len=64, quiet=True)
+        paths[recipe] = result.save(folder / recipe / "model.onnx")
+    return paths
+
+
+@pytest.mark.parametrize("build", ["float", "w8a8", "w4a16"])
+def test_onnxruntime_genai_generates_what_the_feed_loop_does(compiled_decoders, build):
+    path = compiled_decoders[build]
+    config = json.loads((path.parent / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "model.onnx"
+    ours = Decoder(path).generate(PROMPT, 24).tokens
+    assert len(ours) == 24
+    assert _genai_tokens(path.parent, PROMPT, len(PROMPT) + 24) == ours
+
+
+def test_cache_and_cacheless_graphs_generate_the_same_tokens(kv_decoder, tiny_llama_reference):
+    cached = Decoder(kv_decoder).generate(PROMPT, 12)
+    rerun = Decoder(tiny_llama_reference).generate(PROMPT, 12)
+    assert cached.kv_cache and not rerun.kv_cache
+    assert cached.tokens == rerun.tokens
+
+
+def test_w4a16_fixes_float_activations_in_the_graph(compiled_decoders):
+    """The numerics are in the nodes (MatMulNBits accuracy_level 0), not only in a session config entry."""
+    import onnx
+
+    graph = onnx.load(str(compiled_decoders["w4a16"]), load_external_data=False).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {0}
+
+
+def test_sampling_is_seeded(kv_decoder):
+    decoder = Decoder(kv_decoder)
+    draw = lambda seed: decoder.generate(PROMPT, 16, Sampling(True, 1.0, 50, seed)).tokens  # noqa: E731
+    assert draw(3) == draw(3) and draw(3) != draw(4)
+
+
+def test_generate_text_and_cli(kv_decoder):
+    result = generate_text(kv_decoder, "中国经济", max_new_tokens=8)
+    assert result["kv_cache"] and result["prompt_tokens"] >= 2 and 1 <= len(result["tokens"]) <= 8
+    cli = run_cli("generate", kv_decoder, "--prompt", "中国经济", "--max-new-tokens", "8", "--json")
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["tokens"] == result["tokens"]
+    assert_bad_input(run_cli("generate", kv_decoder, "--prompt", "x", "--max-new-tokens", "0"), "--max-new-tokens")
+    assert_bad_input(run_cli("generate", kv_decoder, "--prompt", "x", "--sample", "--temperature", "0"), "--temperature")
+
+
+def test_decode_step_calibration_feeds(kv_decoder):
+    """Each window: a prefill of all but the last 4 tokens, then 4 one-token steps on the model's own cache."""
+    from qtc.calibration.data import decode_steps, model_inputs, text_feed
+    from qtc.frontends.onnx_file import load_model
+
+    inputs = model_inputs(load_model(kv_decoder))
+    decoder = Decoder(kv_decoder)
+    window = text_feed(np.arange(10, 30, dtype=np.int64), inputs)
+    feeds = [feed for feed, _ in decode_steps(window, inputs, decoder._run)]
+    assert [f["input_ids"].shape[1] for f in feeds] == [16, 1, 1, 1, 1]
+    assert [f["past_key_values.0.key"].shape[2] for f in feeds] == [0, 16, 17, 18, 19]
+    assert [int(f["position_ids"][0, -1]) for f in feeds] == [15, 16, 17, 18, 19]
+    assert [int(f["input_ids"][0, -1]) for f in feeds] == [25, 26, 27, 28, 29]
