@@ -26,6 +26,7 @@ from qtc.cli.options import (
 )
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import check_writable
+from qtc.measure.bench import bench
 from qtc.measure.evaluation import evaluate
 from qtc.measure.generate import Sampling, generate_text
 from qtc.measure.inspection import inspect_model
@@ -243,6 +244,24 @@ def generate_command(model, prompt, max_new_tokens, sample, temperature, top_k, 
     result = generate_text(model, prompt, max_new_tokens=max_new_tokens, tokenizer=tokenizer, target=target,
                            sampling=Sampling(sample, temperature, top_k, seed))
     _emit(result, as_json, lambda: render.show_generation(result))
+
+
+@main.command("bench")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--baseline", type=click.Path(dir_okay=False, path_type=Path), help="Float decoder to compare against.")
+@click.option("--prompt-len", default=256, show_default=True, help="Prompt tokens for time to first token.")
+@click.option("--new-tokens", default=32, show_default=True, help="Decode steps timed per round.")
+@click.option("--rounds", default=5, show_default=True, help="Timed rounds (models alternate; median).")
+@click.option("--prompts", "n_prompts", default=50, show_default=True, help="zh-news prompts for greedy agreement.")
+@click.option("--agree-tokens", default=32, show_default=True, help="Greedy tokens compared per prompt.")
+@click.option("--target", default="cpu", show_default=True, help="Execution target.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def bench_command(model, baseline, prompt_len, new_tokens, rounds, n_prompts, agree_tokens, target, as_json):
+    """Serve-time figures of a decoder (TTFT, decode tokens/s, peak RSS, bytes) and its greedy agreement with
+    --baseline over zh-news prompts, with bootstrap intervals."""
+    result = bench(model, baseline, prompt_len=prompt_len, new_tokens=new_tokens, rounds=rounds, n_prompts=n_prompts,
+                   agree_tokens=agree_tokens, target=target, quiet=as_json)
+    _emit(result, as_json, lambda: render.show_bench(result))
 
 
 @main.command("workloads")

@@ -203,3 +203,21 @@ def show_generation(result: dict) -> None:
               f"first token {result['ttft_ms']:.1f} ms" + (f", then {speed:.1f} tokens/s" if speed else "")
               + ("" if result["kv_cache"] else " (no KV cache: the whole sequence is re-run per token)"),
               highlight=False, style="dim")
+
+
+def show_bench(result: dict) -> None:
+    p = result["protocol"]
+    table = Table("model", "MB", "TTFT ms", "decode tok/s", "peak RSS MB", "vs baseline (TTFT, decode)",
+                  f"identical {p['agree_tokens']} greedy", "first divergence",
+                  title=f"batch 1, {p['prompt_len']}-token prompt, {p['new_tokens']} decode steps, median of {p['rounds']} "
+                        f"paired rounds; agreement over {p['prompts']} {p['workload']} prompts")
+    for row in result["rows"]:
+        agree = row.get("agreement")
+        ident = agree["identical"] if agree else None
+        first = agree["first_divergence"] if agree else None
+        table.add_row(row["model"], f"{row['bytes'] / 1e6:.1f}", f"{row['ttft_ms']:.1f}", f"{row['decode_tokens_per_s']:.1f}",
+                      f"{row['peak_rss_bytes'] / 1e6:.0f}",
+                      f"{row['ttft_vs_baseline']:.3f}, {row['decode_speed_vs_baseline']:.3f}" if agree else "-",
+                      f"{ident['value']:.0%} [{ident['ci95'][0]:.0%}, {ident['ci95'][1]:.0%}]" if agree else "-",
+                      f"{first['value']:.1f} [{first['ci95'][0]:.1f}, {first['ci95'][1]:.1f}]" if agree else "-")
+    out.print(table)

@@ -105,7 +105,7 @@ def require_torch_stack(what: str = "qtc export") -> None:
 def _gguf_needs() -> None:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
-        raise QtcError(f"loading a .gguf needs the {' and '.join(missing)} package(s): pip install 'qtc[gemma]'")
+        raise QtcError(f"loading a .gguf needs the {' and '.join(missing)} package(s): pip install gguf (in the qtc[gemma] and qtc[qwen] extras)")
 
 
 def versions() -> dict[str, str]:

