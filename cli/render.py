@@ -25,7 +25,9 @@ def show_compile(report: dict, output: Path) -> None:
     table.add_row("kept float", ", ".join(kept) or "-")
     size = report["output"]
     table.add_row("size", f"{report['size']['source_file_bytes'] / 1e6:.1f} MB → {size['bytes'] / 1e6:.1f} MB")
-    for name, stats in report.get("heldout_comparison", {}).get("outputs", {}).items():
+    compared = report.get("heldout_comparison", {}).get("outputs", {})
+    shown = {n: v for n, v in compared.items() if "top1_agreement" in v} or compared  # a decoder: logits, not caches
+    for name, stats in shown.items():
         text = f"cosine {stats['cosine']:.5f}, max |diff| {stats['max_abs_diff']:.4g}"
         if "top1_agreement" in stats:
             text += f", top-1 agreement {stats['top1_agreement']:.2%} of {stats['positions']} positions"
@@ -207,17 +209,18 @@ def show_generation(result: dict) -> None:
 
 def show_bench(result: dict) -> None:
     p = result["protocol"]
-    table = Table("model", "MB", "TTFT ms", "decode tok/s", "peak RSS MB", "vs baseline (TTFT, decode)",
-                  f"identical {p['agree_tokens']} greedy", "first divergence",
+    table = Table("model", "MB", "TTFT ms", "tok/s", "RSS MB", "x base", f"same {p['agree_tokens']}", "diverge at",
                   title=f"batch 1, {p['prompt_len']}-token prompt, {p['new_tokens']} decode steps, median of {p['rounds']} "
-                        f"paired rounds; agreement over {p['prompts']} {p['workload']} prompts")
+                        f"paired rounds; greedy agreement over {p['prompts']} {p['workload']} prompts",
+                  caption="x base: TTFT and decode speed as ratios to the baseline (paired by round); same: share of "
+                          "prompts whose greedy tokens all match the baseline's; diverge at: mean first differing position")
     for row in result["rows"]:
         agree = row.get("agreement")
         ident = agree["identical"] if agree else None
         first = agree["first_divergence"] if agree else None
         table.add_row(row["model"], f"{row['bytes'] / 1e6:.1f}", f"{row['ttft_ms']:.1f}", f"{row['decode_tokens_per_s']:.1f}",
                       f"{row['peak_rss_bytes'] / 1e6:.0f}",
-                      f"{row['ttft_vs_baseline']:.3f}, {row['decode_speed_vs_baseline']:.3f}" if agree else "-",
+                      f"{row['ttft_vs_baseline']:.2f}, {row['decode_speed_vs_baseline']:.2f}" if agree else "-",
                       f"{ident['value']:.0%} [{ident['ci95'][0]:.0%}, {ident['ci95'][1]:.0%}]" if agree else "-",
                       f"{first['value']:.1f} [{first['ci95'][0]:.1f}, {first['ci95'][1]:.1f}]" if agree else "-")
     out.print(table)
