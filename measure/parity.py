@@ -25,7 +25,7 @@ import numpy as np
 from qtc.backends import get_backend
 from qtc.backends.base import BackendUnavailable
 from qtc.backends.compare import OutputStats
-from qtc.calibration.data import load_calibration, model_inputs, tokenizer_beside
+from qtc.calibration.data import DECODE_STEPS, InputSpec, decode_steps, load_calibration, model_inputs, tokenizer_beside
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model
 
@@ -47,12 +47,20 @@ def tolerance_class(metadata: dict[str, str]) -> str:
     return "int8-activations" if recipe.get("activation") else "int8-weights"
 
 
-def _run_all(session, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
+def _run_all(session, feeds: list[dict], inputs: list[InputSpec]) -> list[dict[str, np.ndarray]]:
+    """Outputs for each feed; a KV-cache decoder runs each window as a prefill and then one-token decode steps on
+    its own cache (calibration/data.py:decode_steps), so that every step's logits are compared, not only prefill's."""
     names = [o.name for o in session.get_outputs()]
     # An --against model may lack e.g. a layer-skip `budget` input; inputs with a default are "overridable
     # initializers" to ORT, not among get_inputs().
     accepted = {i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
-    return [dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in accepted}))) for feed in feeds]
+
+    def run(feed: dict) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {k: v for k, v in feed.items() if k in accepted})))
+
+    if not any(spec.present for spec in inputs):
+        return [run(feed) for feed in feeds]
+    return [outputs for feed in feeds for _, outputs in decode_steps(feed, inputs, run)]
 
 
 def _compare(reference: list[dict], candidate: list[dict]) -> dict:
@@ -118,8 +126,10 @@ def parity(
     ok, why = ref_backend.availability()
     if not ok:
         raise QtcError(f"reference backend {reference} is unavailable: {why}")
-    ref_outputs = _run_all(ref_backend.session(path), feeds)
+    specs = model_inputs(loaded)
+    ref_outputs = _run_all(ref_backend.session(path), feeds, specs)
     result = {"model": path.name, "reference": reference, "inputs": inputs, "samples": len(feeds),
+              "decode_steps": DECODE_STEPS if any(spec.present for spec in specs) else 0,
               "feed": {k: float(v) for k, v in extra.items()},
               "recipe_class": tolerance_class(metadata), "backends": {}, "failures": []}
     for name in backends:
@@ -128,7 +138,7 @@ def parity(
         available, why = backend.availability()
         if available and name != reference:
             try:
-                entry["outputs"] = _compare(ref_outputs, _run_all(backend.session(path), feeds))
+                entry["outputs"] = _compare(ref_outputs, _run_all(backend.session(path), feeds, specs))
             except BackendUnavailable as exc:
                 available, why = False, str(exc)
             except Exception as exc:  # noqa: BLE001 - ORT's run errors: this backend failed, the report goes on
@@ -142,7 +152,7 @@ def parity(
     if against is not None:
         other = Path(against)
         bound = tolerance or DEFAULT_TOLERANCES[result["recipe_class"]]
-        outputs = _compare(_run_all(ref_backend.session(other), feeds), ref_outputs)
+        outputs = _compare(_run_all(ref_backend.session(other), feeds, model_inputs(load_model(other))), ref_outputs)
         result["against"] = {"model": other.name, "backend": reference, "outputs": outputs, "tolerance": bound}
         result["failures"] += [f"vs {other.name}: {f}" for f in _verdict(outputs, bound)]
     result["passed"] = not result["failures"]

@@ -102,3 +102,14 @@ def test_export_kv_cache_cli_writes_a_servable_folder(tmp_path):
     assert Decoder(out).generate(PROMPT, 4).tokens == Decoder(out).generate(PROMPT, 4).tokens
     assert_bad_input(run_cli("export", "zh-tiny-lm"), "--kv-cache")
     assert_bad_input(run_cli("export", "zh-tiny-lm", "--kv-cache", "-o", out), "already holds a genai_config.json")
+
+
+def test_parity_on_a_decoder_compares_decode_steps(compiled_decoders):
+    """Each held-out window: a prefill, then 4 one-token steps on each model's own cache, all compared."""
+    from qtc.measure.parity import parity
+
+    result = parity(compiled_decoders["w4a16"], ["cpu"], against=compiled_decoders["float"], samples=2, seq_len=32)
+    assert result["decode_steps"] == 4 and result["passed"], result["failures"]
+    logits = result["against"]["outputs"]["logits"]
+    assert logits["positions"] == 2 * 32  # 28 prefill positions + 4 decode steps per window
+    assert 0.9 < logits["top1_agreement"] <= 1.0 and logits["cosine"] > 0.999
