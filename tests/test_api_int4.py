@@ -1,22 +1,26 @@
-"""4-bit block recipes end to end: packed storage, ORT's MatMulNBits fusion, agreement with float."""
+"""4-bit block recipes end to end: packed MatMulNBits with the recipe's accuracy level, agreement with float."""
 
 import onnx_ir as ir
 
 import qtc
 
 
-def test_w4a16_packs_weights_and_fuses_to_matmulnbits(tiny_llama, tmp_path):
+def test_w4a16_writes_packed_matmulnbits_with_float_activations(tiny_llama, tmp_path):
     result = qtc.compile(tiny_llama, recipe="w4a16", calib="zh-news", samples=2, seq_len=64, quiet=True)
     path = result.save(tmp_path / "w4.onnx")
     assert result.report["runtime_ops"]["ops"].get("com.microsoft::MatMulNBits") == 28
     model = ir.load(path)
-    int4 = [v for v in model.graph.initializers.values() if v.const_value.dtype == ir.DataType.INT4]
-    assert len(int4) == 28
-    packed = sum(v.const_value.nbytes for v in int4)
-    scales = sum(model.graph.initializers[v.name.replace("_quantized", "_scale")].const_value.nbytes for v in int4)
-    fp32 = sum(v.const_value.size * 4 for v in int4)
-    assert packed == fp32 / 8  # two 4-bit values per byte, really stored packed
-    assert (packed + scales) / fp32 <= 0.16  # with one fp32 scale per 32 weights, no zero points (symmetric)
+    kernels = [n for n in model.graph if n.op_type == "MatMulNBits"]
+    assert len(kernels) == 28  # written by qtc, not left to ORT's fusion and its session-config accuracy level
+    assert {n.attributes.get_int("accuracy_level") for n in kernels} == {0}
+    assert {n.attributes.get_int("block_size") for n in kernels} == {32}
+    packed = sum(n.inputs[1].const_value.nbytes for n in kernels)
+    scales = sum(n.inputs[2].const_value.nbytes for n in kernels)
+    weights = sum(n.attributes.get_int("K") * n.attributes.get_int("N") for n in kernels)
+    padded = sum(-(-n.attributes.get_int("K") // 32) * 32 * n.attributes.get_int("N") for n in kernels)  # K = 688
+    assert packed == padded / 2  # two 4-bit values per byte, really stored packed
+    assert (packed + scales) / (4 * weights) <= 0.16  # one fp32 scale per 32 weights, no zero points (symmetric)
+    assert not [n for n in model.graph if n.op_type == "DequantizeLinear"]
     assert result.report["heldout_comparison"]["outputs"]["logits"]["cosine"] > 0.9
 
 
