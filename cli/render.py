@@ -141,13 +141,18 @@ def show_inspect(info: dict, target: str | None) -> None:
 
 def show_sweep(result: dict, task: str, written: tuple[Path, Path]) -> None:
     metric = result["metric"]
-    table = Table("model", "method", "budget", "skipped", "compute skipped", metric.replace("_", " "), "95 % interval",
-                  "latency ms", "vs dense", title=f"{task} budget sweep ({result['rows'][0]['data']['units_scored']} units)")
+    decoder = any("decode" in row for row in result["rows"])
+    columns = ["model", "method", "budget", "skipped", "compute skipped", metric.replace("_", " "), "95 % interval",
+               "latency ms", "vs dense", *(["TTFT ms", "decode tok/s"] if decoder else [])]
+    table = Table(*columns, title=f"{task} budget sweep ({result['rows'][0]['data']['units_scored']} units)")
     for row in result["rows"]:
         m = row["metrics"][metric]
-        table.add_row(row["model"], row["method"], f"{row['budget']:g}", str(len(row["skipped"])),
-                      f"{row['compute_sparsity']:.1%}", f"{m['value']:.4f}", f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]",
-                      f"{row['latency_ms']:.2f}", f"{row['latency_vs_dense']:.3f}")
+        cells = [row["model"], row["method"], f"{row['budget']:g}", str(len(row["skipped"])),
+                 f"{row['compute_sparsity']:.1%}", f"{m['value']:.4f}", f"[{m['ci95'][0]:.4f}, {m['ci95'][1]:.4f}]",
+                 f"{row['latency_ms']:.2f}", f"{row['latency_vs_dense']:.3f}"]
+        if decoder:
+            cells += [f"{row['decode']['ttft_ms']:.1f}", f"{row['decode']['decode_tokens_per_s']:.1f}"]
+        table.add_row(*cells)
     out.print(table)
     out.print(f"wrote {written[0]} and {written[1]}")
 

@@ -62,8 +62,9 @@ class Generation:
 class Decoder:
     """One session on a decoder and its inputs, ready to generate many times (bench and agreement reuse it)."""
 
-    def __init__(self, model: str | Path, target: str = "cpu") -> None:
+    def __init__(self, model: str | Path, target: str = "cpu", extra: dict[str, np.ndarray] | None = None) -> None:
         path = Path(model)
+        self.extra = dict(extra or {})  # fixed inputs of every run, e.g. a layer-skip `budget` for the request
         graph = load_model(path)  # external data stays memory-mapped
         self.inputs: list[InputSpec] = model_inputs(graph)
         self.token = token_input(self.inputs).name
@@ -73,7 +74,7 @@ class Decoder:
         self.logits = next((n for n in self.outputs if "logit" in n), self.outputs[0])
 
     def _run(self, feed: dict) -> dict:
-        return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+        return dict(zip(self.outputs, self.session.run(self.outputs, feed | self.extra)))
 
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop: int | None = None) -> Generation:

@@ -16,9 +16,10 @@ import numpy as np
 
 from qtc.backends import get_backend
 from qtc.backends.base import session_threads
-from qtc.calibration.data import embedding_rows, tokenizer_beside
+from qtc.calibration.data import InputSpec, embedding_rows, model_inputs, text_feed, tokenizer_beside
 from qtc.frontends.onnx_file import load_model
 from qtc.measure.evaluation import evaluate
+from qtc.measure.generate import Decoder
 from qtc.passes.layerskip import BUDGET_INPUT, TABLE, level_of, skip_plan, sparsity
 from qtc.util.files import write_json_atomic
 
@@ -47,15 +48,23 @@ def _latencies(sessions: dict[str, tuple], seq_len: int, runs: int, warmup: int,
     return {key: float(np.median(values)) for key, values in times.items()}
 
 
-def _feeder(session, vocab: int, extra: dict[str, np.ndarray]):
-    names = {i.name: i for i in session.get_inputs()}
+def _feeder(inputs: list[InputSpec], vocab: int, extra: dict[str, np.ndarray]):
+    """Random token windows fed as text is (mask, positions, an empty KV cache), plus the budget inputs."""
 
     def feed(rng, seq_len):
-        ids = rng.integers(0, vocab, size=(1, seq_len), dtype=np.int64)
-        out = {name: (ids if "mask" not in name else np.ones_like(ids)) for name in names}
-        return out | extra
+        return text_feed(rng.integers(0, vocab, size=seq_len, dtype=np.int64), inputs) | extra
 
     return feed
+
+
+def _decode_speed(path: Path, extra: dict[str, np.ndarray], seq_len: int, runs: int, vocab: int, seed: int) -> dict:
+    """A KV decoder at a fixed budget: median TTFT (a `seq_len` prompt) and decode tokens/s over 16 steps."""
+    decoder = Decoder(path, extra=extra)
+    prompt = [int(t) for t in np.random.default_rng(seed).integers(0, vocab, size=seq_len)]
+    decoder.generate(prompt, 4)  # warm-up
+    timed = [decoder.generate(prompt, 16) for _ in range(max(runs // 4, 3))]
+    return {"ttft_ms": round(float(np.median([g.ttft_s for g in timed])) * 1e3, 3),
+            "decode_tokens_per_s": round(float(np.median([g.decode_tokens_per_s for g in timed])), 2)}
 
 
 def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path | None = None, limit: int | None = None,
@@ -67,6 +76,7 @@ def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path
     rows, sessions, scored = [], {}, {}
     for path, plan in plans.items():
         session = backend.session(path)
+        inputs = model_inputs(load_model(path))
         vocab = _vocabulary(path)
         words = tokenizer or tokenizer_beside(path)
         for method, table in (("qtc", plan["table"]), ("static-shortgpt", plan["static"])):
@@ -80,10 +90,12 @@ def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path
                     scored[same] = evaluate(path, task, baseline=baseline, limit=limit, seed=seed, quiet=quiet,
                                             tokenizer=words, feeds=feeds)
                 key = f"{path.name}|{method}|{budget}"
-                sessions[key] = (session, _feeder(session, vocab, feeds))
+                sessions[key] = (session, _feeder(inputs, vocab, feeds))
                 rows.append({"model": path.name, "method": method, "budget": budget, "level": plan["levels"][level],
                              **_sparsity(plan, table[level]), "metrics": scored[same]["metrics"], "key": key,
                              "data": scored[same]["data"]})
+                if any(spec.present for spec in inputs):  # a KV decoder: what a server sees at this budget
+                    rows[-1]["decode"] = _decode_speed(path, feeds, seq_len, runs, vocab, seed)
     latency = _latencies(sessions, seq_len, runs, warmup, seed)
     for row in rows:
         row["latency_ms"] = round(latency[row.pop("key")], 3)

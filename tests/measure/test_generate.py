@@ -113,3 +113,22 @@ def test_parity_on_a_decoder_compares_decode_steps(compiled_decoders):
     logits = result["against"]["outputs"]["logits"]
     assert logits["positions"] == 2 * 32  # 28 prefill positions + 4 decode steps per window
     assert 0.9 < logits["top1_agreement"] <= 1.0 and logits["cosine"] > 0.999
+
+
+def test_layer_skip_on_a_decoder(kv_decoder, chinese_corpus, tmp_path):
+    """Gates on a KV decoder: budget 1.0 generates what the ungated build does, token for token; a lower budget
+    still writes every layer's present cache (the K/V projections stay outside the gates: a later request at
+    another budget finds an exact cache), so the feed loop and onnxruntime-genai run it unchanged."""
+    from qtc.passes.layerskip import LayerSkipSpec
+
+    options = dict(recipe="w8a8", calib=chinese_corpus, samples=8, seq_len=64, quiet=True, fuse_residuals=False)
+    gated = qtc.compile(kv_decoder, layer_skip=LayerSkipSpec(budgets=(1.0, 0.7), metric="bi"), **options)
+    gated_path = gated.save(tmp_path / "gated" / "model.onnx")
+    plain_path = qtc.compile(kv_decoder, **options).save(tmp_path / "plain" / "model.onnx")
+    dense = Decoder(gated_path, extra={"budget": np.array(1.0, np.float32)}).generate(PROMPT, 16).tokens
+    assert dense == Decoder(plain_path).generate(PROMPT, 16).tokens
+    assert _genai_tokens(gated_path.parent, PROMPT, len(PROMPT) + 16) == dense  # og feeds no budget: 1.0
+    skipping = Decoder(gated_path, extra={"budget": np.array(0.7, np.float32)})
+    run = skipping.generate(PROMPT, 16)
+    assert len(run.tokens) == 16 and run.decode_tokens_per_s > 0
+    assert gated.report["layer_skip"]["realized"][-1]["skipped_branches"] >= 1
