@@ -65,6 +65,14 @@ class DecoderConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
 
+def scoped(node: onnx.NodeProto, scope: str) -> onnx.NodeProto:
+    """Record the module a node belongs to as the torch exporter does (`pkg.torch.onnx.name_scopes`), so recipe
+    globs (`*down_proj*`) and block discovery (`model.layers.3`) read this graph as they read qtc's torch exports."""
+    entry = node.metadata_props.add()
+    entry.key, entry.value = "pkg.torch.onnx.name_scopes", repr(["", scope, node.op_type])
+    return node
+
+
 class _Graph:
     """Nodes and initializers, with names that say where they belong (`model.layers.0.attn/Softmax`)."""
 
@@ -74,7 +82,8 @@ class _Graph:
     def op(self, op_type: str, inputs: list[str], scope: str, outputs: int = 1, **attrs) -> str | list[str]:
         self.count += 1
         names = [f"{scope}/{op_type}_{self.count}" + (f":{i}" if outputs > 1 else "") for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, names, name=f"{scope}/{op_type}_{self.count}", **attrs))
+        self.nodes.append(scoped(helper.make_node(op_type, inputs, names, name=f"{scope}/{op_type}_{self.count}",
+                                                  **attrs), scope))
         return names if outputs > 1 else names[0]
 
     def const(self, name: str, array: np.ndarray) -> str:
@@ -88,9 +97,10 @@ class _Graph:
         array = np.asarray(self.weights[name], dtype=np.float32)
         return self.const(name, array.T if transpose else array)
 
-    def linear(self, x: str, name: str, scope: str, bias: bool = False) -> str:
-        y = self.op("MatMul", [x, self.weight(f"{name}.weight", transpose=True)], scope)
-        return self.op("Add", [y, self.weight(f"{name}.bias")], scope) if bias else y
+    def linear(self, x: str, name: str, bias: bool = False) -> str:
+        """x @ W^T (+ b) for the Hugging Face Linear `name`; its nodes carry its module path as their scope."""
+        y = self.op("MatMul", [x, self.weight(f"{name}.weight", transpose=True)], name)
+        return self.op("Add", [y, self.weight(f"{name}.bias")], name) if bias else y
 
     def rms_norm(self, x: str, weight: str, eps: float, scope: str) -> str:
         square = self.op("Pow", [x, self.const("qtc.two", np.array(2.0, np.float32))], scope)
@@ -157,18 +167,18 @@ def _expand_kv(g: _Graph, kv: str, cfg: DecoderConfig, scope: str) -> str:
 
 def _attention(g: _Graph, x: str, layer: int, cfg: DecoderConfig, cos: str, sin: str, bias: str,
                inputs: list, outputs: list) -> str:
-    prefix, scope = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.attn"
-    q = _heads(g, g.linear(x, f"{prefix}.q_proj", scope, cfg.qkv_bias), cfg.heads, cfg.head_size, scope)
-    k = _heads(g, g.linear(x, f"{prefix}.k_proj", scope, cfg.qkv_bias), cfg.kv_heads, cfg.head_size, scope)
-    v = _heads(g, g.linear(x, f"{prefix}.v_proj", scope, cfg.qkv_bias), cfg.kv_heads, cfg.head_size, scope)
+    prefix = scope = f"model.layers.{layer}.self_attn"
+    q = _heads(g, g.linear(x, f"{prefix}.q_proj", cfg.qkv_bias), cfg.heads, cfg.head_size, scope)
+    k = _heads(g, g.linear(x, f"{prefix}.k_proj", cfg.qkv_bias), cfg.kv_heads, cfg.head_size, scope)
+    v = _heads(g, g.linear(x, f"{prefix}.v_proj", cfg.qkv_bias), cfg.kv_heads, cfg.head_size, scope)
     half = cfg.head_size // 2
     q, k = _rope(g, q, cos, sin, half, scope), _rope(g, k, cos, sin, half, scope)
     cache = ["batch_size", cfg.kv_heads, "past_sequence_length", cfg.head_size]
     present = ["batch_size", cfg.kv_heads, "total_sequence_length", cfg.head_size]
     for kind, new in (("key", k), ("value", v)):
         inputs.append(helper.make_tensor_value_info(PAST % (layer, kind), TensorProto.FLOAT, cache))
-        g.nodes.append(helper.make_node("Concat", [PAST % (layer, kind), new], [PRESENT % (layer, kind)],
-                                        name=f"{scope}/Concat_{kind}", axis=2))
+        g.nodes.append(scoped(helper.make_node("Concat", [PAST % (layer, kind), new], [PRESENT % (layer, kind)],
+                                               name=f"{scope}/Concat_{kind}", axis=2), scope))
         outputs.append(helper.make_tensor_value_info(PRESENT % (layer, kind), TensorProto.FLOAT, present))
     keys = _expand_kv(g, PRESENT % (layer, "key"), cfg, scope)
     values = _expand_kv(g, PRESENT % (layer, "value"), cfg, scope)
@@ -177,14 +187,14 @@ def _attention(g: _Graph, x: str, layer: int, cfg: DecoderConfig, cos: str, sin:
     probs = g.op("Softmax", [g.op("Add", [g.op("Mul", [scores, scale], scope), bias], scope)], scope, axis=-1)
     merged = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, values], scope)], scope, perm=[0, 2, 1, 3]),
                               _ints(g, "qtc.merge_heads", [0, 0, -1])], scope)
-    return g.linear(merged, f"{prefix}.o_proj", scope)
+    return g.linear(merged, f"{prefix}.o_proj")
 
 
 def _mlp(g: _Graph, x: str, layer: int) -> str:
     prefix, scope = f"model.layers.{layer}.mlp", f"model.layers.{layer}.mlp"
-    gate = g.linear(x, f"{prefix}.gate_proj", scope)
+    gate = g.linear(x, f"{prefix}.gate_proj")
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate], scope)], scope)  # SiLU
-    return g.linear(g.op("Mul", [act, g.linear(x, f"{prefix}.up_proj", scope)], scope), f"{prefix}.down_proj", scope)
+    return g.linear(g.op("Mul", [act, g.linear(x, f"{prefix}.up_proj")], scope), f"{prefix}.down_proj")
 
 
 def build_decoder(cfg: DecoderConfig, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -206,10 +216,10 @@ def build_decoder(cfg: DecoderConfig, weights: Mapping[str, np.ndarray]) -> onnx
     x = g.rms_norm(x, "model.norm.weight", cfg.rms_eps, "model.norm")
     if cfg.tied:  # the head reads the embedding table itself (one copy; qtc recognises the tied head)
         table = g.op("Transpose", ["model.embed_tokens.weight"], "lm_head", perm=[1, 0])
-        g.nodes.append(helper.make_node("MatMul", [x, table], ["logits"], name="lm_head/MatMul"))
+        g.nodes.append(scoped(helper.make_node("MatMul", [x, table], ["logits"], name="lm_head/MatMul"), "lm_head"))
     else:
-        g.nodes.append(helper.make_node("MatMul", [x, g.weight("lm_head.weight", transpose=True)], ["logits"],
-                                        name="lm_head/MatMul"))
+        g.nodes.append(scoped(helper.make_node("MatMul", [x, g.weight("lm_head.weight", transpose=True)], ["logits"],
+                                               name="lm_head/MatMul"), "lm_head"))
     # Past inputs after the fixed ones, presents after logits, in layer order: the order servers expect.
     graph = helper.make_graph(g.nodes, "qtc_decoder", inputs, outputs, list(g.initializers.values()))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="qtc")
