@@ -56,6 +56,17 @@ class DecoderConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    # Gemma 3: norms scale by (1 + w), q/k RMSNorm, embeddings times sqrt(hidden), GELU-tanh MLP, norms after the
+    # attention and around the MLP, and sliding-window layers with their own RoPE base
+    norm_offset: float = 0.0
+    qk_norm: bool = False
+    embed_scale: float | None = None
+    mlp_act: str = "silu"
+    sandwich_norms: bool = False
+    attn_scale: float | None = None  # default 1 / sqrt(head_size)
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
+    rope_local_theta: float | None = None
 
     def __post_init__(self) -> None:
         if self.heads % self.kv_heads:
@@ -102,20 +113,29 @@ class _Graph:
         y = self.op("MatMul", [x, self.weight(f"{name}.weight", transpose=True)], name)
         return self.op("Add", [y, self.weight(f"{name}.bias")], name) if bias else y
 
-    def rms_norm(self, x: str, weight: str, eps: float, scope: str) -> str:
+    def norm_weight(self, name: str, offset: float) -> str:
+        """An RMSNorm scale; Gemma's (1 + w) is folded into the stored constant (the graph multiplies by it)."""
+        if not offset:
+            return self.weight(name)
+        return self.const(name, np.asarray(self.weights[name], dtype=np.float32) + np.float32(offset))
+
+    def rms_norm(self, x: str, weight: str, eps: float, scope: str, offset: float = 0.0) -> str:
         square = self.op("Pow", [x, self.const("qtc.two", np.array(2.0, np.float32))], scope)
         mean = self.op("ReduceMean", [square, self.const("qtc.last_axis", np.array([-1], np.int64))], scope, keepdims=1)
         rms = self.op("Sqrt", [self.op("Add", [mean, self.const("qtc.eps", np.array(eps, np.float32))], scope)], scope)
         normed = self.op("Mul", [x, self.op("Reciprocal", [rms], scope)], scope)
-        return self.op("Mul", [self.weight(weight), normed], scope)
+        if weight not in self.weights:
+            raise QtcError(f"decoder weights: missing {weight}")
+        return self.op("Mul", [self.norm_weight(weight, offset), normed], scope)
 
 
 def _ints(graph: _Graph, name: str, values) -> str:
     return graph.const(name, np.array(values, np.int64))
 
 
-def _mask_bias(g: _Graph) -> str:
-    """[batch, 1, seq, past + seq]: 0 where query i may attend key j (j <= past + i, key not padding), else min."""
+def _mask_bias(g: _Graph, window: int | None = None) -> str:
+    """[batch, 1, seq, past + seq]: 0 where query i may attend key j (j <= past + i, key not padding, and with a
+    sliding `window` also j > past + i - window), else the float minimum."""
     scope = "model.attention_mask"
     total = g.op("Gather", [g.op("Shape", ["attention_mask"], scope), _ints(g, "qtc.one", 1)], scope, axis=0)
     seq = g.op("Gather", [g.op("Shape", ["input_ids"], scope), "qtc.one"], scope, axis=0)
@@ -127,16 +147,20 @@ def _mask_bias(g: _Graph) -> str:
     attended = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], scope, to=TensorProto.BOOL),
                                   _ints(g, "qtc.axes12", [1, 2])], scope)
     allowed = g.op("And", [causal, attended], scope)
+    if window is not None:
+        oldest = g.op("Sub", [g.op("Unsqueeze", [queries, "qtc.axis1"], scope), _ints(g, f"qtc.window{window}", window)], scope)
+        recent = g.op("Greater", [g.op("Unsqueeze", [keys, "qtc.axis0"], scope), oldest], scope)
+        allowed = g.op("And", [allowed, recent], scope)
     return g.op("Where", [allowed, g.const("qtc.zero_f", np.array(0.0, np.float32)),
                           g.const("qtc.masked", np.array(_MASKED, np.float32))], scope)
 
 
-def _rotary(g: _Graph, cfg: DecoderConfig) -> tuple[str, str]:
-    """cos, sin [batch, 1, seq, head_size] of position_ids (the rotate-half convention of Llama and Qwen2)."""
-    scope = "model.rotary_emb"
-    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, cfg.head_size, 2, dtype=np.int64).astype(np.float32) / cfg.head_size))
+def _rotary(g: _Graph, cfg: DecoderConfig, theta: float) -> tuple[str, str]:
+    """cos, sin [batch, 1, seq, head_size] of position_ids (the rotate-half convention of Llama, Qwen2, Gemma)."""
+    scope = f"model.rotary_emb.{theta:g}"
+    inv_freq = 1.0 / (theta ** (np.arange(0, cfg.head_size, 2, dtype=np.int64).astype(np.float32) / cfg.head_size))
     positions = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], scope, to=TensorProto.FLOAT), _ints(g, "qtc.axis_last", [-1])], scope)
-    freqs = g.op("Mul", [positions, g.const("model.rotary_emb.inv_freq", inv_freq.astype(np.float32))], scope)
+    freqs = g.op("Mul", [positions, g.const(f"{scope}.inv_freq", inv_freq.astype(np.float32))], scope)
     angles = g.op("Concat", [freqs, freqs], scope, axis=-1)
     return (g.op("Unsqueeze", [g.op("Cos", [angles], scope), "qtc.axis1"], scope),
             g.op("Unsqueeze", [g.op("Sin", [angles], scope), "qtc.axis1"], scope))
@@ -171,6 +195,9 @@ def _attention(g: _Graph, x: str, layer: int, cfg: DecoderConfig, cos: str, sin:
     q = _heads(g, g.linear(x, f"{prefix}.q_proj", cfg.qkv_bias), cfg.heads, cfg.head_size, scope)
     k = _heads(g, g.linear(x, f"{prefix}.k_proj", cfg.qkv_bias), cfg.kv_heads, cfg.head_size, scope)
     v = _heads(g, g.linear(x, f"{prefix}.v_proj", cfg.qkv_bias), cfg.kv_heads, cfg.head_size, scope)
+    if cfg.qk_norm:  # per head, over head_size
+        q = g.rms_norm(q, f"{prefix}.q_norm.weight", cfg.rms_eps, f"{prefix}.q_norm", cfg.norm_offset)
+        k = g.rms_norm(k, f"{prefix}.k_norm.weight", cfg.rms_eps, f"{prefix}.k_norm", cfg.norm_offset)
     half = cfg.head_size // 2
     q, k = _rope(g, q, cos, sin, half, scope), _rope(g, k, cos, sin, half, scope)
     cache = ["batch_size", cfg.kv_heads, "past_sequence_length", cfg.head_size]
@@ -183,18 +210,40 @@ def _attention(g: _Graph, x: str, layer: int, cfg: DecoderConfig, cos: str, sin:
     keys = _expand_kv(g, PRESENT % (layer, "key"), cfg, scope)
     values = _expand_kv(g, PRESENT % (layer, "value"), cfg, scope)
     scores = g.op("MatMul", [q, g.op("Transpose", [keys], scope, perm=[0, 1, 3, 2])], scope)
-    scale = g.const(f"qtc.scale{cfg.head_size}", np.array(1.0 / np.sqrt(cfg.head_size), np.float32))
+    factor = cfg.attn_scale if cfg.attn_scale is not None else 1.0 / np.sqrt(cfg.head_size)
+    scale = g.const(f"qtc.scale{factor:.9g}", np.array(factor, np.float32))
     probs = g.op("Softmax", [g.op("Add", [g.op("Mul", [scores, scale], scope), bias], scope)], scope, axis=-1)
     merged = g.op("Reshape", [g.op("Transpose", [g.op("MatMul", [probs, values], scope)], scope, perm=[0, 2, 1, 3]),
                               _ints(g, "qtc.merge_heads", [0, 0, -1])], scope)
     return g.linear(merged, f"{prefix}.o_proj")
 
 
-def _mlp(g: _Graph, x: str, layer: int) -> str:
+def _mlp(g: _Graph, x: str, layer: int, cfg: DecoderConfig) -> str:
     prefix, scope = f"model.layers.{layer}.mlp", f"model.layers.{layer}.mlp"
     gate = g.linear(x, f"{prefix}.gate_proj")
-    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], scope)], scope)  # SiLU
+    if cfg.mlp_act == "gelu_tanh":
+        act = g.op("Gelu", [gate], scope, approximate="tanh")
+    else:
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], scope)], scope)  # SiLU
     return g.linear(g.op("Mul", [act, g.linear(x, f"{prefix}.up_proj")], scope), f"{prefix}.down_proj")
+
+
+def _block(g: _Graph, x: str, layer: int, cfg: DecoderConfig, cos: str, sin: str, bias: str, inputs: list,
+           outputs: list) -> str:
+    """One decoder layer: x + attention(norm(x)), then + mlp(norm(.)); Gemma also norms each branch's output."""
+    prefix, eps, offset = f"model.layers.{layer}", cfg.rms_eps, cfg.norm_offset
+    attended = _attention(g, g.rms_norm(x, f"{prefix}.input_layernorm.weight", eps, f"{prefix}.input_layernorm", offset),
+                          layer, cfg, cos, sin, bias, inputs, outputs)
+    if cfg.sandwich_norms:
+        attended = g.rms_norm(attended, f"{prefix}.post_attention_layernorm.weight", eps, f"{prefix}.post_attention_layernorm", offset)
+        x = g.op("Add", [x, attended], prefix)
+        mlp_in = g.rms_norm(x, f"{prefix}.pre_feedforward_layernorm.weight", eps, f"{prefix}.pre_feedforward_layernorm", offset)
+        out = g.rms_norm(_mlp(g, mlp_in, layer, cfg), f"{prefix}.post_feedforward_layernorm.weight", eps,
+                         f"{prefix}.post_feedforward_layernorm", offset)
+        return g.op("Add", [x, out], prefix)
+    x = g.op("Add", [x, attended], prefix)
+    mlp_in = g.rms_norm(x, f"{prefix}.post_attention_layernorm.weight", eps, f"{prefix}.post_attention_layernorm", offset)
+    return g.op("Add", [x, _mlp(g, mlp_in, layer, cfg)], prefix)
 
 
 def build_decoder(cfg: DecoderConfig, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
@@ -205,15 +254,15 @@ def build_decoder(cfg: DecoderConfig, weights: Mapping[str, np.ndarray]) -> onnx
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", cfg.vocab_size])]
     x = g.op("Gather", [g.weight("model.embed_tokens.weight"), "input_ids"], "model.embed_tokens")
-    bias = _mask_bias(g)
-    cos, sin = _rotary(g, cfg)
+    if cfg.embed_scale is not None:
+        x = g.op("Mul", [x, g.const("model.embed_tokens.scale", np.array(cfg.embed_scale, np.float32))], "model.embed_tokens")
+    full = (_mask_bias(g), *_rotary(g, cfg, cfg.rope_theta))
+    local = (_mask_bias(g, cfg.sliding_window), *_rotary(g, cfg, cfg.rope_local_theta or cfg.rope_theta)) \
+        if cfg.sliding_layers else full
     for layer in range(cfg.layers):
-        normed = g.rms_norm(x, f"model.layers.{layer}.input_layernorm.weight", cfg.rms_eps, f"model.layers.{layer}.input_layernorm")
-        x = g.op("Add", [x, _attention(g, normed, layer, cfg, cos, sin, bias, inputs, outputs)], f"model.layers.{layer}")
-        normed = g.rms_norm(x, f"model.layers.{layer}.post_attention_layernorm.weight", cfg.rms_eps,
-                            f"model.layers.{layer}.post_attention_layernorm")
-        x = g.op("Add", [x, _mlp(g, normed, layer)], f"model.layers.{layer}")
-    x = g.rms_norm(x, "model.norm.weight", cfg.rms_eps, "model.norm")
+        bias, cos, sin = local if layer in cfg.sliding_layers else full
+        x = _block(g, x, layer, cfg, cos, sin, bias, inputs, outputs)
+    x = g.rms_norm(x, "model.norm.weight", cfg.rms_eps, "model.norm", cfg.norm_offset)
     if cfg.tied:  # the head reads the embedding table itself (one copy; qtc recognises the tied head)
         table = g.op("Transpose", ["model.embed_tokens.weight"], "lm_head", perm=[1, 0])
         g.nodes.append(scoped(helper.make_node("MatMul", [x, table], ["logits"], name="lm_head/MatMul"), "lm_head"))

@@ -29,27 +29,44 @@ from qtc.util.files import write_json_atomic
 BUILDER_VERSION = "qtc-kv-decoder-2"  # bump when frontends/decoder.py writes a different graph
 MODEL_FILE = "model.onnx"
 BUILD_INFO = "qtc_build.json"
-KV_DECODERS = ("zh-tiny-lm", "qwen2.5-coder-0.5b")
-HF_FAMILIES = ("llama", "qwen2")
+KV_DECODERS = ("zh-tiny-lm", "qwen2.5-coder-0.5b", "gemma-3-270m")
+HF_FAMILIES = ("llama", "qwen2", "gemma3_text")
 
 
 def hf_decoder_config(folder: Path) -> DecoderConfig:
-    """A DecoderConfig from a Hugging Face config.json of a Llama- or Qwen2-family causal LM."""
+    """A DecoderConfig from a Hugging Face config.json (see hf_decoder_config_from)."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if config.get("model_type") not in HF_FAMILIES:
+        raise QtcError(f"{folder.name}: KV-cache export takes {', '.join(HF_FAMILIES)} models, not {config.get('model_type')!r}")
+    return hf_decoder_config_from(config)
+
+
+def hf_decoder_config_from(config: dict) -> DecoderConfig:
+    """A DecoderConfig from a Hugging Face config dict of a Llama, Qwen2 or Gemma 3 (text) causal LM."""
     family = config.get("model_type")
-    if family not in HF_FAMILIES:
-        raise QtcError(f"{folder.name}: KV-cache export takes {', '.join(HF_FAMILIES)} models, not {family!r}")
-    rope = config.get("rope_parameters") or {}
     heads = config["num_attention_heads"]
+    head_size = config.get("head_dim") or config["hidden_size"] // heads
     ids = {k: v if not isinstance(v, list) else v[0] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
            if (v := config.get(k)) is not None}
-    return DecoderConfig(family, config["vocab_size"], config["hidden_size"], config["num_hidden_layers"], heads,
-                         config.get("num_key_value_heads", heads), config["intermediate_size"],
-                         config.get("head_dim") or config["hidden_size"] // heads,
-                         rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
-                         rms_eps=float(config.get("rms_norm_eps", 1e-6)), tied=bool(config.get("tie_word_embeddings")),
-                         qkv_bias=family == "qwen2" or bool(config.get("attention_bias")),
-                         context_length=min(int(config.get("max_position_embeddings", 2048)), 32768), **ids)
+    rope = config.get("rope_parameters") or {}
+    common = dict(rms_eps=float(config.get("rms_norm_eps", 1e-6)), tied=bool(config.get("tie_word_embeddings")),
+                  context_length=min(int(config.get("max_position_embeddings", 2048)), 32768), **ids)
+    shape = (family, config["vocab_size"], config["hidden_size"], config["num_hidden_layers"], heads,
+             config.get("num_key_value_heads", heads), config["intermediate_size"], head_size)
+    if family == "gemma3_text":
+        if config.get("final_logit_softcapping") or config.get("attn_logit_softcapping"):
+            raise QtcError("Gemma 3 with logit soft-capping is not supported by the KV-cache builder")
+        full, local = rope.get("full_attention", {}), rope.get("sliding_attention", {})
+        sliding = tuple(i for i, kind in enumerate(config.get("layer_types") or []) if kind == "sliding_attention")
+        return DecoderConfig(*shape, rope_theta=float(full.get("rope_theta", config.get("rope_theta", 1e6))),
+                             norm_offset=1.0, qk_norm=True, embed_scale=float(np.float32(config["hidden_size"] ** 0.5)),
+                             mlp_act="gelu_tanh", sandwich_norms=True,
+                             attn_scale=float(config.get("query_pre_attn_scalar", head_size)) ** -0.5,
+                             sliding_window=config.get("sliding_window") if sliding else None, sliding_layers=sliding,
+                             rope_local_theta=float(local.get("rope_theta", config.get("rope_local_base_freq", 1e4))),
+                             **common)
+    return DecoderConfig(*shape, rope_theta=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+                         qkv_bias=family == "qwen2" or bool(config.get("attention_bias")), **common)
 
 
 def hf_weights(folder: Path) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from safetensors.numpy import load_file
 
 from qtc.errors import QtcError
 from qtc.frontends.decoder import DecoderConfig, build_decoder, genai_config
+from qtc.models.decoders import hf_decoder_config_from
 from qtc.models.reference import get_reference, lm_config, load_info, load_weights, make_lm
 
 ZH_TINY = DecoderConfig("llama", 4096, 256, 4, 4, 2, 688, 64)
@@ -105,3 +106,29 @@ def test_genai_config_names_every_cache_tensor():
 def test_missing_weight_is_named():
     with pytest.raises(QtcError, match="missing model.layers.0.input_layernorm.weight"):
         build_decoder(ZH_TINY, {"model.embed_tokens.weight": np.zeros((4096, 256), np.float32)})
+
+
+def test_gemma3_layout_matches_transformers_with_a_sliding_window():
+    """Gemma 3: (1 + w) norms, q/k norms, scaled embeddings, GELU-tanh, sandwich norms, a sliding window of 4
+    on layers 0 and 1 with their own RoPE base, a full-attention layer 2, tied head (random small weights)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    hf = Gemma3TextConfig(vocab_size=260, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                          layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                          query_pre_attn_scalar=24, rope_theta=1e6, rope_local_base_freq=1e4, max_position_embeddings=64,
+                          attn_implementation="eager", tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(hf).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    cfg = hf_decoder_config_from(hf.to_dict())
+    assert cfg.sliding_layers == (0, 1) and cfg.sliding_window == 4 and cfg.rope_local_theta == 1e4
+    session = _session(build_decoder(cfg, {k: v.numpy() for k, v in model.state_dict().items()}))
+    ids = np.random.default_rng(3).integers(0, 260, (1, 11)).astype(np.int64)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids), use_cache=False).logits.numpy()
+    full = _run(session, _feed(cfg, ids, None, 0))
+    assert np.abs(full["logits"] - expected).max() < 2e-4
+    assert np.abs(_cache_path(session, cfg, ids, prefill=6) - full["logits"][:, 5:]).max() < 2e-4
