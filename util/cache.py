@@ -4,12 +4,18 @@ import hashlib
 import os
 from pathlib import Path
 
+from qtc.errors import QtcError
+
 
 def cache_dir(*parts: str) -> Path:
     """`$QTC_CACHE` or `~/.cache/qtc`, joined with `parts`, created on demand."""
     root = Path(os.environ.get("QTC_CACHE") or Path.home() / ".cache" / "qtc")
     path = root.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or missing location: the user's to fix, in one line
+        raise QtcError(f"cache folder {path} cannot be created ({exc.strerror or exc}): set QTC_CACHE to a "
+                       "writable folder") from None
     return path
 
 

@@ -161,3 +161,11 @@ def test_cross_compile_for_cuda_on_a_machine_without_it(case):
     assert report["target"] == "cuda" and report["calibrated_on"] == "cpu"
     assert any(note.startswith("cross-compiled") for note in report["target_notes"])
     assert case["out"].is_file()
+
+
+def test_unwritable_cache_is_one_line(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    result = subprocess.run([sys.executable, "-m", "qtc.cli.main", "export", "zh-tiny-lm", "--kv-cache"],
+                            capture_output=True, text=True, env=os.environ | {"QTC_CACHE": str(blocker / "cache")})
+    assert_bad_input(result, "cannot be created")
