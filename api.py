@@ -31,6 +31,7 @@ from qtc.frontends.onnx_file import (
     save_model,
     tensor_bytes,
 )
+from qtc.measure.check import check_compiled, random_feed
 from qtc.measure.inspection import graph_summary
 from qtc.measure.mixed_precision import (
     METRICS,
@@ -38,6 +39,7 @@ from qtc.measure.mixed_precision import (
     measured_drop,
     with_fallback,
 )
+from qtc.measure.parity import tolerance_class
 from qtc.measure.sensitivity import layer_sensitivity
 from qtc.passes import meta
 from qtc.passes.calibrate import CalibrationCache
@@ -166,6 +168,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     source_external = bool(external_tensors(graph_model))
     reference = source if source is not None else ir.to_proto(graph_model).SerializeToString()
     inputs = model_inputs(graph_model)
+    derived = random_feed(graph_model)  # from the source's inputs, before the graph changes
     if layer_skip is not None and calib_set is None:
         raise QtcError("--layer-skip scores branches on calibration text: pass --calib")
     # Layer skipping gates residual Adds, so it keeps them unfused; `fuse_residuals=False` builds its ungated twin.
@@ -174,6 +177,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
                         keep_residual_adds, calibration_cache, int(level) if level is not None else None), graph_model)
     measure = job.measure
+    # Before anything is handed back: the compiled model must run where its source runs, and agree with it.
+    check = check_compiled(measure, reference, graph_model, derived, tolerance_class({"qtc.recipe": resolved.to_json()}))
     report = {
         "qtc_version": __version__,
         "recipe": resolved.to_dict(),
@@ -187,6 +192,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
                  "compiled_tensor_bytes": tensor_bytes(graph_model)},
         **meta.report_sections(graph_model),
         "placement": backend.placement(graph_model),
+        "post_compile_check": check,
         "target_notes": job.target_notes,
     }
     if compare and calib_set is not None and calib_set.heldout_samples:
