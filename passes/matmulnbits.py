@@ -1,4 +1,4 @@
-"""Block-quantized weight MatMuls written as com.microsoft::MatMulNBits, with the recipe's accuracy_level fixed in
+"""Block-quantized (int4, int8) weight MatMuls written as com.microsoft::MatMulNBits, with the recipe's accuracy_level fixed in
 the node: the numerics are in the graph, not in a session config entry a server never sets.
 
 ORT CPU fuses `DequantizeLinear(int4 blocks) -> MatMul` into MatMulNBits itself, but takes the accuracy level from
@@ -8,7 +8,9 @@ would run a w4a16 model as w4a8. Written here, the level is the recipe's: 0 (flo
 
 `InsertQDQPass` stores a weight [K, N] (in, out) as int4 blocks along K with scales [K / B, N]; MatMulNBits wants
 B as [N, K / B, B / 2] uint8 blobs (low nibble first, value + 8) and scales [N, K / B]: the weight is transposed
-once here (a last partial block is padded with zeros; the kernel reads K values). Only symmetric weights (no zero
+once here (a last partial block is padded with zeros; the kernel reads K values). int8 blocks (e.g. an LM head
+kept at 8 bits) pack the same way with value + 128; at accuracy_level 0 ORT 1.32 dequantizes 8-bit weights on
+every call (slow at decode, bench/weight_kernels.py), at level 4 they run as an int8 GEMM. Only symmetric weights (no zero
 point) with power-of-two blocks >= 16 qualify; others keep the DequantizeLinear form, and the rule says why.
 """
 
@@ -19,7 +21,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
 from qtc.core.ops import MS_DOMAIN
-from qtc.passes.embedding_tables import pack_blocks
+from qtc.passes.embedding_tables import BITS, pack_blocks
 from qtc.passes.meta import ANNOTATION, ROLE, WRITTEN_MATMULNBITS
 
 
@@ -29,8 +31,8 @@ def _check_weight(dq: ir.Value, weight: ir.Value, scale: ir.Value) -> MatchResul
     tensor, scales = weight.const_value, scale.const_value
     if tensor is None or scales is None:
         return result.fail("weight or scale is not a constant")
-    if tensor.dtype != ir.DataType.INT4 or tensor.shape.rank() != 2:
-        return result.fail(f"weight is {tensor.dtype} of rank {tensor.shape.rank()}, not 2-D int4")
+    if tensor.dtype not in BITS or tensor.shape.rank() != 2:
+        return result.fail(f"weight is {tensor.dtype} of rank {tensor.shape.rank()}, not 2-D int4 / int8")
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         return result.fail("weight has a zero point (asymmetric); MatMulNBits' default zero point would differ")
     block = node.attributes.get_int("block_size", 0)
@@ -60,15 +62,16 @@ class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
 
     def rewrite(self, op, x, weight, scale, dq, product, **_):
         block = dq.producer().attributes.get_int("block_size")
+        bits = BITS[weight.const_value.dtype]
         q = weight.const_value.numpy().astype(np.int8)
         k, n = q.shape
         q = np.pad(q, ((0, -k % block), (0, 0)))  # a last partial block: zeros, which the kernel never reads
         name = weight.name.removesuffix("_quantized")
-        packed = op.initializer(ir.tensor(pack_blocks(np.ascontiguousarray(q.T), 4, block), name=f"{name}_nbits"),
+        packed = op.initializer(ir.tensor(pack_blocks(np.ascontiguousarray(q.T), bits, block), name=f"{name}_nbits"),
                                 name=f"{name}_nbits")
         scales_t = np.ascontiguousarray(scale.const_value.numpy().T)
         scales = op.initializer(ir.tensor(scales_t, name=f"{name}_nbits_scale"), name=f"{name}_nbits_scale")
-        fused = op.MatMulNBits(x, packed, scales, _domain=MS_DOMAIN, K=int(k), N=int(n), bits=4, block_size=block,
+        fused = op.MatMulNBits(x, packed, scales, _domain=MS_DOMAIN, K=int(k), N=int(n), bits=bits, block_size=block,
                                accuracy_level=self.accuracy_level)
         for key in (ANNOTATION, ROLE):  # the fused node stands for the annotated MatMul in the report
             if key in product.producer().meta:

@@ -73,3 +73,20 @@ def test_asymmetric_weights_keep_the_portable_form():
     dq.replace_input_with(2, zp)
     WriteMatMulNBitsPass(0)(portable)
     assert len(_levels(portable)) == 1  # the other weight, without a zero point
+
+
+def test_int8_blocks_pack_too():
+    """An 8-bit block weight (an LM head kept at 8 bits) becomes MatMulNBits bits=8 with the same numbers."""
+    from qtc.recipes import QuantSpec, Recipe
+
+    base = builtin_recipe("w4a16")
+    recipe = Recipe(**{**base.__dict__, "name": "w8-blocks", "weight": QuantSpec("int8", "block", True, block_size=32)})
+    portable = graphs.mlp(hidden=64, inner=96)
+    build_pipeline(recipe, "cuda", None, provenance=PROVENANCE, quiet=True)(portable)
+    feed = graphs.random_feed(portable)
+    written = graphs.copy_of(portable)
+    WriteMatMulNBitsPass(0)(written)
+    bits = [n.attributes.get_int("bits") for n in written.graph if n.op_type == "MatMulNBits"]
+    assert bits == [8, 8]
+    np.testing.assert_allclose(graphs.run(written, feed)[0], graphs.run(portable, feed, {ACCURACY_LEVEL: "0"})[0],
+                               rtol=1e-5, atol=1e-5)
