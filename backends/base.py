@@ -16,6 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qtc.core.ops import op_key
+from qtc.errors import QtcError
 from qtc.recipes import FLOAT_DTYPES, INHERIT, Recipe
 
 
@@ -88,6 +89,8 @@ class Backend:
         expansion = [f"{recipe.name} on {self.name}: weight-only int8 layers are stored int8 and expanded to float32 "
                      "once at session load (ORT's 8-bit MatMulNBits would dequantize them on every call); they compute "
                      "in float32 at float speed"] if self.expand_int8_weights and has_weight_only_int8(recipe) else []
+        if recipe.activation is not None and recipe.activation.dynamic:
+            return self._dynamic(recipe, expansion)
         if not self.dynamic_activations_for_int4:
             return recipe, expansion, {}
         if recipe.activation is None:
@@ -102,6 +105,20 @@ class Backend:
                 "(its selector takes one DQ input); activations are quantized to int8 per block at run time instead "
                 "(MatMulNBits accuracy_level 4)")
         return dataclasses.replace(recipe, activation=None), [note, *expansion], {ACCURACY_LEVEL: "4"}
+
+    def _dynamic(self, recipe: Recipe, expansion: list[str]) -> tuple[Recipe, list[str], dict[str, str]]:
+        """Run-time activation quantization: MatMulNBits accuracy_level 4 quantizes each activation row to int8
+        per block of K as it runs; the graph carries weight blocks only. Without that kernel, activations stay float."""
+        weight_only = dataclasses.replace(recipe, activation=None)
+        if recipe.weight.granularity != "block":
+            raise QtcError(f"recipe '{recipe.name}': dynamic activations run in MatMulNBits, which takes block weights "
+                           "(granularity: block)")
+        if not self.dynamic_activations_for_int4:
+            return weight_only, [f"{recipe.name} on {self.name}: no run-time int8 activation kernel; activations stay "
+                                 "float (the weights are the recipe's)", *expansion], {}
+        return weight_only, [f"{recipe.name} on {self.name}: activations quantized to int8 per block of "
+                             f"{recipe.weight.block_size} along K at run time (MatMulNBits accuracy_level 4)",
+                             *expansion], {ACCURACY_LEVEL: "4"}
 
     def runtime_ops(self, model: ir.Model) -> dict[str, int]:
         """The op histogram after ORT's own graph optimizations: which kernels (and numerics) really run.

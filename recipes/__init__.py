@@ -69,6 +69,7 @@ class QuantSpec:
     algorithm: str = "rtn"  # weights: round-to-nearest, GPTQ (error feedback), or AWQ (scale + clip search)
     damping: float = 0.01  # GPTQ: fraction of mean diag(H) added to the diagonal
     act_order: bool = False  # GPTQ: quantize input channels in order of decreasing activation energy
+    dynamic: bool = False  # activations: quantized at run time (per block of K, by the kernel), not calibrated
 
     def __post_init__(self) -> None:
         _check_choice("algorithm", self.algorithm, ALGORITHMS)
@@ -99,6 +100,8 @@ class QuantSpec:
         if self.algorithm != "gptq":
             data.pop("damping")
             data.pop("act_order")
+        if not self.dynamic:
+            data.pop("dynamic")
         return data
 
 
@@ -182,7 +185,7 @@ class Recipe:
         """Static activations, smoothing, and data-driven rounding all need real calibration data."""
         specs = [self.weight] + [r.weight for r in self.rules if r.weight is not INHERIT]
         return (
-            self.activation is not None
+            (self.activation is not None and not self.activation.dynamic)
             or self.smooth is not None
             or any(spec.algorithm != "rtn" for spec in specs)
             or any(r.activation not in (INHERIT, None) for r in self.rules)
@@ -253,6 +256,10 @@ def _check_choice(what: str, value: Any, choices: tuple) -> None:
 
 
 def _check_activation(recipe: str, spec: QuantSpec) -> None:
+    if spec.dynamic:
+        if spec.calibrator is not None or spec.dtype != "int8":
+            raise QtcError(f"recipe '{recipe}': dynamic activations are int8, quantized at run time (no calibrator)")
+        return
     if spec.calibrator is None:
         raise QtcError(f"recipe '{recipe}': activation needs a calibrator ({', '.join(CALIBRATORS)})")
     if spec.dtype not in ACTIVATION_DTYPES or spec.granularity != "tensor":
