@@ -74,8 +74,9 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("out/decoders"))
+    parser.add_argument("--no-float-row", action="store_true", help="skip float's own row (measured in another run)")
     args = parser.parse_args()
-    rows = [row("float", args.float_model, args.float_model, args)]
+    rows = [] if args.no_float_row else [row("float", args.float_model, args.float_model, args)]
     for recipe in [r for r in args.rows.split(",") if r]:
         out = args.work / args.name / recipe / "model.onnx"
         report = qtc("compile", str(args.float_model), "--recipe", recipe, "--calib", "zh-news", "--samples",
