@@ -199,9 +199,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         report["heldout_comparison"] = compare_models(measure, reference, graph_model, calib_set.feeds(inputs, heldout=True))
         report["heldout_comparison"]["provider"] = measure.provider
     if compare:
-        ops = measure.runtime_ops(graph_model)
-        report["runtime_ops"] = {"provider": measure.provider, "ops": ops, "numerics": runtime_numerics(ops, job.session_entries),
-                                 "session_config": job.session_entries}
+        report["runtime_ops"] = _runtime_ops(measure, graph_model, job.session_entries)
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
     # A model that came with external data leaves with it (and saving stays streaming, not one huge protobuf).
     return CompileResult(graph_model, report, source, external_data=source_external or None)
@@ -325,6 +323,17 @@ def compile_within(
                  for r in kept],
     }
     return result
+
+
+def _runtime_ops(measure, model: ir.Model, session_entries: dict[str, str]) -> dict:
+    """What ORT really runs after its own optimizations; a model ORT cannot optimize here (its source could not run
+    on a derived feed either: a string op without its locale, say) reports why instead of failing the compile."""
+    try:
+        ops = measure.runtime_ops(model)
+    except Exception as exc:  # noqa: BLE001 - ORT's load errors
+        return {"provider": measure.provider, "error": " ".join(str(exc).split())[:300]}
+    return {"provider": measure.provider, "ops": ops, "numerics": runtime_numerics(ops, session_entries),
+            "session_config": session_entries}
 
 
 def _calibration(calib, source, tokenizer, samples, seq_len, seed) -> CalibrationSet | None:

@@ -26,6 +26,10 @@ class OutputStats:
         self.rel = 0.0
 
     def update(self, ref: np.ndarray, out: np.ndarray, logits: bool) -> None:
+        if ref.dtype.kind in "OSU":  # strings (text models): equal or not
+            same = ref.shape == out.shape and bool(np.all(ref == out))
+            self.dot, self.ref_sq, self.out_sq = self.dot + same, self.ref_sq + 1, self.out_sq + 1
+            return
         ref64, out64 = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
         self.dot += float(ref64 @ out64)
         self.ref_sq += float(ref64 @ ref64)
@@ -78,7 +82,7 @@ def compare_models(
         stats = {name: OutputStats() for name in names}
         for path, feed in saved:
             outputs = dict(zip(names, session.run(names, feed)))
-            with np.load(path) as reference_outputs:
+            with np.load(path, allow_pickle=True) as reference_outputs:  # our own file; strings are objects
                 for name in names:
                     stats[name].update(reference_outputs[name], outputs[name], logits="logit" in name)
     return {"samples": len(saved), "outputs": {name: s.result() for name, s in stats.items()}}

@@ -57,6 +57,7 @@ def check_compiled(backend: Backend, source, compiled: ir.Model, feed: dict[str,
     try:
         backend.session(source).run(None, feed)
     except Exception as exc:  # noqa: BLE001 - ORT's errors: the source cannot run on a derived feed
+        _loads(backend, compiled)  # still: what is handed back must at least load
         return {"skipped": f"the source does not run on a derived feed ({' '.join(str(exc).split())[:200]})"}
     try:
         outputs = compare_models(backend, source, compiled, [feed])["outputs"]
@@ -71,3 +72,10 @@ def check_compiled(backend: Backend, source, compiled: ir.Model, feed: dict[str,
                            f"a derived input, below the {recipe_class} floor {floor}: a broken build")
     return {"feed": {k: list(v.shape) for k, v in feed.items()}, "floor": floor,
             "cosine": {name: round(stats["cosine"], 6) for name, stats in outputs.items()}}
+
+
+def _loads(backend: Backend, compiled: ir.Model) -> None:
+    try:
+        backend.session(compiled)
+    except Exception as exc:  # noqa: BLE001 - ORT's load errors
+        raise QtcError(f"the compiled model does not load in ONNX Runtime: {' '.join(str(exc).split())[:400]}") from None
