@@ -38,6 +38,9 @@ def check_structure(model: ir.Model, where: str) -> None:
         raise QtcError(f"{where} is not an ONNX model (no default-domain opset or no graph)")
     if not graph.outputs:
         raise QtcError(f"{where} has no graph outputs (truncated file?)")
+    for node in graph.all_nodes():  # a flipped byte can leave a name that is not text (protobuf keeps the bytes)
+        if not all(isinstance(text, str) for text in (node.op_type, node.domain, node.name or "")):
+            raise QtcError(f"{where} is damaged: a node's operator or name is not text")
     defined = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
     for node in graph:
         for value in node.inputs:
@@ -47,6 +50,12 @@ def check_structure(model: ir.Model, where: str) -> None:
     for value in graph.outputs:
         if id(value) not in defined:
             raise QtcError(f"{where}: graph output {value.name!r} is never computed (truncated file?)")
+    for value in all_initializers(model):  # inline data must fill its shape (external data is checked on its own)
+        if value.const_value is not None and not isinstance(value.const_value, ir.ExternalTensor):
+            try:
+                value.const_value.numpy()
+            except (ValueError, TypeError) as exc:
+                raise QtcError(f"{where}: initializer {value.name!r} is damaged ({exc})") from None
 
 
 def all_initializers(model: ir.Model) -> list[ir.Value]:
