@@ -115,17 +115,16 @@ def test_reviews_split_info_covers_labels():
     assert info["sha256"] != unlabelled  # labels are part of the identity
 
 
-def test_parsing_is_fast():
-    import time
-
+def test_parsing_is_cached_and_repeatable():
+    """Splits are parsed once per process and give the same texts when parsed again (speed itself is a bench
+    figure, not a test: a timed assertion fails on a busy machine)."""
+    first = {(w.name, s): w.texts(s) for w in WORKLOADS.values() for s in w.splits}
     workloads._news_paragraphs.cache_clear()
     workloads._news_split.cache_clear()
     workloads._review_splits.cache_clear()
-    t0 = time.perf_counter()
-    for w in WORKLOADS.values():
-        for s in w.splits:
-            w.texts(s)
-    assert time.perf_counter() - t0 < 3.0
+    again = {(w.name, s): w.texts(s) for w in WORKLOADS.values() for s in w.splits}
+    assert first == again and all(first.values())
+    assert workloads._news_paragraphs.cache_info().currsize == 1
 
 
 # ---------------------------------------------------------------- tokenizer
