@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,11 +110,8 @@ def test_minilm_second_call_reuses_cache(minilm):
 
     folder = minilm.model.parent
     before = {n: ((folder / n).stat().st_mtime_ns, sha256_file(folder / n)) for n in ("model.onnx", "model.onnx.data")}
-    t0 = time.perf_counter()
     again = export_reference("minilm-l6")
-    elapsed = time.perf_counter() - t0
-    assert again == minilm.model
-    assert elapsed < 15, f"cached export took {elapsed:.1f} s"
+    assert again == minilm.model  # reused: the files below are untouched (a timing bound would fail on a busy box)
     after = {n: ((folder / n).stat().st_mtime_ns, sha256_file(folder / n)) for n in ("model.onnx", "model.onnx.data")}
     assert after == before
 

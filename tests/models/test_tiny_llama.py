@@ -140,10 +140,8 @@ def test_ort_matches_torch(built, tokenizer_path):
 def test_cached_build_is_reused(built, tokenizer_path, capsys):
     path, _ = built
     stamp = path.stat().st_mtime_ns
-    t0 = time.perf_counter()
     assert build_tiny_llama(path.parent, tokenizer_path=tokenizer_path, **SMALL) == path
-    assert time.perf_counter() - t0 < 2.0
-    assert path.stat().st_mtime_ns == stamp
+    assert path.stat().st_mtime_ns == stamp  # reused, not rebuilt
     # the CLI entry point prints the path (reuses the same build)
     args = ["--out", str(path.parent), "--tokenizer", str(tokenizer_path), "--layers", "2", "--hidden", "64",
             "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--seed", "3"]
