@@ -55,7 +55,7 @@ def _dequantize_node(dq: ir.Value) -> ir.Node:
     return dq.producer()
 
 
-def _carry_annotation(old: ir.Node, new: ir.Value) -> ir.Value:
+def carry_annotation(old: ir.Node, new: ir.Value) -> ir.Value:
     """The fused node stands for the annotated one in the report (what was quantized, which role)."""
     for key in (ANNOTATION, ROLE):
         if key in old.meta:
@@ -63,25 +63,34 @@ def _carry_annotation(old: ir.Node, new: ir.Value) -> ir.Value:
     return new
 
 
-def check_table(dq: ir.Value, table: ir.Value, scale: ir.Value) -> MatchResult:
-    """A symmetric block-quantized 2-D table: integers and scales constant, blocks along axis 1, no zero point."""
+def check_blocks(dq: ir.Value, tensor_value: ir.Value, scale: ir.Value, axis: int, what: str) -> MatchResult:
+    """A symmetric block-quantized 2-D int4/int8 tensor as the block kernels read it: integers and scales constant,
+    blocks of a power-of-two size >= 16 along `axis` (a last partial block allowed), no zero point."""
     result = MatchResult()
     node = _dequantize_node(dq)
-    tensor, scales = table.const_value, scale.const_value
+    tensor, scales = tensor_value.const_value, scale.const_value
     if tensor is None or scales is None:
-        return result.fail("table or scale is not a constant")
+        return result.fail(f"{what} or scale is not a constant")
     if tensor.dtype not in BITS or tensor.shape.rank() != 2:
-        return result.fail(f"table is {tensor.dtype} of rank {tensor.shape.rank()}, not a 2-D int4/int8 table")
-    if len(node.inputs) > 2:
-        return result.fail("table has a zero point (asymmetric); the kernels' default zero point would differ")
+        return result.fail(f"{what} is {tensor.dtype} of rank {tensor.shape.rank()}, not 2-D int4 / int8")
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        return result.fail(f"{what} has a zero point (asymmetric); the kernels' default zero point would differ")
     block = node.attributes.get_int("block_size", 0)
-    if node.attributes.get_int("axis", 1) != 1 or block < 16 or block & (block - 1):
-        return result.fail(f"blocks must run along axis 1 with a power-of-two size >= 16 (block_size {block})")
-    n, k = tensor.shape.numpy()
-    if k % block:
-        return result.fail(f"hidden size {k} is not a whole number of blocks of {block}")
-    if scales.dtype != ir.DataType.FLOAT or tuple(scales.shape.numpy()) != (n, k // block):
-        return result.fail("scales are not float32 [N, K / block]")
+    if node.attributes.get_int("axis", 1) != axis or block < 16 or block & (block - 1):
+        return result.fail(f"blocks must run along axis {axis} with a power-of-two size >= 16 (block_size {block})")
+    shape = list(tensor.shape.numpy())
+    shape[axis] = -(-shape[axis] // block)
+    if scales.dtype != ir.DataType.FLOAT or list(scales.shape.numpy()) != shape:
+        return result.fail(f"scales are not float32 {shape} (one per block)")
+    return result
+
+
+def check_table(dq: ir.Value, table: ir.Value, scale: ir.Value) -> MatchResult:
+    """A table [vocab, hidden] blocked along hidden: also a whole number of blocks (GatherBlockQuantized)."""
+    result = check_blocks(dq, table, scale, 1, "table")
+    block = _dequantize_node(dq).attributes.get_int("block_size", 0)
+    if result and table.const_value.shape[1] % block:
+        return result.fail(f"hidden size {table.const_value.shape[1]} is not a whole number of blocks of {block}")
     return result
 
 
@@ -109,7 +118,7 @@ class GatherBlockQuantizedRule(pattern.RewriteRuleClassBase):
         block = _dequantize_node(dq).attributes.get_int("block_size")
         n, k = table.const_value.shape.numpy()
         scale_3d = op.Reshape(scale, op.Constant(value_ints=[n, k // block, 1]))
-        blocks = _carry_annotation(rows.producer(), op.GatherBlockQuantized(self.tables.get(op, table, block), ids, scale_3d, _domain=MS_DOMAIN,
+        blocks = carry_annotation(rows.producer(), op.GatherBlockQuantized(self.tables.get(op, table, block), ids, scale_3d, _domain=MS_DOMAIN,
                                          gather_axis=0, quantize_axis=2, block_size=block,
                                          bits=BITS[table.const_value.dtype]))
         # [..., K / block, block] -> [..., K]; 0 keeps each index dimension as it is
@@ -141,7 +150,7 @@ class TiedHeadMatMulNBitsRule(pattern.RewriteRuleClassBase):
         block = _dequantize_node(dq).attributes.get_int("block_size")
         n, k = table.const_value.shape.numpy()
         # accuracy_level 1: float activations and accumulation, as a weight-only head means
-        return _carry_annotation(product.producer(), op.MatMulNBits(
+        return carry_annotation(product.producer(), op.MatMulNBits(
             x, self.tables.get(op, table, block), scale, _domain=MS_DOMAIN, K=int(k), N=int(n),
             bits=BITS[table.const_value.dtype], block_size=block, accuracy_level=1))
 

@@ -21,27 +21,8 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, pattern
 
 from qtc.core.ops import MS_DOMAIN
-from qtc.passes.embedding_tables import BITS, pack_blocks
-from qtc.passes.meta import ANNOTATION, ROLE, WRITTEN_MATMULNBITS
-
-
-def _check_weight(dq: ir.Value, weight: ir.Value, scale: ir.Value) -> MatchResult:
-    result = MatchResult()
-    node = dq.producer()
-    tensor, scales = weight.const_value, scale.const_value
-    if tensor is None or scales is None:
-        return result.fail("weight or scale is not a constant")
-    if tensor.dtype not in BITS or tensor.shape.rank() != 2:
-        return result.fail(f"weight is {tensor.dtype} of rank {tensor.shape.rank()}, not 2-D int4 / int8")
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        return result.fail("weight has a zero point (asymmetric); MatMulNBits' default zero point would differ")
-    block = node.attributes.get_int("block_size", 0)
-    if node.attributes.get_int("axis", 1) != 0 or block < 16 or block & (block - 1):
-        return result.fail(f"blocks must run along axis 0 (K) with a power-of-two size >= 16 (block_size {block})")
-    k, n = tensor.shape.numpy()
-    if scales.dtype != ir.DataType.FLOAT or tuple(scales.shape.numpy()) != (-(-k // block), n):
-        return result.fail("scales are not float32 [ceil(K / block), N]")
-    return result
+from qtc.passes.embedding_tables import BITS, carry_annotation, check_blocks, pack_blocks
+from qtc.passes.meta import WRITTEN_MATMULNBITS
 
 
 class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
@@ -55,7 +36,7 @@ class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
         return op.MatMul(x, op.DequantizeLinear(weight, scale, _outputs=["dq"]), _outputs=["product"])
 
     def check(self, context, x, weight, scale, dq, **_) -> MatchResult:
-        result = _check_weight(dq, weight, scale)
+        result = check_blocks(dq, weight, scale, 0, "weight")
         if result and x.dtype != ir.DataType.FLOAT:
             return result.fail(f"activation is {x.dtype}; MatMulNBits here takes float32 (as its scales)")
         return result
@@ -73,10 +54,7 @@ class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
         scales = op.initializer(ir.tensor(scales_t, name=f"{name}_nbits_scale"), name=f"{name}_nbits_scale")
         fused = op.MatMulNBits(x, packed, scales, _domain=MS_DOMAIN, K=int(k), N=int(n), bits=bits, block_size=block,
                                accuracy_level=self.accuracy_level)
-        for key in (ANNOTATION, ROLE):  # the fused node stands for the annotated MatMul in the report
-            if key in product.producer().meta:
-                fused.producer().meta[key] = product.producer().meta[key]
-        return fused
+        return carry_annotation(product.producer(), fused)
 
 
 class WriteMatMulNBitsPass(ir.passes.InPlacePass):

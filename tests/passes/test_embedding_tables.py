@@ -196,8 +196,8 @@ def _dequantize(table: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | N
     ({"axis": 0}, "along axis 1"),
     ({"table": np.zeros((8, 48), np.int8), "scale": np.ones((8, 2), np.float32)}, "not a whole number of blocks"),
     ({"scale": np.ones((8, 1), np.float32)}, "scales are not float32"),
-    ({"table": np.zeros((2, 8, 64), np.int8)}, "not a 2-D int4/int8 table"),
-    ({"table": np.zeros((8, 64), np.uint8)}, "not a 2-D int4/int8 table"),
+    ({"table": np.zeros((2, 8, 64), np.int8)}, "not 2-D int4 / int8"),
+    ({"table": np.zeros((8, 64), np.uint8)}, "not 2-D int4 / int8"),
 ])
 def test_check_table_accepts_only_symmetric_power_of_two_blocks_along_hidden(change, reason):
     table = change.get("table", np.zeros((8, 64), np.int8))
