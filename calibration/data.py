@@ -17,7 +17,7 @@ import onnx_ir as ir
 from tokenizers import Tokenizer
 
 from qtc.calibration import workloads
-from qtc.core.decoder import cache_pairs
+from qtc.core.decoder import cache_dims, cache_pairs
 from qtc.errors import QtcError
 from qtc.util.cache import sha256_file
 
@@ -57,6 +57,8 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         rank = value.shape.rank() if value.shape is not None else None
         shape = tuple(d if isinstance(d, int) else None for d in value.shape) if value.shape is not None else ()
+        if value.name in cache and len(shape) == 4:
+            shape = (shape[0], *cache_dims(model.graph, value.name)[:1], shape[2], cache_dims(model.graph, value.name)[1])
         specs.append(InputSpec(value.name, np.dtype(dtype), rank, shape, cache.get(value.name)))
     return specs
 

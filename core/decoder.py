@@ -66,3 +66,22 @@ def cache_pairs(graph: ir.Graph) -> dict[str, str]:
 
 def is_kv_decoder(graph: ir.Graph) -> bool:
     return bool(cache_pairs(graph))
+
+
+def cache_dims(graph: ir.Graph, past: str) -> tuple[int | None, int | None]:
+    """(kv_heads, head_size) of a past input: its static dims, else what its GroupQueryAttention says (the GenAI
+    builder declares head_size as a symbolic `kv_cache_dim`): kv_num_heads, and the query width over the heads
+    (packed QKV: num_heads + 2 kv_num_heads of them)."""
+    value = next(v for v in graph.inputs if v.name == past)
+    dims = [d if isinstance(d, int) else None for d in value.shape]
+    if dims[1] is not None and dims[3] is not None:
+        return dims[1], dims[3]
+    for node, index in value.uses():
+        if node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN:
+            heads, kv_heads = node.attributes.get_int("num_heads", 0), node.attributes.get_int("kv_num_heads", 0)
+            query = node.inputs[0]
+            width = query.shape[-1] if query is not None and query.shape is not None else None
+            if heads and kv_heads and isinstance(width, int):
+                packed = len(node.inputs) < 2 or node.inputs[1] is None
+                return dims[1] or kv_heads, dims[3] or width // (heads + 2 * kv_heads if packed else heads)
+    return dims[1], dims[3]

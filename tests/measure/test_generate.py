@@ -132,3 +132,37 @@ def test_layer_skip_on_a_decoder(kv_decoder, chinese_corpus, tmp_path):
     run = skipping.generate(PROMPT, 16)
     assert len(run.tokens) == 16 and run.decode_tokens_per_s > 0
     assert gated.report["layer_skip"]["realized"][-1]["skipped_branches"] >= 1
+
+
+@pytest.fixture(scope="module")
+def builder_fp32(tmp_path_factory):
+    """zh-tiny-lm exported by the ORT GenAI model builder (fp32, cpu): GroupQueryAttention with packed QKV, a
+    symbolic head_size in the cache inputs, no position_ids."""
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("onnxruntime_genai")
+    from qtc.models.decoders import tokenizer_config
+    from qtc.models.reference import TOKENIZER_FILE, get_reference, lm_config, load_info, load_weights, make_lm
+
+    hf = tmp_path_factory.mktemp("zh-hf")
+    model = make_lm(lm_config(load_info("zh-tiny-lm")))
+    load_weights(model, get_reference("zh-tiny-lm").weights)
+    model.save_pretrained(hf)
+    shutil.copyfile(TOKENIZER_FILE, hf / "tokenizer.json")
+    (hf / "tokenizer_config.json").write_text(json.dumps(tokenizer_config()))
+    out = tmp_path_factory.mktemp("zh-builder")
+    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out),
+                            "-p", "fp32", "-e", "cpu"], capture_output=True, text=True, cwd=out)
+    assert built.returncode == 0, built.stderr[-2000:]
+    return out / "model.onnx"
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16-mlp8-awq"])
+def test_a_genai_builder_export_compiles_and_still_serves(builder_fp32, chinese_corpus, recipe, tmp_path):
+    result = qtc.compile(builder_fp32, recipe=recipe, calib=chinese_corpus, samples=8, seq_len=64, quiet=True)
+    out = result.save(tmp_path / recipe / "model.onnx")
+    assert result.report["heldout_comparison"]["outputs"]["logits"]["cosine"] > 0.999
+    ours = Decoder(out).generate(PROMPT, 12).tokens
+    assert _genai_tokens(out.parent, PROMPT, len(PROMPT) + 12) == ours
