@@ -19,7 +19,7 @@ from onnxscript.rewriter import pattern
 from qtc.backends.cann import QDQ_OPS, offending_nodes
 from qtc.core.ops import MS_DOMAIN, op_key
 from qtc.errors import QtcError
-from qtc.passes.meta import LEGALIZATION
+from qtc.passes.meta import LEGALIZATION, warn
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE)
 
@@ -121,9 +121,9 @@ class _DecomposeSkipNorm(pattern.RewriteRuleClassBase):
         return getattr(op, self.op_type)(x, skip, _domain=MS_DOMAIN, _allow_other_inputs=True,
                                          _outputs=["y", "mean", "inv_std", "sum"])
 
-    def check(self, context, x, y, mean, inv_std, **_):
-        result = _float_input(x)
-        if result and any(v.uses() or v.is_graph_output() for v in (mean, inv_std)):
+    def check(self, context, x, y, mean=None, inv_std=None, **_):
+        result = _float_input(x)  # exporters leave unused outputs out (GenAI builder): then they are None here
+        if result and any(v is not None and (v.uses() or v.is_graph_output()) for v in (mean, inv_std)):
             return result.fail("its mean / inverse-std outputs are used", y.producer())
         return result
 
@@ -425,7 +425,14 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _op_counts(model)
-        count = DECOMPOSITIONS.apply_to_model(model)
+        _name_unused_outputs(model.graph)
+        count = 0
+        for rule in DECOMPOSITIONS.rules:  # one rule at a time: a rule the rewriter cannot apply leaves its nodes
+            try:                         # in place, and CheckCannGraphPass then lists them (a refusal, not a crash)
+                count += pattern.RewriteRuleSet([rule]).apply_to_model(model)
+            except ValueError as exc:
+                warn(model, f"cann legalization: {type(rule).__name__ if not hasattr(rule, 'name') else rule.name} "
+                            f"left its nodes ({exc})")
         after = _op_counts(model)
         model.meta[LEGALIZATION] = {
             "decomposed": {op: n - after.get(op, 0) for op, n in sorted(before.items())
@@ -433,6 +440,15 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
             "rewrites": count,
         }
         return ir.passes.PassResult(model, modified=count > 0)
+
+
+def _name_unused_outputs(graph: ir.Graph) -> None:
+    """Exporters leave optional outputs unnamed (the GenAI builder's Skip norms: output, '', '', sum); the rewriter
+    pairs outputs by position, so unnamed ones get a name (they stay unused)."""
+    for node in graph:
+        for i, value in enumerate(node.outputs):
+            if not value.name:
+                value.name = f"{node.name or node.op_type}_unused_output_{i}"
 
 
 def _is_decomposable(op: str) -> bool:
