@@ -42,6 +42,16 @@ def _cache_path(session, cfg, ids: np.ndarray, prefill: int) -> np.ndarray:
     return np.stack(last, axis=1)
 
 
+def _assert_matches_transformers(model, cfg: DecoderConfig, session, ids: np.ndarray, prefill: int, tol: float) -> None:
+    """Full-prefill logits equal transformers' (no cache), and the cache path (prefill, then one token a step)
+    equals the full prefill."""
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor(ids), use_cache=False).logits.numpy()
+    full = _run(session, _feed(cfg, ids, None, 0))
+    assert np.abs(full["logits"] - expected).max() < tol
+    assert np.abs(_cache_path(session, cfg, ids, prefill=prefill) - full["logits"][:, prefill - 1:]).max() < tol
+
+
 def test_zh_tiny_lm_decoder_matches_transformers_and_its_own_cache():
     weights = {k: v.astype(np.float32) for k, v in load_file(str(get_reference("zh-tiny-lm").weights)).items()}
     session = _session(build_decoder(ZH_TINY, weights))
@@ -73,13 +83,8 @@ def test_qwen2_layout_biases_and_tied_head_match_transformers():
     weights = {k: v.numpy() for k, v in model.state_dict().items()}
     proto = build_decoder(cfg, weights)
     assert "lm_head.weight" not in {t.name for t in proto.graph.initializer}  # one table, read twice
-    session = _session(proto)
     ids = np.random.default_rng(1).integers(0, 300, (1, 12)).astype(np.int64)
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor(ids), use_cache=False).logits.numpy()
-    full = _run(session, _feed(cfg, ids, None, 0))
-    assert np.abs(full["logits"] - expected).max() < 1e-4
-    assert np.abs(_cache_path(session, cfg, ids, prefill=5) - full["logits"][:, 4:]).max() < 1e-4
+    _assert_matches_transformers(model, cfg, _session(proto), ids, prefill=5, tol=1e-4)
 
 
 def test_padding_on_the_left_is_masked():
@@ -127,8 +132,4 @@ def test_gemma3_layout_matches_transformers_with_a_sliding_window():
     assert cfg.sliding_layers == (0, 1) and cfg.sliding_window == 4 and cfg.rope_local_theta == 1e4
     session = _session(build_decoder(cfg, {k: v.numpy() for k, v in model.state_dict().items()}))
     ids = np.random.default_rng(3).integers(0, 260, (1, 11)).astype(np.int64)
-    with torch.no_grad():
-        expected = model(input_ids=torch.tensor(ids), use_cache=False).logits.numpy()
-    full = _run(session, _feed(cfg, ids, None, 0))
-    assert np.abs(full["logits"] - expected).max() < 2e-4
-    assert np.abs(_cache_path(session, cfg, ids, prefill=6) - full["logits"][:, 5:]).max() < 2e-4
+    _assert_matches_transformers(model, cfg, session, ids, prefill=6, tol=2e-4)
