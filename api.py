@@ -27,6 +27,7 @@ from qtc.frontends.decoder import servable_folder_files
 from qtc.frontends.onnx_file import (
     data_file_name,
     external_tensors,
+    file_bytes,
     load_model,
     save_model,
     tensor_bytes,
@@ -112,10 +113,7 @@ def _refuse_overwriting_source(out: Path, source: Path | None, model: ir.Model) 
 
 
 def _source_file_bytes(path: Path | None, model: ir.Model) -> int:
-    if path is None:
-        return 0
-    files = {path.resolve()} | {(path.parent / t.location).resolve() for t in external_tensors(model)}
-    return sum(f.stat().st_size for f in files)
+    return file_bytes(path, model) if path is not None else 0
 
 
 def _provenance(job: "_Job") -> dict[str, str]:
@@ -264,7 +262,6 @@ def analyze(
     quiet: bool = False,
 ) -> dict:
     """Per-layer sensitivity of MODEL under RECIPE (lowest SQNR first), from one streamed calibration run."""
-
     job = _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed)
     if job.calib is None:
         raise QtcError("analysis measures layers on real data: pass --calib")
@@ -289,7 +286,6 @@ def compile_within(
 ) -> CompileResult:
     """Compile, falling back the most sensitive layers to higher precision until the held-out metric drop is
     within `budget` (see qtc.measure.mixed_precision). The report's `fallback` section lists each attempt and the layers kept."""
-
     metric, limit = budget
     base = load_recipe(recipe).with_calibrator(options.get("calibrator"))
     analysis_options = {k: options[k] for k in ("tokenizer", "samples", "seq_len", "seed") if k in options}

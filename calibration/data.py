@@ -58,7 +58,8 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
         rank = value.shape.rank() if value.shape is not None else None
         shape = tuple(d if isinstance(d, int) else None for d in value.shape) if value.shape is not None else ()
         if value.name in cache and len(shape) == 4:
-            shape = (shape[0], *cache_dims(model.graph, value.name)[:1], shape[2], cache_dims(model.graph, value.name)[1])
+            kv_heads, head_size = cache_dims(model.graph, value.name)
+            shape = (shape[0], kv_heads, shape[2], head_size)
         specs.append(InputSpec(value.name, np.dtype(dtype), rank, shape, cache.get(value.name)))
     return specs
 
@@ -270,11 +271,12 @@ def decode_steps(window: dict[str, np.ndarray], inputs: list[InputSpec], run, st
 
 
 def next_step_feed(feed: dict, outputs: dict, token: np.ndarray, position: int, inputs: list[InputSpec]) -> dict:
-    step = {}
+    """The feed of one decode step: the new token at `position`, the caches the last run returned."""
+    step, token_name = {}, token_input(inputs).name
     for spec in inputs:
         if spec.present is not None:
             step[spec.name] = outputs[spec.present]
-        elif spec.name == token_input(inputs).name:
+        elif spec.name == token_name:
             step[spec.name] = token.astype(spec.dtype)
         elif "mask" in spec.name:  # attention masks cover past + new tokens
             step[spec.name] = np.ones((1, position + 1), dtype=spec.dtype)
@@ -337,7 +339,6 @@ def npz_calibration(source: Path, n_samples: int | None, seed: int) -> Calibrati
 
 
 def _hash_files(files: list[Path]) -> str:
-
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + b"\0" + sha256_file(path).encode())

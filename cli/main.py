@@ -169,7 +169,6 @@ def eval_command(model, task, baseline, target, limit, tokenizer, max_len, seed,
 def sweep_command(models, budgets, task, baseline, limit, runs, seq_len, output, as_json):
     """Measure layer-skip MODELS at each budget (metric with interval, CPU latency, sparsity) beside the static
     ShortGPT baseline; write a table, JSON and a PNG of the Pareto front."""
-
     if runs < 1 or seq_len < 2:
         raise QtcError("--runs must be >= 1 and --seq-len >= 2")
     result = sweep(list(models), list(parse_budgets(budgets)), task, baseline=baseline, limit=limit, runs=runs,
@@ -216,7 +215,6 @@ def parity_command(model, targets, reference, against, inputs, tokenizer, sample
 
     Exit 3 when out of tolerance; exit 4 when a requested backend is unavailable (a CI gate must not pass on a
     machine where the accelerator silently never ran), unless --allow-unavailable."""
-
     bound = parse_tolerance(tolerance) if tolerance else None
     result = parity(model, parse_list(targets), reference=reference,
                     against=against, inputs=inputs, tokenizer=tokenizer, samples=samples, seq_len=seq_len, tolerance=bound,

@@ -102,10 +102,12 @@ class _Graph:
             self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
         return name
 
-    def weight(self, name: str, transpose: bool = False) -> str:
+    def weight(self, name: str, transpose: bool = False, offset: float = 0.0) -> str:
+        """A weight as an initializer of its own name; Gemma's RMSNorm (1 + w) comes in as `offset` 1."""
         if name not in self.weights:
             raise QtcError(f"decoder weights: missing {name}")
         array = np.asarray(self.weights[name], dtype=np.float32)
+        array = array + np.float32(offset) if offset else array  # (+ 0.0 would turn -0.0 into +0.0)
         return self.const(name, array.T if transpose else array)
 
     def linear(self, x: str, name: str, bias: bool = False) -> str:
@@ -113,20 +115,12 @@ class _Graph:
         y = self.op("MatMul", [x, self.weight(f"{name}.weight", transpose=True)], name)
         return self.op("Add", [y, self.weight(f"{name}.bias")], name) if bias else y
 
-    def norm_weight(self, name: str, offset: float) -> str:
-        """An RMSNorm scale; Gemma's (1 + w) is folded into the stored constant (the graph multiplies by it)."""
-        if not offset:
-            return self.weight(name)
-        return self.const(name, np.asarray(self.weights[name], dtype=np.float32) + np.float32(offset))
-
     def rms_norm(self, x: str, weight: str, eps: float, scope: str, offset: float = 0.0) -> str:
         square = self.op("Pow", [x, self.const("qtc.two", np.array(2.0, np.float32))], scope)
         mean = self.op("ReduceMean", [square, self.const("qtc.last_axis", np.array([-1], np.int64))], scope, keepdims=1)
         rms = self.op("Sqrt", [self.op("Add", [mean, self.const("qtc.eps", np.array(eps, np.float32))], scope)], scope)
         normed = self.op("Mul", [x, self.op("Reciprocal", [rms], scope)], scope)
-        if weight not in self.weights:
-            raise QtcError(f"decoder weights: missing {weight}")
-        return self.op("Mul", [self.norm_weight(weight, offset), normed], scope)
+        return self.op("Mul", [self.weight(weight, offset=offset), normed], scope)
 
 
 def _ints(graph: _Graph, name: str, values) -> str:

@@ -419,7 +419,6 @@ def graph_facts(model) -> dict:
 
 def _verify_inputs(task: str, tokenizer_path: Path, bos_id: int | None):
     """Token ids of VERIFY_TEXTS (right-padded batch) from the exported tokenizer.json."""
-
     tok = Tokenizer.from_file(str(tokenizer_path))
     tok.no_padding()  # some tokenizer.json files pad to a fixed length (MiniLM: 128); pad here, to the longest
     encodings = [tok.encode(text) for text in VERIFY_TEXTS]
@@ -568,7 +567,6 @@ def export_hf(model_dir_or_gguf: Path, out: Path, *, task: Task | None = None,
 
 
 def _ort_version() -> str:
-
     return onnxruntime.__version__
 
 

@@ -92,6 +92,12 @@ def check_external_data(model: ir.Model, path: Path) -> None:
             raise QtcError(f"external data file {tensor.location} is shorter than initializer {tensor.name!r} needs")
 
 
+def file_bytes(path: Path, model: ir.Model) -> int:
+    """Bytes on disk of a model file and the external data files it names."""
+    files = {path.resolve()} | {(path.parent / t.location).resolve() for t in external_tensors(model)}
+    return sum(f.stat().st_size for f in files)
+
+
 def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in all_initializers(model) if v.const_value is not None)
 

@@ -58,7 +58,6 @@ def quiet():
 
 def fold_weight_transposes(model, param_names: set[str]) -> int:
     """Replace `Transpose(perm=[1,0])` of a parameter initializer with the transposed initializer, same name."""
-
     graph = model.graph
     folded = 0
     for node in list(graph):
@@ -92,7 +91,6 @@ def fold_weight_transposes(model, param_names: set[str]) -> int:
 
 def optimize_exported(model) -> None:
     """onnxscript's `optimize_ir` pipeline without `DeduplicateInitializersPass` (keeps one tensor per norm)."""
-
     common.InlinePass()(model)
     for _ in range(2):
         onnxscript.optimizer.fold_constants_ir(model, onnx_shape_inference=True)

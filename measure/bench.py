@@ -25,7 +25,7 @@ import numpy as np
 from qtc.calibration.data import bos_id, load_tokenizer, tokenizer_beside
 from qtc.calibration.workloads import get_workload
 from qtc.errors import QtcError
-from qtc.frontends.onnx_file import external_tensors, load_model
+from qtc.frontends.onnx_file import file_bytes, load_model
 from qtc.measure.generate import Decoder
 from qtc.measure.stats import estimate
 from qtc.util.progress import progress_bar
@@ -47,9 +47,7 @@ def prompts(tokenizer, n: int, length: int, split: str = "eval") -> list[list[in
 
 
 def model_bytes(path: Path) -> int:
-    model = load_model(path)
-    files = {path.resolve()} | {(path.parent / t.location).resolve() for t in external_tensors(model)}
-    return sum(f.stat().st_size for f in files)
+    return file_bytes(path, load_model(path))
 
 
 def agreement(model: list[list[int]], baseline: list[list[int]], seed: int = 0) -> dict:
@@ -91,17 +89,17 @@ def bench(model: str | Path, baseline: str | Path | None = None, *, prompt_len: 
                 runs[i].append(decoder.generate(timed, new_tokens))
                 advance()
     rows = []
-    agree_prompts = prompts(words, n_prompts, min(prompt_len, 64))
+    agree_prompts = prompts(words, n_prompts, min(prompt_len, 64)) if baseline else []
     continuations = {}
-    with progress_bar("greedy agreement", total=n_prompts * len(models), quiet=quiet) as advance:
-        for i, decoder in enumerate(decoders):
+    with progress_bar("greedy agreement", total=len(agree_prompts) * len(models), quiet=quiet) as advance:
+        for i, decoder in enumerate(decoders):  # nothing to agree with without a baseline
             continuations[i] = []
             for prompt in agree_prompts:
                 continuations[i].append(decoder.generate(prompt, agree_tokens).tokens)
                 advance()
     for i, path in enumerate(models):
         timing = runs[i]
-        row = {"model": f"{path.parent.name}/{path.name}", "path": str(path), "bytes": model_bytes(path), "kv_cache": decoders[i].presents != {},
+        row = {"model": f"{path.parent.name}/{path.name}", "path": str(path), "bytes": model_bytes(path), "kv_cache": bool(decoders[i].presents),
                "ttft_ms": statistics.median(g.ttft_s for g in timing) * 1e3,
                "decode_tokens_per_s": statistics.median(g.decode_tokens_per_s for g in timing),
                "peak_rss_bytes": peak_rss(path, prompt_len, new_tokens)}

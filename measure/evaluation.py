@@ -39,13 +39,11 @@ def _runner(backend, path: Path, output: str, tokenizer, extra: dict | None = No
 
 
 def _task_error(path: Path, output: str, names: list[str]):
-
     return QtcError(f"{path.name} has no output {output!r} for this task (outputs: {', '.join(names)})")
 
 
 def _tokenizer_for(path: Path, tokenizer: str | os.PathLike | None, baseline: Path | None):
     """--tokenizer, else the tokenizer.json beside the model, else the one beside the baseline."""
-
     if tokenizer:
         return load_tokenizer(Path(tokenizer))
     own = tokenizer_beside(path) or tokenizer_beside(baseline)

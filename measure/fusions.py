@@ -13,7 +13,6 @@ def measure_fusions(model: ir.Model, target: str, feeds: list[dict]) -> dict:
     """Per fusion legal on `target`: applications, fused ops left, and the max |output difference| of the model
     with only that fusion (and the steps it consumes) against the unfused model, on ORT CPU over `feeds`.
     `model` is the canonicalized float model; its graph is not changed (its weights are loaded into memory)."""
-
     ir.external_data.load_to_model(model)  # in memory, so that copies need no base folder
     results = {}
     for fusion in FUSIONS:

@@ -67,7 +67,7 @@ class Decoder:
         self.extra = dict(extra or {})  # fixed inputs of every run, e.g. a layer-skip `budget` for the request
         graph = load_model(path)  # external data stays memory-mapped
         self.inputs: list[InputSpec] = model_inputs(graph)
-        self.token = token_input(self.inputs).name
+        token_input(self.inputs)  # a decoder reads token ids: refuse others here, not at the first run
         self.presents = {s.name: s.present for s in self.inputs if s.present is not None}
         self.session = get_backend(target).session(path)
         self.outputs = [o.name for o in self.session.get_outputs()]
@@ -83,10 +83,10 @@ class Decoder:
         rng = np.random.default_rng(sampling.seed)
         ids = np.array(prompt, dtype=np.int64)
         started = time.perf_counter()
-        outputs = self._run(text_feed(ids, self.inputs))
+        feed = text_feed(ids, self.inputs)
+        outputs = self._run(feed)
         new = [_choose(outputs[self.logits][0, -1], sampling, rng)]
         result = Generation(new, time.perf_counter() - started, kv_cache=bool(self.presents))
-        feed = text_feed(ids, self.inputs)
         while len(new) < max_new_tokens and new[-1] != stop:
             position = len(prompt) + len(new) - 1
             started = time.perf_counter()
@@ -104,7 +104,7 @@ def _choose(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) ->
     if not sampling.sample:
         return int(np.argmax(logits))
     scaled = logits.astype(np.float64) / sampling.temperature
-    if sampling.top_k:
+    if 0 < sampling.top_k < len(scaled):
         cut = np.partition(scaled, -sampling.top_k)[-sampling.top_k]
         scaled = np.where(scaled >= cut, scaled, -np.inf)
     probs = np.exp(scaled - scaled.max())

@@ -63,7 +63,6 @@ def repeated_blocks(model: ir.Model) -> list[dict]:
 
 def residual_branches(model: ir.Model) -> dict:
     """Blocks and their attention / MLP residual branches (found by structure), and any budget gates."""
-
     found = summary(find_branches(model.graph))
     found["gates"] = sum(1 for node in model.graph if node.op_type == "If" and (node.name or "").startswith("qtc_gate_"))
     return found

@@ -113,7 +113,6 @@ def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path
 
 
 def _vocabulary(path: Path) -> int:
-
     return embedding_rows(load_model(path)) or 2
 
 

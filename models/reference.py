@@ -138,7 +138,6 @@ def lm_config(info: dict) -> dict:
 
 def make_lm(config: dict, *, seed: int = 0):
     """The zh-tiny-lm torch module (LlamaForCausalLM, eager attention, eval mode), randomly initialised."""
-
     config = dict(config)
     vocab_size = config.pop("vocab_size")
     return make_tiny_llama(vocab_size, seed=seed, **config)
@@ -287,7 +286,6 @@ def lm_windows(tokenizer, texts: Iterable[str], max_len: int = 256) -> tuple[lis
     """`<bos>` + each paragraph's tokens, cut into windows of at most `max_len` tokens that overlap by one token,
     so that every paragraph token is predicted exactly once (as `qtc eval --task zh-news-ppl` does); and the number
     of characters the predicted tokens cover (all of each paragraph's characters)."""
-
     windows, chars = [], 0
     for text in texts:
         ids = [BOS_ID, *tokenizer.encode(text, add_special_tokens=False).ids]
@@ -341,7 +339,6 @@ def lm_bits_per_char(logits_fn: LogitsFn, tokenizer, texts: Sequence[str], max_l
 
 def review_rows(tokenizer, texts: Iterable[str], max_len: int = 512) -> list[np.ndarray]:
     """Each review's tokens (no special tokens), truncated to `max_len`; an empty review becomes one <unk>."""
-
     rows = []
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False).ids[:max_len] or [UNK_ID]
@@ -370,7 +367,6 @@ def torch_logits_fn(model) -> LogitsFn:
 
 
 def ort_logits_fn(onnx_path: Path, threads: int | None = None) -> LogitsFn:
-
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads:

@@ -157,7 +157,6 @@ def build_tiny_llama(
     tokenizer is copied to `<model dir>/tokenizer.json`. A folder holding a complete build with the same key
     (see `qtc_build.json`) is reused without exporting.
     """
-
     if tokenizer_path is None:
 
         tokenizer_path = zh_news_tokenizer()

@@ -104,7 +104,6 @@ def tokenizer_key(split_sha256: str, vocab_size: int) -> str:
 
 def zh_news_tokenizer(vocab_size: int = 4096) -> Path:
     """Path of `tokenizer.json` trained on zh-news "calib", cached under cache_dir("tokenizers", key)."""
-
     workload = get_workload("zh-news")
     key = tokenizer_key(workload.split_info("calib")["sha256"], vocab_size)
     folder = cache_dir("tokenizers", key)

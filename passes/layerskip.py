@@ -327,7 +327,6 @@ class DiscoverBranchesPass(ir.passes.InPlacePass):
 
 def _reused_plan(path: Path, branches: list[Branch], levels: tuple[float, ...]) -> dict:
     """The skip plan (table, metric) of another gated build of the same model, checked by branch name and level."""
-
     plan = skip_plan(path)
     names = [b.name for b in branches]
     if plan["branches"] != names:

@@ -431,7 +431,7 @@ class DecomposeForCannPass(ir.passes.InPlacePass):
             try:                         # in place, and CheckCannGraphPass then lists them (a refusal, not a crash)
                 count += pattern.RewriteRuleSet([rule]).apply_to_model(model)
             except ValueError as exc:
-                warn(model, f"cann legalization: {type(rule).__name__ if not hasattr(rule, 'name') else rule.name} "
+                warn(model, f"cann legalization: {getattr(rule, 'name', type(rule).__name__)} "
                             f"left its nodes ({exc})")
         after = _op_counts(model)
         model.meta[LEGALIZATION] = {
