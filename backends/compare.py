@@ -15,6 +15,27 @@ from qtc.backends.base import Backend
 from qtc.util.arrays import log_softmax
 
 
+def session_with_outputs(backend: Backend, model: ir.Model, names: Iterable[str]):
+    """A session whose outputs include the named intermediate values: graph outputs are added, then taken back."""
+    graph = model.graph
+    inputs = {v.name for v in graph.inputs}
+    existing = {v.name for v in graph.outputs}
+    by_name = {v.name: v for node in graph for v in node.outputs}
+    extra = [by_name[n] for n in sorted(set(names)) if n not in existing and n not in inputs and n in by_name]
+    graph.outputs.extend(extra)
+    try:
+        return backend.session(model)
+    finally:
+        for _ in extra:
+            graph.outputs.pop()
+
+
+def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
+    stats = OutputStats()
+    stats.update(reference, candidate, logits=False)
+    return stats.result()["cosine"]
+
+
 class OutputStats:
     """Running agreement statistics for one output, accumulated sample by sample."""
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from tokenizers import Tokenizer
 
 from qtc.calibration import workloads
-from qtc.core.decoder import cache_dims, cache_pairs
+from qtc.core.decoder import cache_capacity, cache_dims, cache_pairs
 from qtc.errors import QtcError
 from qtc.util.cache import sha256_file
 
@@ -46,6 +46,7 @@ class InputSpec:
     rank: int | None
     shape: tuple = ()  # static dims as ints, the others as None
     present: str | None = None  # a KV-cache input: the output its next value comes from (core/decoder.py)
+    capacity: int = 0  # a KV-cache input: the shortest buffer its kernel takes (core/decoder.cache_capacity)
 
 
 def model_inputs(model: ir.Model) -> list[InputSpec]:
@@ -60,15 +61,17 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
         if value.name in cache and len(shape) == 4:
             kv_heads, head_size = cache_dims(model.graph, value.name)
             shape = (shape[0], kv_heads, shape[2], head_size)
-        specs.append(InputSpec(value.name, np.dtype(dtype), rank, shape, cache.get(value.name)))
+        capacity = cache_capacity(model.graph, value.name) if value.name in cache else 0
+        specs.append(InputSpec(value.name, np.dtype(dtype), rank, shape, cache.get(value.name), capacity))
     return specs
 
 
 def empty_past(spec: InputSpec, batch: int = 1) -> np.ndarray:
-    """A KV-cache input for a prefill: [batch, kv_heads, 0, head_size] (its static dims from the graph)."""
+    """A KV-cache input for a prefill: [batch, kv_heads, 0, head_size] (its static dims from the graph); a zero
+    buffer of `spec.capacity` rows where the kernel wants a preallocated one (its valid length is 0 either way)."""
     if len(spec.shape) != 4 or spec.shape[1] is None or spec.shape[3] is None:
         raise QtcError(f"KV-cache input {spec.name!r} needs static kv_heads and head_size dims (has {spec.shape})")
-    return np.zeros((batch, spec.shape[1], 0, spec.shape[3]), dtype=spec.dtype)
+    return np.zeros((batch, spec.shape[1], spec.capacity, spec.shape[3]), dtype=spec.dtype)
 
 
 @dataclass
@@ -270,20 +273,20 @@ def decode_steps(window: dict[str, np.ndarray], inputs: list[InputSpec], run, st
         feed = next_step_feed(feed, outputs, ids[:, position : position + 1], position, inputs)
 
 
-def next_step_feed(feed: dict, outputs: dict, token: np.ndarray, position: int, inputs: list[InputSpec]) -> dict:
-    """The feed of one decode step: the new token at `position`, the caches the last run returned."""
-    step, token_name = {}, token_input(inputs).name
+def next_step_feed(feed: dict, outputs: dict, tokens: np.ndarray, position: int, inputs: list[InputSpec]) -> dict:
+    """The feed that continues a run: the new tokens [1, n] from `position` on, the caches the last run returned."""
+    step, token_name, count = {}, token_input(inputs).name, tokens.shape[1]
     for spec in inputs:
         if spec.present is not None:
             step[spec.name] = outputs[spec.present]
         elif spec.name == token_name:
-            step[spec.name] = token.astype(spec.dtype)
+            step[spec.name] = tokens.astype(spec.dtype)
         elif "mask" in spec.name:  # attention masks cover past + new tokens
-            step[spec.name] = np.ones((1, position + 1), dtype=spec.dtype)
+            step[spec.name] = np.ones((1, position + count), dtype=spec.dtype)
         elif "position" in spec.name:
-            step[spec.name] = np.array([[position]], dtype=spec.dtype)
-        else:
-            step[spec.name] = feed[spec.name][:, -1:]
+            step[spec.name] = np.arange(position, position + count, dtype=spec.dtype).reshape(1, -1)
+        else:  # e.g. token types: the last value, once per new token
+            step[spec.name] = np.repeat(feed[spec.name][:, -1:], count, axis=1)
     return step
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -41,14 +42,17 @@ class QtcGroup(click.Group):
         kwargs["standalone_mode"] = False
 
         onnxruntime.set_default_logger_severity(4)  # ORT's own log lines would break the one-line error contract
+        if not os.environ.get("QTC_DEBUG"):  # the IR libraries log recoverable failures with tracebacks (e.g. a
+            for library in ("onnx_ir", "onnxscript"):  # shape inference that gives up): qtc goes on, so do they
+                logging.getLogger(library).setLevel(logging.ERROR)
         try:
             result = super().main(*args, **kwargs)
         except QtcError as exc:
             _fail(str(exc), 2)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.exceptions.Abort:
-            _fail("aborted", 1)
+        except click.exceptions.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort): outputs are staged
+            _fail("interrupted; nothing was written", 130)  # and renamed only when whole, so none is partial
         except click.ClickException as exc:
             _fail(exc.format_message(), 2)
         except Exception as exc:  # a bug in qtc: say so in one line, keep the traceback for QTC_DEBUG=1

@@ -85,3 +85,15 @@ def cache_dims(graph: ir.Graph, past: str) -> tuple[int | None, int | None]:
                 packed = len(node.inputs) < 2 or node.inputs[1] is None
                 return dims[1] or kv_heads, dims[3] or width // (heads + 2 * kv_heads if packed else heads)
     return dims[1], dims[3]
+
+
+def cache_capacity(graph: ir.Graph, past: str) -> int:
+    """The shortest past buffer the kernel reading `past` accepts: ORT's GroupQueryAttention with a sliding window
+    (`local_window_size` W > 0, the GenAI builder's Gemma 3) refuses a cache buffer shorter than W ("KV cache
+    capacity (0) must be at least local_window_size"), because onnxruntime-genai always hands it a preallocated
+    buffer. The valid length comes from `seqlens_k`, not from the buffer, so a zero buffer of W rows is an empty
+    cache. 0 for every other reader."""
+    value = next(v for v in graph.inputs if v.name == past)
+    windows = [node.attributes.get_int("local_window_size", -1) for node, _ in value.uses()
+               if node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN]
+    return max([0, *windows])

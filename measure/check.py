@@ -14,14 +14,18 @@ ranges, so a sound w8a8 model can score lower here than on real text; accuracy i
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_ir as ir
+from onnx.reference import ReferenceEvaluator
 
 from qtc.backends.base import Backend
-from qtc.backends.compare import compare_models
+from qtc.backends.compare import OutputStats, compare_models, cosine, session_with_outputs
 from qtc.calibration.data import InputSpec, embedding_rows, model_inputs, text_feed, token_input
 from qtc.errors import QtcError
+from qtc.frontends.onnx_file import load_model, tensor_bytes
 
 SEQ = 8
+REFERENCE_MAX_BYTES = 64 << 20  # onnx.reference runs in numpy: only small sources are worth its time
 FLOORS = {"float": 0.999, "int8-weights": 0.98, "int8-activations": 0.8, "int4-weights": 0.8}
 
 
@@ -34,10 +38,11 @@ def random_feed(model: ir.Model, seed: int = 0) -> dict[str, np.ndarray]:
             token = token_input(inputs)
         except QtcError:
             token = None
-        if token is not None:
+        if token is not None and (not token.shape or token.shape[0] in (None, 1)):  # text feeds are batch 1
             vocab = embedding_rows(model) or 2
+            length = token.shape[1] if len(token.shape) == 2 and token.shape[1] is not None else SEQ  # static exports
             try:
-                return text_feed(rng.integers(0, vocab, size=SEQ, dtype=np.int64), inputs)
+                return text_feed(rng.integers(0, vocab, size=length, dtype=np.int64), inputs)
             except QtcError:
                 pass  # inputs text cannot fill: random values per dtype below
     return {spec.name: _random(spec, rng) for spec in inputs}
@@ -53,16 +58,28 @@ def _random(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
 
 
 def check_compiled(backend: Backend, source, compiled: ir.Model, feed: dict[str, np.ndarray], recipe_class: str) -> dict:
-    """Run both on `feed` (random_feed of the source); QtcError when the compiled model fails, else figures."""
+    """Run both on `feed` (random_feed of the source); QtcError when the compiled model fails, else figures.
+
+    Where ONNX Runtime cannot run the source itself (operators of old opsets it no longer implements, e.g.
+    AveragePool-1, BatchNormalization-6), a small source is run by ONNX's own reference implementation instead."""
+    judge = "onnxruntime"
     try:
         backend.session(source).run(None, feed)
     except Exception as exc:  # noqa: BLE001 - ORT's errors: the source cannot run on a derived feed
-        _loads(backend, compiled)  # still: what is handed back must at least load
-        return {"skipped": f"the source does not run on a derived feed ({' '.join(str(exc).split())[:200]})"}
-    try:
-        outputs = compare_models(backend, source, compiled, [feed])["outputs"]
-    except Exception as exc:  # noqa: BLE001 - the compiled model does not run where its source does
-        raise QtcError(f"the compiled model fails on an input its source runs on: {' '.join(str(exc).split())[:400]}") from None
+        reason = " ".join(str(exc).split())[:200]
+        expected = _reference_outputs(source, feed)
+        if expected is None:
+            _loads(backend, compiled)  # still: what is handed back must at least load
+            return {"skipped": f"the source does not run on a derived feed ({reason})"}
+        judge = f"onnx.reference (onnxruntime cannot run the source: {reason[:120]})"
+        outputs = _compare_with(expected, backend, compiled, feed)
+    else:
+        try:
+            outputs = compare_models(backend, source, compiled, [feed])["outputs"]
+        except OSError as exc:  # the source's outputs go to a temporary folder first: a full disk, not the model
+            raise QtcError(f"cannot write temporary files for the post-compile check: {exc.strerror or exc}") from None
+        except Exception as exc:  # noqa: BLE001 - the compiled model does not run where its source does
+            raise _fails(exc) from None
     floor = FLOORS[recipe_class]
     for name, stats in outputs.items():
         if not np.isfinite(stats["cosine"]):
@@ -73,9 +90,72 @@ def check_compiled(backend: Backend, source, compiled: ir.Model, feed: dict[str,
     for name, stats in judged.items():
         if stats["cosine"] < floor:
             raise QtcError(f"the compiled model's output {name!r} has cosine {stats['cosine']:.4f} to its source on "
-                           f"a derived input, below the {recipe_class} floor {floor}: a broken build")
-    return {"feed": {k: list(v.shape) for k, v in feed.items()}, "floor": floor,
+                           f"a derived input, below the {recipe_class} floor {floor}: a broken build"
+                           + first_divergence(backend, source, compiled, feed, floor))
+    return {"feed": {k: list(v.shape) for k, v in feed.items()}, "floor": floor, "source_run_by": judge,
             "cosine": {name: round(stats["cosine"], 6) for name, stats in outputs.items()}}
+
+
+def first_divergence(backend: Backend, source, compiled: ir.Model, feed: dict[str, np.ndarray], floor: float) -> str:
+    """Where a failing build starts to disagree: the first value, in the source's node order, that the compiled
+    graph still produces under the same name and whose cosine to the source's falls below the floor; ' (first
+    below the floor: ...)' naming it and its node, or '' when no shared value does (the divergence is inside
+    rewritten nodes). Runs only on the failure path: it exposes every shared value as an output of both."""
+    reference = _as_model(source)
+    produced = {v.name for node in compiled.graph for v in node.outputs}
+    order = [(node, v.name) for node in reference.graph for v in node.outputs
+             if v.name in produced and v.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)]
+    names = [name for _, name in order]
+    try:
+        ours = dict(zip(names, session_with_outputs(backend, reference, names).run(names, feed)))
+        theirs = dict(zip(names, session_with_outputs(backend, compiled, names).run(names, feed)))
+    except Exception:  # noqa: BLE001 - ORT's errors: the outputs message stands without the location
+        return ""
+    for node, name in order:
+        if ours[name].shape == theirs[name].shape and cosine(ours[name], theirs[name]) < floor:
+            return (f" (first below the floor: {name!r}, output of {node.op_type} node {node.name!r}, cosine "
+                    f"{cosine(ours[name], theirs[name]):.4f})")
+    return ""
+
+
+def _fails(exc: Exception) -> QtcError:
+    return QtcError(f"the compiled model fails on an input its source runs on: {' '.join(str(exc).split())[:400]}")
+
+
+def _reference_outputs(source, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The source's outputs by onnx.reference.ReferenceEvaluator (numpy, every opset), for sources of at most
+    REFERENCE_MAX_BYTES of weights; None where it cannot run them either."""
+    model = _as_model(source)
+    if tensor_bytes(model) > REFERENCE_MAX_BYTES:
+        return None
+    try:
+        evaluator = ReferenceEvaluator(ir.to_proto(model))
+        names = [v.name for v in model.graph.outputs]
+        return dict(zip(names, evaluator.run(None, feed)))
+    except Exception:  # noqa: BLE001 - the reference lacks the operator or rejects the feed: nothing to judge by
+        return None
+
+
+def _compare_with(expected: dict[str, np.ndarray], backend: Backend, compiled: ir.Model, feed) -> dict:
+    try:
+        produced = dict(zip(expected, backend.session(compiled).run(list(expected), feed)))
+    except Exception as exc:  # noqa: BLE001 - the compiled model does not run where its source does
+        raise _fails(exc) from None
+    results = {}
+    for name, value in expected.items():
+        stats = OutputStats()
+        stats.update(np.asarray(value), produced[name], logits="logit" in name)
+        results[name] = stats.result()
+    return results
+
+
+def _as_model(source) -> ir.Model:
+    """The source as the check received it: a model, serialized bytes, or a path."""
+    if isinstance(source, ir.Model):
+        return source
+    if isinstance(source, bytes):
+        return ir.from_proto(onnx.ModelProto.FromString(source))
+    return load_model(source)
 
 
 def _loads(backend: Backend, compiled: ir.Model) -> None:

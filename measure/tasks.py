@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from qtc.calibration.data import InputSpec, bos_id, text_feed
+from qtc.calibration.data import InputSpec, bos_id, next_step_feed, text_feed
 from qtc.errors import QtcError
 from qtc.util.arrays import log_softmax
 
@@ -35,8 +35,24 @@ class Runner:
     output: str
     extra: dict[str, np.ndarray] = field(default_factory=dict)  # fixed feeds, e.g. a layer-skip `budget`
 
+    @property
+    def has_cache(self) -> bool:
+        return any(spec.present is not None for spec in self.inputs)
+
     def run(self, ids: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output], text_feed(ids, self.inputs) | self.extra)[0]
+        """Logits for a token window. A KV-cache decoder is scored through its cache, as it runs when it serves:
+        a prefill of the first half (empty past), then the second half fed with the present cache that prefill
+        returned, so quantized caches and the past-reading attention path are in the score."""
+        feed = text_feed(ids, self.inputs) | self.extra
+        if not self.has_cache or ids.size < 2:
+            return self.session.run([self.output], feed)[0]
+        ids = ids.reshape(1, -1)
+        split = ids.shape[1] // 2
+        presents = [spec.present for spec in self.inputs if spec.present is not None]
+        first = text_feed(ids[:, :split], self.inputs) | self.extra
+        outputs = dict(zip([self.output, *presents], self.session.run([self.output, *presents], first)))
+        second = next_step_feed(first, outputs, ids[:, split:], split, self.inputs) | self.extra
+        return np.concatenate([outputs[self.output], self.session.run([self.output], second)[0]], axis=1)
 
 
 def paragraph_chunks(tokenizer, text: str, max_len: int) -> tuple[list[np.ndarray], int]:

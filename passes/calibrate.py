@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qtc.backends.base import Backend
+from qtc.backends.compare import session_with_outputs
 from qtc.calibration.data import CalibrationSet, decode_steps, model_inputs
 from qtc.calibration.moments import ChannelAbsMax, Gram
 from qtc.calibration.observers import make_observer
@@ -24,25 +25,10 @@ from qtc.recipes import SmoothSpec
 from qtc.util.progress import progress_bar
 
 
-def _session_with_outputs(model: ir.Model, backend: Backend, names: set[str]):
-    """A session whose outputs include the named activations: graph outputs are added, then taken back."""
-    graph = model.graph
-    inputs = {v.name for v in graph.inputs}
-    existing = {v.name for v in graph.outputs}
-    by_name = {v.name: v for node in graph for v in node.outputs}
-    extra = [by_name[n] for n in sorted(names) if n not in existing and n not in inputs]
-    graph.outputs.extend(extra)
-    try:
-        return backend.session(model)
-    finally:
-        for _ in extra:
-            graph.outputs.pop()
-
-
 def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str], label: str,
                        quiet: bool) -> Iterator[dict[str, np.ndarray]]:
     """Yield {name: activation} for each calibration sample, one sample at a time (nothing accumulates here)."""
-    session = _session_with_outputs(model, backend, names)
+    session = session_with_outputs(backend, model, names)
     inputs = model_inputs(model)
     outputs = sorted(n for n in names if n not in {v.name for v in model.graph.inputs})
     # A KV-cache decoder also calibrates on decode steps fed its own presents (calibration/data.py:decode_steps).

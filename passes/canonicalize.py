@@ -94,6 +94,8 @@ def _convert_with_onnx(model: ir.Model, target: int) -> bool:
         return False
     common.RemoveInitializersFromInputsPass()(converted)
     _drop_legacy_attributes(converted.graph)
+    if model.opset_imports.get("", 1) < 7:
+        _per_channel_slopes(converted.graph)
     model.graph = converted.graph
     model.ir_version = max(model.ir_version, converted.ir_version)
     return True
@@ -112,6 +114,24 @@ def _drop_legacy_attributes(graph: ir.Graph) -> None:
             spatial = node.attributes.pop("spatial", None)
             if spatial is not None and spatial.as_int() != 1:
                 raise QtcError(f"BatchNormalization {node.name or ''} with spatial=0 has no form in opset >= 9")
+
+
+def _per_channel_slopes(graph: ir.Graph) -> None:
+    """PRelu before opset 7 applied a slope of C values per channel (axis 1); from opset 7 on the slope broadcasts
+    numpy-style, from the last axis, and the converter keeps the [C] slope: on [N, C, ...] inputs that is another
+    computation, or none (ORT: shapes do not broadcast). The slope becomes [C, 1, ..., 1], what it always meant."""
+    for node in graph.all_nodes():
+        if node.op_type != "PRelu" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+            continue
+        x, slope = node.inputs[0], node.inputs[1]
+        rank = x.shape.rank() if x is not None and x.shape is not None else None
+        if slope is None or slope.const_value is None or rank is None or rank < 3:
+            continue
+        values = slope.const_value.numpy()
+        if values.ndim == 1 and values.size > 1:
+            reshaped = values.reshape(values.size, *([1] * (rank - 2)))
+            slope.const_value = ir.tensor(reshaped, name=slope.name)
+            slope.shape = ir.Shape(reshaped.shape)
 
 
 class CheckOperatorsPass(ir.passes.InPlacePass):

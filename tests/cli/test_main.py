@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -169,3 +171,40 @@ def test_unwritable_cache_is_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "qtc.cli.main", "export", "zh-tiny-lm", "--kv-cache"],
                             capture_output=True, text=True, env=os.environ | {"QTC_CACHE": str(blocker / "cache")})
     assert_bad_input(result, "cannot be created")
+
+
+CUT_OFF_SAVE = """
+import resource, sys
+import qtc
+from qtc.errors import QtcError
+result = qtc.compile(sys.argv[1], recipe="w8a16", compare=False, quiet=True)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # from here on no file may grow past 1 MB
+try:
+    result.save(sys.argv[2])
+except QtcError as exc:
+    sys.exit(f"qtc: error: {exc}")
+"""
+
+
+def test_an_output_cut_off_mid_write_is_one_line_and_leaves_nothing(case):
+    """RLIMIT_FSIZE makes the kernel refuse writes past 1 MB (EFBIG; Python ignores SIGXFSZ) once the model is
+    compiled: its 11 MB external data file is cut off mid-write, as on a full disk. A QtcError (the CLI's exit 2)
+    naming the output, no file or staging folder left, input untouched."""
+    before = {p.name: p.read_bytes() for p in case["model"].parent.iterdir()}
+    result = subprocess.run([sys.executable, "-c", CUT_OFF_SAVE, str(case["model"]), str(case["out"])],
+                            capture_output=True, text=True)
+    assert result.stderr.strip().splitlines() == [f"qtc: error: cannot write {case['out']}: File too large"]
+    assert not case["out"].parent.exists() or list(case["out"].parent.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in case["model"].parent.iterdir()} == before
+
+
+def test_ctrl_c_mid_compile_is_one_line_and_leaves_nothing(case):
+    process = subprocess.Popen([sys.executable, "-m", "qtc.cli.main", "compile", str(case["model"]), "--recipe",
+                                "w8a8", "--calib", str(case["corpus"]), "--samples", "4000", "--seq-len", "128", "-o",
+                                str(case["out"])], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(8)  # inside the compile: imports take ~3 s, calibrating 4000 windows minutes
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["qtc: error: interrupted; nothing was written"]
+    assert not case["out"].parent.exists() or list(case["out"].parent.iterdir()) == []

@@ -27,7 +27,8 @@ def test_a_weight_off_by_a_sign_is_refused():
     broken = graphs.copy_of(model)
     weight = broken.graph.initializers["w_down"]
     weight.const_value = ir.tensor(-weight.const_value.numpy(), name="w_down")
-    with pytest.raises(QtcError, match="output 'y' has cosine .* below the int8-weights floor"):
+    with pytest.raises(QtcError, match="output 'y' has cosine .* below the int8-weights floor .*first below the "
+                       "floor: 'down_out', output of MatMul node 'down'"):
         check_compiled(CPU, _source_bytes(model), broken, random_feed(model), "int8-weights")
 
 

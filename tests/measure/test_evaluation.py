@@ -4,11 +4,16 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import qtc
+from qtc.backends import get_backend
+from qtc.calibration.data import model_inputs
 from qtc.errors import QtcError
+from qtc.frontends.onnx_file import load_model
 from qtc.measure.evaluation import evaluate
+from qtc.measure.tasks import Runner
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +67,17 @@ def test_cli_unknown_task(tiny_llama):
     result = subprocess.run([sys.executable, "-m", "qtc.cli.main", "eval", str(tiny_llama), "--task", "mmlu"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "unknown task 'mmlu'" in result.stderr
+
+
+def test_kv_decoder_is_scored_through_its_cache(kv_decoder, tiny_llama_reference):
+    """Half the window as a prefill, the rest fed with the returned cache: the same logits as one cache-less run
+    of the same weights, and the same bits/char as the cache-less export."""
+    backend = get_backend("cpu")
+    cached = Runner(backend.session(kv_decoder), model_inputs(load_model(kv_decoder)), "logits")
+    plain = Runner(backend.session(tiny_llama_reference), model_inputs(load_model(tiny_llama_reference)), "logits")
+    ids = np.arange(3, 40, dtype=np.int64)
+    assert cached.has_cache and not plain.has_cache
+    np.testing.assert_allclose(cached.run(ids), plain.run(ids), atol=2e-4)
+    through_cache = evaluate(kv_decoder, "zh-news-ppl", limit=4, quiet=True)["metrics"]["bits_per_char"]["value"]
+    cacheless = evaluate(tiny_llama_reference, "zh-news-ppl", limit=4, quiet=True)["metrics"]["bits_per_char"]["value"]
+    assert through_cache == pytest.approx(cacheless, abs=1e-3)
