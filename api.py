@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from qtc.frontends.onnx_file import (
     save_model,
     tensor_bytes,
 )
-from qtc.measure.check import check_compiled, random_feed
+from qtc.measure.check import check_compiled, check_large, random_feed
 from qtc.measure.inspection import graph_summary
 from qtc.measure.mixed_precision import (
     METRICS,
@@ -49,6 +50,7 @@ from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline
 from qtc.recipes import Recipe, load_recipe
 from qtc.util.cache import sha256_file
 from qtc.util.files import write_json_atomic
+from qtc.util.spill import SpillStore, available_memory, spilling
 from qtc.util.version import __version__
 
 DEFAULT_SAMPLES = 64
@@ -154,10 +156,14 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     layer_skip: "LayerSkipSpec | None" = None,
     fuse_residuals: bool | None = None,
     calibration_cache: CalibrationCache | None = None,
+    memory_limit: int | None = None,
 ) -> CompileResult:
     """Compile a float ONNX model with a recipe for a target. A path is loaded fresh; an ir.Model is changed in place.
 
-    A target that splits graphs (cann) refuses to produce nodes it cannot take unless `allow_fallback`."""
+    A target that splits graphs (cann) refuses to produce nodes it cannot take unless `allow_fallback`.
+    `memory_limit` (bytes; default: the memory available now) decides how a large model is compiled: weights
+    over a third of it are spilled to a scratch file as they are quantized (util/spill.py), and a float source
+    over half of it is not run beside the compiled model (the report says what was checked instead)."""
     started = time.perf_counter()
     job = _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed)
     source, graph_model, resolved, calib_set, backend = job.source, job.model, job.recipe, job.calib, job.backend
@@ -172,11 +178,18 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     # Layer skipping gates residual Adds, so it keeps them unfused; `fuse_residuals=False` builds its ungated twin.
     keep_residual_adds = layer_skip is not None if fuse_residuals is None else not fuse_residuals
     level = job.session_entries.get(ACCURACY_LEVEL)
-    _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
-                        keep_residual_adds, calibration_cache, int(level) if level is not None else None), graph_model)
+    limit = memory_limit or available_memory()
+    store = SpillStore() if before["tensor_bytes"] > limit / 3 else None
+    with spilling(store):
+        _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
+                            keep_residual_adds, calibration_cache, int(level) if level is not None else None), graph_model)
     measure = job.measure
     # Before anything is handed back: the compiled model must run where its source runs, and agree with it.
-    check = check_compiled(measure, reference, graph_model, derived, tolerance_class({"qtc.recipe": resolved.to_json()}))
+    if before["tensor_bytes"] > limit / 2:  # the float source would not fit beside the compiled model
+        check = check_large(measure, graph_model, derived, before["tensor_bytes"], limit)
+        compare = False
+    else:
+        check = check_compiled(measure, reference, graph_model, derived, tolerance_class({"qtc.recipe": resolved.to_json()}))
     report = {
         "qtc_version": __version__,
         "recipe": resolved.to_dict(),
@@ -199,8 +212,12 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     if compare:
         report["runtime_ops"] = _runtime_ops(measure, graph_model, job.session_entries)
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
+    report["memory"] = {"limit_bytes": limit, "spilled": store.summary() if store else None}
     # A model that came with external data leaves with it (and saving stays streaming, not one huge protobuf).
-    return CompileResult(graph_model, report, source, external_data=source_external or None)
+    result = CompileResult(graph_model, report, source, external_data=source_external or None)
+    if store is not None:  # the scratch file lives as long as the model that reads it
+        weakref.finalize(result, store.close)
+    return result
 
 
 @dataclass

@@ -23,6 +23,7 @@ from qtc.cli.options import (
     parse_feeds,
     parse_list,
     parse_max_drop,
+    parse_size,
     parse_tolerance,
 )
 from qtc.errors import QtcError
@@ -109,13 +110,17 @@ def main() -> None:
               help="What a --layer-skip budget counts: branches run, or their weight multiply-adds [branches].")
 @click.option("--skip-table-from", type=click.Path(dir_okay=False, path_type=Path),
               help="Reuse the skip table of another --layer-skip build of the same model (e.g. its float build).")
+@click.option("--memory-limit", help="Memory the compile may use, e.g. 6GB (default: what is available now). "
+                                     "Weights over a third of it are spilled to disk as they are quantized; a float "
+                                     "source over half of it is not run beside the compiled model.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, target, output,
                     no_compare, max_drop, allow_fallback, layer_skip, budgets, skip_metric, budget_unit, skip_table_from,
-                    as_json):
+                    memory_limit, as_json):
     """Compile a float ONNX MODEL with a quantization recipe."""
     options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json,
                    allow_fallback=allow_fallback)
+    limit = parse_size(memory_limit, "--memory-limit")
     if output is not None:
         check_writable(output)  # before minutes of calibration, not after
     skip = layer_skip_spec(layer_skip, budgets, skip_metric, budget_unit, skip_table_from)
@@ -123,10 +128,14 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
         if max_drop:
             raise QtcError("--layer-skip and --max-drop cannot be combined yet")
         options["layer_skip"] = skip
+    if max_drop and limit is not None:
+        raise QtcError("--memory-limit and --max-drop cannot be combined yet (--max-drop compares against the float "
+                       "model in memory)")
     if max_drop:
         result = qtc.compile_within(model, parse_max_drop(max_drop), recipe=recipe, calib=calib, target=target, **options)
     else:
-        result = qtc.compile(model, recipe=recipe, calib=calib, target=target, compare=not no_compare, **options)
+        result = qtc.compile(model, recipe=recipe, calib=calib, target=target, compare=not no_compare,
+                             memory_limit=limit, **options)
     output = output or model.with_name(f"{model.stem}.{result.report['recipe']['name']}.onnx")
     result.save(output)
     _emit(result.report, as_json, lambda: render.show_compile(result.report, output))

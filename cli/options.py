@@ -73,3 +73,22 @@ def layer_skip_spec(enabled: bool, budgets: str | None, metric: str | None, unit
     spec = LayerSkipSpec()
     return LayerSkipSpec(budgets=parse_budgets(budgets) if budgets else spec.budgets, metric=metric or spec.metric,
                          unit=unit or spec.unit, table_from=table_from)
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | None, option: str) -> int | None:
+    """'6GB', '6000MB', '6GiB', '500000000' -> bytes (None passes through)."""
+    if text is None:
+        return None
+    stripped = text.strip().upper().replace(" ", "")
+    number = stripped.rstrip("KMGIB")
+    unit = stripped[len(number):]
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        value = 0
+    if value < 1 << 20:
+        raise QtcError(f"{option} takes a size of at least 1 MiB, e.g. 6GB or 6000MB (got {text!r})")
+    return int(value)

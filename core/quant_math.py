@@ -62,9 +62,25 @@ def _to_blocks(w: np.ndarray, axis: int, block: int) -> np.ndarray:
     return moved.reshape(-1, block, *moved.shape[1:])
 
 
+CHUNK_BYTES = 128 << 20  # blockwise quantization of a large 2-D weight runs in slices of about this size
+
+
 def block_qparams(w: np.ndarray, spec: QuantSpec, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blockwise quantization as DequantizeLinear(axis, block_size) reads it: scale shape = w.shape with
-    w.shape[axis] replaced by ceil(K / block_size)."""
+    w.shape[axis] replaced by ceil(K / block_size).
+
+    Blocks never cross the other axis of a 2-D weight, so a large one is quantized in slices along it: the
+    temporaries are a few times one slice, not a few times the weight (a 152k x 3584 embedding is 2.2 GB)."""
+    if w.ndim != 2 or w.nbytes <= CHUNK_BYTES:
+        return _block_qparams(w, spec, axis)
+    other = 1 - axis
+    step = max(1, CHUNK_BYTES // (w.nbytes // w.shape[other]))
+    parts = [_block_qparams(w[start:start + step] if other == 0 else w[:, start:start + step], spec, axis)
+             for start in range(0, w.shape[other], step)]
+    return tuple(np.concatenate([part[i] for part in parts], axis=other) for i in range(3))
+
+
+def _block_qparams(w: np.ndarray, spec: QuantSpec, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     blocks = _to_blocks(w, axis, spec.block_size)  # [nb, block, rest...]
     qmin, qmax = INT_RANGES[spec.dtype]
     if spec.symmetric:

@@ -84,11 +84,36 @@ def scoped(node: onnx.NodeProto, scope: str) -> onnx.NodeProto:
     return node
 
 
+class ExternalDataSink:
+    """Writes each initializer's bytes to one external data file as the graph is built and hands back a
+    TensorProto that points at them: a model larger than memory is built holding one tensor at a time."""
+
+    ALIGN = 4096  # page-aligned offsets, so ONNX Runtime can memory-map each tensor
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.file = Path(path), open(path, "wb")  # noqa: SIM115 - closed by close()
+
+    def __call__(self, name: str, array: np.ndarray) -> TensorProto:
+        offset = -self.file.tell() % self.ALIGN + self.file.tell()
+        self.file.seek(offset)
+        data = np.ascontiguousarray(array)
+        self.file.write(memoryview(data).cast("B"))  # no bytes copy of a multi-GB tensor
+        tensor = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape,
+                             data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", self.path.name), ("offset", str(offset)), ("length", str(data.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class _Graph:
     """Nodes and initializers, with names that say where they belong (`model.layers.0.attn/Softmax`)."""
 
-    def __init__(self, weights: Mapping[str, np.ndarray]) -> None:
-        self.weights, self.nodes, self.initializers, self.count = weights, [], {}, 0
+    def __init__(self, weights: Mapping[str, np.ndarray], sink: ExternalDataSink | None = None) -> None:
+        self.weights, self.nodes, self.initializers, self.count, self.sink = weights, [], {}, 0, sink
 
     def op(self, op_type: str, inputs: list[str], scope: str, outputs: int = 1, **attrs) -> str | list[str]:
         self.count += 1
@@ -99,7 +124,8 @@ class _Graph:
 
     def const(self, name: str, array: np.ndarray) -> str:
         if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            big = self.sink is not None and array.size >= 1024
+            self.initializers[name] = self.sink(name, array) if big else numpy_helper.from_array(np.ascontiguousarray(array), name)
         return name
 
     def weight(self, name: str, transpose: bool = False, offset: float = 0.0) -> str:
@@ -240,9 +266,11 @@ def _block(g: _Graph, x: str, layer: int, cfg: DecoderConfig, cos: str, sin: str
     return g.op("Add", [x, _mlp(g, mlp_in, layer, cfg)], prefix)
 
 
-def build_decoder(cfg: DecoderConfig, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
-    """The decoder graph (weights inline as initializers; save it with external data)."""
-    g = _Graph(weights)
+def build_decoder(cfg: DecoderConfig, weights: Mapping[str, np.ndarray],
+                  sink: ExternalDataSink | None = None) -> onnx.ModelProto:
+    """The decoder graph: weights inline as initializers (save it with external data), or, with a `sink`, written
+    to its external data file one by one as `weights` hands them over (which may make each on demand)."""
+    g = _Graph(weights, sink)
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
               helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch_size", "sequence_length"])]

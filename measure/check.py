@@ -13,11 +13,17 @@ ranges, so a sound w8a8 model can score lower here than on real text; accuracy i
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx.reference import ReferenceEvaluator
 
+from qtc.backends import get_backend
 from qtc.backends.base import Backend
 from qtc.backends.compare import OutputStats, compare_models, cosine, session_with_outputs
 from qtc.calibration.data import InputSpec, embedding_rows, model_inputs, text_feed, token_input
@@ -57,6 +63,39 @@ def _random(spec: InputSpec, rng: np.random.Generator) -> np.ndarray:
     return rng.standard_normal(shape).astype(spec.dtype)
 
 
+def check_large(backend: Backend, compiled: ir.Model, feed: dict[str, np.ndarray], source_bytes: int, limit: int) -> dict:
+    """The check of a model whose float source is over half the memory limit: the source is not run (it would
+    not fit beside the compiled model); the compiled model is, in a child process (its ORT session is as large as
+    its weights, which are not in this process's budget), on the same derived feed, and must return every output
+    finite, with the shapes it declares. QtcError otherwise."""
+    with tempfile.TemporaryDirectory(prefix="qtc-check-") as folder:
+        model_path, feed_path, out_path = Path(folder) / "model.onnx", Path(folder) / "feed.npz", Path(folder) / "out.npz"
+        ir.save(compiled, model_path, external_data="model.onnx.data")
+        np.savez(feed_path, **feed)
+        done = subprocess.run([sys.executable, "-m", "qtc.measure.check", str(model_path), str(feed_path), str(out_path),
+                               backend.name], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise _fails(RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode))
+        with np.load(out_path) as outputs:
+            finite = {name: bool(np.isfinite(outputs[name]).all()) for name in outputs.files}
+            shapes = {name: list(outputs[name].shape) for name in outputs.files}
+    broken = sorted(name for name, ok in finite.items() if not ok)
+    if broken:
+        raise QtcError(f"the compiled model's output {broken[0]!r} is not finite on a derived input")
+    return {"feed": {k: list(v.shape) for k, v in feed.items()}, "source_run_by": None,
+            "skipped_source": f"the float source ({source_bytes / 1e9:.1f} GB of weights) is over half the memory limit "
+                              f"({limit / 1e9:.1f} GB): not run; the compiled model ran in a child process",
+            "compiled_outputs": shapes}
+
+
+def run_in_child(model: str, feed: str, out: str, backend_name: str) -> None:
+    """`python -m qtc.measure.check MODEL FEED.npz OUT.npz BACKEND`: run one feed, save every output."""
+    session = get_backend(backend_name).session(model)
+    with np.load(feed) as data:
+        values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {k: data[k] for k in data.files})))
+    np.savez(out, **values)
+
+
 def check_compiled(backend: Backend, source, compiled: ir.Model, feed: dict[str, np.ndarray], recipe_class: str) -> dict:
     """Run both on `feed` (random_feed of the source); QtcError when the compiled model fails, else figures.
 
@@ -64,10 +103,18 @@ def check_compiled(backend: Backend, source, compiled: ir.Model, feed: dict[str,
     AveragePool-1, BatchNormalization-6), a small source is run by ONNX's own reference implementation instead."""
     judge = "onnxruntime"
     try:
-        backend.session(source).run(None, feed)
+        session = backend.session(source)
+    except Exception as exc:  # noqa: BLE001 - this ORT build or machine cannot load the source at all
+        session, load_error = None, " ".join(str(exc).split())
+    try:
+        if session is None:
+            raise RuntimeError(load_error)
+        session.run(None, feed)
     except Exception as exc:  # noqa: BLE001 - ORT's errors: the source cannot run on a derived feed
         reason = " ".join(str(exc).split())[:200]
         expected = _reference_outputs(source, feed)
+        if session is None:
+            _loads(backend, compiled, also_source=load_error)
         if expected is None:
             _loads(backend, compiled)  # still: what is handed back must at least load
             return {"skipped": f"the source does not run on a derived feed ({reason})"}
@@ -158,8 +205,15 @@ def _as_model(source) -> ir.Model:
     return load_model(source)
 
 
-def _loads(backend: Backend, compiled: ir.Model) -> None:
+def _loads(backend: Backend, compiled: ir.Model, also_source: str | None = None) -> None:
     try:
         backend.session(compiled)
     except Exception as exc:  # noqa: BLE001 - ORT's load errors
-        raise QtcError(f"the compiled model does not load in ONNX Runtime: {' '.join(str(exc).split())[:400]}") from None
+        error = " ".join(str(exc).split())
+        if also_source is not None and error.split(":")[-1] == also_source.split(":")[-1]:
+            raise QtcError(f"ONNX Runtime on this machine cannot load this model, nor its source: {error[:400]}") from None
+        raise QtcError(f"the compiled model does not load in ONNX Runtime: {error[:400]}") from None
+
+
+if __name__ == "__main__":
+    run_in_child(*sys.argv[1:5])

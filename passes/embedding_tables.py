@@ -22,6 +22,7 @@ from onnxscript.rewriter import MatchResult, pattern
 
 from qtc.core.ops import MS_DOMAIN
 from qtc.passes.meta import ANNOTATION, FUSED_TABLES, ROLE
+from qtc.util.spill import release, spill
 
 BITS = {ir.DataType.INT4: 4, ir.DataType.INT8: 8}
 
@@ -45,9 +46,10 @@ class PackedTables:
     def get(self, op, table: ir.Value, block_size: int) -> ir.Value:
         if table.name not in self.values:
             q = table.const_value.numpy().astype(np.int8)
+            release(table.const_value)
             packed = pack_blocks(q, BITS[table.const_value.dtype], block_size)
             name = table.name.removesuffix("_quantized") + "_blocks"
-            self.values[table.name] = op.initializer(ir.tensor(packed, name=name), name=name)
+            self.values[table.name] = op.initializer(spill(ir.tensor(packed, name=name)), name=name)
         return self.values[table.name]
 
 

@@ -23,6 +23,7 @@ from onnxscript.rewriter import MatchResult, pattern
 from qtc.core.ops import MS_DOMAIN
 from qtc.passes.embedding_tables import BITS, carry_annotation, check_blocks, pack_blocks
 from qtc.passes.meta import WRITTEN_MATMULNBITS
+from qtc.util.spill import release, spill
 
 
 class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
@@ -45,13 +46,14 @@ class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
         block = dq.producer().attributes.get_int("block_size")
         bits = BITS[weight.const_value.dtype]
         q = weight.const_value.numpy().astype(np.int8)
+        release(weight.const_value)
         k, n = q.shape
         q = np.pad(q, ((0, -k % block), (0, 0)))  # a last partial block: zeros, which the kernel never reads
         name = weight.name.removesuffix("_quantized")
-        packed = op.initializer(ir.tensor(pack_blocks(np.ascontiguousarray(q.T), bits, block), name=f"{name}_nbits"),
+        packed = op.initializer(spill(ir.tensor(pack_blocks(np.ascontiguousarray(q.T), bits, block), name=f"{name}_nbits")),
                                 name=f"{name}_nbits")
         scales_t = np.ascontiguousarray(scale.const_value.numpy().T)
-        scales = op.initializer(ir.tensor(scales_t, name=f"{name}_nbits_scale"), name=f"{name}_nbits_scale")
+        scales = op.initializer(spill(ir.tensor(scales_t, name=f"{name}_nbits_scale")), name=f"{name}_nbits_scale")
         fused = op.MatMulNBits(x, packed, scales, _domain=MS_DOMAIN, K=int(k), N=int(n), bits=bits, block_size=block,
                                accuracy_level=self.accuracy_level)
         return carry_annotation(product.producer(), fused)

@@ -14,12 +14,13 @@ from qtc.core.weights import original_name
 from qtc.errors import QtcError
 from qtc.passes.annotate import QuantAnnotation, activation_key, annotated_nodes
 from qtc.passes.meta import RANGES
+from qtc.util.spill import release, spill
 
 QDQ_OPSET = 21
 
 
 def constant_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value = ir.Value(name=name, const_value=spill(ir.tensor(array, name=name)))
     graph.register_initializer(value)
     return value
 
@@ -95,8 +96,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             q, scale, zero_point = note.precomputed
         else:
             q, scale, zero_point = weight_qparams(tensor.numpy(), note.weight_spec, note.axis)
-        if isinstance(tensor, ir.ExternalTensor):
-            tensor.release()  # drop the float mapping now: peak memory stays near one tensor, not the model
+        release(tensor)  # drop the float mapping now: peak memory stays near one tensor, not the model
         base = _free_base(graph, original_name(note.weight), note.weight.name)
         dtype = note.weight_spec.dtype
         if self.unsigned_weights and dtype == "int8" and note.activation_spec is not None:

@@ -15,6 +15,7 @@ from qtc.core.quant_math import dequantize_weight, weight_qparams
 from qtc.passes.annotate import QuantAnnotation, layer_groups
 from qtc.passes.meta import LAYER_STATS, SMOOTHING
 from qtc.recipes import SmoothSpec
+from qtc.util.spill import spill
 
 ALPHA_GRID = tuple(np.round(np.arange(0.0, 1.0001, 0.1), 2))
 MIN_SCALE = 1e-5
@@ -94,7 +95,7 @@ def _per_channel(value: ir.Value | None, inverse: np.ndarray) -> bool:
 
 def _scale_vector(value: ir.Value, inverse: np.ndarray) -> bool:
     array = value.const_value.numpy()
-    value.const_value = ir.tensor((array * inverse).astype(array.dtype), name=value.name)
+    value.const_value = spill(ir.tensor((array * inverse).astype(array.dtype), name=value.name))
     return True
 
 
@@ -103,7 +104,7 @@ def apply_channel_scale(graph: ir.Graph, x: ir.Value, members: list[Member], s: 
     for _, note in members:
         w = weight_matrix(note) * s[:, None]
         dtype = note.weight.const_value.numpy().dtype
-        note.weight.const_value = ir.tensor(initializer_layout(note, w).astype(dtype), name=note.weight.name)
+        note.weight.const_value = spill(ir.tensor(initializer_layout(note, w).astype(dtype), name=note.weight.name))
     inverse = (1.0 / s).astype(np.float32)
     if _fold_into_producer(x, members, inverse):
         return "folded"

@@ -208,3 +208,9 @@ def test_ctrl_c_mid_compile_is_one_line_and_leaves_nothing(case):
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines() == ["qtc: error: interrupted; nothing was written"]
     assert not case["out"].parent.exists() or list(case["out"].parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["lots", "5KB", "-1GB", "6XB"])
+def test_bad_memory_limit_is_one_line(case, value):
+    assert_bad_input(qtc("compile", case["model"], "--recipe", "w4a16", "--memory-limit", value, "-o", case["out"]),
+                     "--memory-limit takes a size")

@@ -3,7 +3,9 @@
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
+import pytest
 
+from qtc.core import quant_math
 from qtc.core.quant_math import (
     activation_qparams,
     dequantize_array,
@@ -90,3 +92,17 @@ def test_asymmetric_uint4_blocks_use_zero_points():
     assert q.dtype == np.uint8 and q.max() <= 15 and scale.shape == (2, 8)
     error = np.abs((q.astype(np.float32) - np.repeat(zp, 32, 0)) * np.repeat(scale, 32, 0) - w)
     assert error.max() <= np.repeat(scale, 32, 0).max() / 2 + 1e-6
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("dtype", ["int4", "int8"])
+def test_large_block_weights_quantize_in_slices_to_the_same_values(monkeypatch, axis, dtype):
+
+
+    w = np.random.default_rng(0).standard_normal((1000, 300)).astype(np.float32)
+    spec = QuantSpec(dtype=dtype, granularity="block", block_size=32, symmetric=True)
+    whole = quant_math.block_qparams(w, spec, axis)
+    monkeypatch.setattr(quant_math, "CHUNK_BYTES", 10_000)  # ~8 rows or columns a slice
+    sliced = quant_math.block_qparams(w, spec, axis)
+    for a, b in zip(whole, sliced):
+        assert a.dtype == b.dtype and np.array_equal(a, b)

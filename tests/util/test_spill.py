@@ -1,0 +1,41 @@
+"""Compiling under a memory limit: quantized tensors spilled to a scratch file, the float source not run beside
+the compiled model, and the same bytes out as an unlimited compile."""
+
+import numpy as np
+import onnx_ir as ir
+
+import qtc
+from qtc.util.spill import SpillStore, spill, spilling
+
+
+def test_spilled_tensors_read_back_the_same_values():
+    store = SpillStore(min_bytes=16)
+    try:
+        array = np.arange(64, dtype=np.float32).reshape(8, 8)
+        small = ir.tensor(np.ones(2, np.float32), name="small")
+        with spilling(store):
+            spilled = spill(ir.tensor(array, name="w"))
+            assert spill(small) is small  # under min_bytes: stays in memory
+        assert isinstance(spilled, ir.ExternalTensor) and np.array_equal(spilled.numpy(), array)
+        assert spill(ir.tensor(array, name="w")).__class__ is not ir.ExternalTensor  # outside the block: unchanged
+        assert store.summary() == {"tensors": 1, "bytes": array.nbytes}
+    finally:
+        store.close()
+    assert not store.folder.exists()
+
+
+def _files(path):
+    return {p.name: p.read_bytes() for p in sorted(path.parent.iterdir()) if p.suffix in (".onnx", ".data")}
+
+
+def test_a_memory_limited_compile_spills_and_writes_the_same_model(tiny_llama, tmp_path):
+    plain = qtc.compile(tiny_llama, recipe="w4a16", quiet=True)
+    assert plain.report["memory"]["spilled"] is None
+    plain.save(tmp_path / "plain" / "m.onnx")
+    limited = qtc.compile(tiny_llama, recipe="w4a16", quiet=True, memory_limit=12 << 20)  # the source is 20 MB
+    assert limited.report["memory"]["spilled"]["tensors"] > 0
+    check = limited.report["post_compile_check"]
+    assert check["source_run_by"] is None and "ran in a child process" in check["skipped_source"]
+    assert check["compiled_outputs"]["logits"][-1] == 4096
+    limited.save(tmp_path / "limited" / "m.onnx")
+    assert _files(tmp_path / "limited" / "m.onnx") == _files(tmp_path / "plain" / "m.onnx")

@@ -1,0 +1,90 @@
+"""Tensors made during a compile, moved to a scratch file as soon as they are made, for models whose weights do
+not fit in memory next to their quantized copies.
+
+A pass that makes a large tensor (quantized weights, packed blocks, scales) hands it to `spill()`. Outside a
+`spilling(store)` block that returns the tensor unchanged; inside, a tensor of at least `store.min_bytes` is written
+to the store's file and comes back as an `ir.ExternalTensor` that reads it memory-mapped on demand, so the
+process holds one tensor at a time, not the model. Saving the model copies each one into the output's own
+external data, as it does for the source's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx_ir as ir
+
+ALIGN = 4096  # page-aligned offsets: each spilled tensor maps on its own pages
+DATA_FILE = "spill.data"
+
+_active: contextvars.ContextVar[SpillStore | None] = contextvars.ContextVar("qtc_spill_store", default=None)
+
+
+class SpillStore:
+    """One scratch file in a private temporary folder; `close()` removes both."""
+
+    def __init__(self, parent: str | Path | None = None, min_bytes: int = 1 << 20) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="qtc-spill-", dir=parent))
+        self.file = open(self.folder / DATA_FILE, "wb")  # noqa: SIM115 - lives as long as the store
+        self.min_bytes = min_bytes
+        self.bytes = 0
+        self.tensors = 0
+
+    def put(self, tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+        if tensor.nbytes < self.min_bytes or isinstance(tensor, ir.ExternalTensor):
+            return tensor
+        offset = self.file.tell() + (-self.file.tell() % ALIGN)
+        self.file.seek(offset)
+        data = tensor.tobytes()
+        self.file.write(data)
+        self.file.flush()  # readers map the file right away
+        self.bytes += len(data)
+        self.tensors += 1
+        return ir.ExternalTensor(DATA_FILE, offset, len(data), tensor.dtype, shape=tensor.shape, name=tensor.name,
+                                 base_dir=self.folder)
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def summary(self) -> dict:
+        return {"tensors": self.tensors, "bytes": self.bytes}
+
+
+@contextlib.contextmanager
+def spilling(store: SpillStore | None):
+    """Within the block, `spill()` writes large tensors to `store` (None: keep everything in memory)."""
+    token = _active.set(store)
+    try:
+        yield store
+    finally:
+        _active.reset(token)
+
+
+def spill(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    store = _active.get()
+    return store.put(tensor) if store is not None else tensor
+
+
+def release(tensor: ir.TensorProtocol | None) -> None:
+    """Unmap an external tensor once it has been read (source weights, spilled ones): mapped pages count as
+    resident memory for as long as the mapping lives; a later read maps it again."""
+    if isinstance(tensor, ir.ExternalTensor):
+        tensor.release()
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo (what can be used without swapping), else 8 GiB where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
