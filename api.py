@@ -50,7 +50,7 @@ from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline
 from qtc.recipes import Recipe, load_recipe
 from qtc.util.cache import sha256_file
 from qtc.util.files import write_json_atomic
-from qtc.util.spill import SpillStore, available_memory, spilling
+from qtc.util.spill import SpillStore, available_memory, peak_rss, spilling
 from qtc.util.version import __version__
 
 DEFAULT_SAMPLES = 64
@@ -212,7 +212,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     if compare:
         report["runtime_ops"] = _runtime_ops(measure, graph_model, job.session_entries)
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
-    report["memory"] = {"limit_bytes": limit, "spilled": store.summary() if store else None}
+    report["memory"] = {"limit_bytes": limit, "spilled": store.summary() if store else None,
+                        "process_peak_rss_bytes": peak_rss()}  # this process's, since it started
     # A model that came with external data leaves with it (and saving stays streaming, not one huge protobuf).
     result = CompileResult(graph_model, report, source, external_data=source_external or None)
     if store is not None:  # the scratch file lives as long as the model that reads it

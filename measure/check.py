@@ -13,6 +13,7 @@ ranges, so a sound w8a8 model can score lower here than on real text; accuracy i
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,7 @@ from qtc.backends.compare import OutputStats, compare_models, cosine, session_wi
 from qtc.calibration.data import InputSpec, embedding_rows, model_inputs, text_feed, token_input
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model, tensor_bytes
+from qtc.util.spill import peak_rss
 
 SEQ = 8
 REFERENCE_MAX_BYTES = 64 << 20  # onnx.reference runs in numpy: only small sources are worth its time
@@ -76,6 +78,7 @@ def check_large(backend: Backend, compiled: ir.Model, feed: dict[str, np.ndarray
                                backend.name], capture_output=True, text=True)
         if done.returncode != 0:
             raise _fails(RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode))
+        child_peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"] if done.stdout.strip() else None
         with np.load(out_path) as outputs:
             finite = {name: bool(np.isfinite(outputs[name]).all()) for name in outputs.files}
             shapes = {name: list(outputs[name].shape) for name in outputs.files}
@@ -85,7 +88,7 @@ def check_large(backend: Backend, compiled: ir.Model, feed: dict[str, np.ndarray
     return {"feed": {k: list(v.shape) for k, v in feed.items()}, "source_run_by": None,
             "skipped_source": f"the float source ({source_bytes / 1e9:.1f} GB of weights) is over half the memory limit "
                               f"({limit / 1e9:.1f} GB): not run; the compiled model ran in a child process",
-            "compiled_outputs": shapes}
+            "compiled_outputs": shapes, "child_peak_rss_bytes": child_peak}
 
 
 def run_in_child(model: str, feed: str, out: str, backend_name: str) -> None:
@@ -94,6 +97,7 @@ def run_in_child(model: str, feed: str, out: str, backend_name: str) -> None:
     with np.load(feed) as data:
         values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {k: data[k] for k in data.files})))
     np.savez(out, **values)
+    print(json.dumps({"peak_rss_bytes": peak_rss()}))  # the parent reports what loading the compiled model took
 
 
 def check_compiled(backend: Backend, source, compiled: ir.Model, feed: dict[str, np.ndarray], recipe_class: str) -> dict:

@@ -88,3 +88,15 @@ def available_memory() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident set size so far (VmHWM of /proc/self/status), None where there is none."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -1,0 +1,113 @@
+"""Peak memory and wall time of `qtc compile` against parameter count, one model after another on one machine.
+
+    nice python bench/compile_scaling.py NAME=MODEL.onnx ... [--recipe w4a16] [--memory-limit 6GB]
+
+Each compile is `qtc compile MODEL --recipe R --no-compare --memory-limit L -o TMP` in its own process; its peak
+RSS is that process's own VmHWM (the report's `memory.process_peak_rss_bytes`), and the post-compile check's child
+process (which loads the compiled model in ONNX Runtime when the float source is over half the limit) is reported
+apart (`child_peak_rss_bytes`); os.wait4's ru_maxrss, the largest of the two, is `tree_peak_rss_bytes`. Parameters are the source's float32 tensor bytes / 4.
+Writes bench/results/compile_scaling_RECIPE.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import RESULTS_DIR, machine  # noqa: E402
+
+
+def compile_once(model: Path, recipe: str, limit: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="qtc-scaling-", dir=model.parent.parent) as folder:
+        out = Path(folder) / "model.onnx"
+        command = [sys.executable, "-m", "qtc.cli.main", "compile", str(model), "--recipe", recipe, "--no-compare",
+                   "--memory-limit", limit, "-o", str(out), "--json"]
+        started = time.perf_counter()
+        with open(Path(folder) / "report.json", "w") as stdout, open(Path(folder) / "stderr.txt", "w") as stderr:
+            process = subprocess.Popen(command, stdout=stdout, stderr=stderr)
+            _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"{model}: {(Path(folder) / 'stderr.txt').read_text().strip()}")
+        report = json.loads((Path(folder) / "report.json").read_text())
+        output_bytes = sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.startswith("model.onnx"))
+    source = report["size"]["source_tensor_bytes"]
+    return {"parameters": source // 4, "source_bytes": source, "output_bytes": output_bytes, "seconds": round(seconds, 1),
+            "peak_rss_bytes": report["memory"]["process_peak_rss_bytes"], "tree_peak_rss_bytes": usage.ru_maxrss * 1024,
+            "check_child_peak_rss_bytes": report["post_compile_check"].get("child_peak_rss_bytes"), "memory": report["memory"],
+            "check": {k: v for k, v in report["post_compile_check"].items() if k != "cosine"}}
+
+
+def plot(rows: list[dict], path: Path, recipe: str, limit: str) -> None:
+    import matplotlib  # noqa: PLC0415 - optional extra
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    params = [r["parameters"] / 1e9 for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(params, [r["peak_rss_bytes"] / 1e9 for r in rows], "o-", label="qtc compile: peak RSS")
+    left.plot(params, [r["source_bytes"] / 1e9 for r in rows], "s--", color="grey", label="float32 weights")
+    checked = [(x, r["check_child_peak_rss_bytes"] / 1e9) for x, r in zip(params, rows) if r["check_child_peak_rss_bytes"]]
+    if checked:
+        left.plot(*zip(*checked), "^", color="tab:red", label="post-compile check child (ORT loads the output)")
+    left.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel="GB", title=f"{recipe}: memory (limit {limit})")
+    right.plot(params, [r["seconds"] for r in rows], "o-")
+    right.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel="seconds", title=f"{recipe}: wall time")
+    left.axhline(parse_limit(limit) / 1e9, color="tab:green", linestyle=":", label=f"--memory-limit {limit}")
+    for i, (r, x) in enumerate(zip(rows, params)):
+        offset = (4, -12) if i % 2 == 0 else (-10, 8)  # alternate below / above: neighbours do not overprint
+        left.annotate(r["name"], (x, r["peak_rss_bytes"] / 1e9), textcoords="offset points", xytext=offset, fontsize=7)
+        right.annotate(r["name"], (x, r["seconds"]), textcoords="offset points", xytext=offset, fontsize=7)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def parse_limit(text: str) -> float:
+    units = {"GB": 1e9, "MB": 1e6, "GIB": 2**30, "MIB": 2**20}
+    for unit, factor in units.items():
+        if text.upper().endswith(unit):
+            return float(text[: -len(unit)]) * factor
+    return float(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("models", nargs="+", help="NAME=PATH/model.onnx, smallest first")
+    parser.add_argument("--recipe", default="w4a16")
+    parser.add_argument("--memory-limit", default="6GB")
+    args = parser.parse_args()
+    rows = []
+    for item in args.models:
+        name, _, path = item.partition("=")
+        rows.append({"name": name, **compile_once(Path(path), args.recipe, args.memory_limit)})
+        print(json.dumps(rows[-1]), flush=True)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS_DIR / f"compile_scaling_{args.recipe}"
+    stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "recipe": args.recipe,
+                                                     "memory_limit": args.memory_limit, "rows": rows}, indent=1))
+    lines = [f"# qtc compile {args.recipe} --memory-limit {args.memory_limit}: peak RSS and time vs parameters", "",
+             "| model | parameters | float32 GB | output GB | compile peak RSS GB | RSS / float | check child peak RSS GB | spilled GB | wall s | check |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        spilled = (r["memory"]["spilled"] or {}).get("bytes", 0) / 1e9
+        how = "child process, source not run" if r["check"].get("skipped_source") else f"vs source ({r['check'].get('source_run_by')})"
+        lines.append(f"| {r['name']} | {r['parameters'] / 1e9:.2f} B | {r['source_bytes'] / 1e9:.2f} | {r['output_bytes'] / 1e9:.2f} "
+                     f"| {r['peak_rss_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / r['source_bytes']:.2f} "
+                     f"| {(r['check_child_peak_rss_bytes'] or 0) / 1e9:.2f} | {spilled:.2f} "
+                     f"| {r['seconds']} | {how} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, stem.with_suffix(".png"), args.recipe, args.memory_limit)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
