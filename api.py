@@ -124,6 +124,7 @@ def _provenance(job: "_Job") -> dict[str, str]:
     props = {
         "qtc.version": __version__,
         "qtc.recipe": recipe.to_json(),
+        "qtc.recipe.requested": job.requested.to_json(),  # before the target adapted it: what `qtc verify` rebuilds
         "qtc.target": target,
         "qtc.calibration.calibrator": recipe.activation.calibrator if recipe.activation else "none",
     }
@@ -231,6 +232,7 @@ class _Job:
     measure: object  # where calibration and comparisons run (the target, or ORT CPU when cross-compiling)
     target_notes: list[str]
     session_entries: dict[str, str]
+    requested: Recipe  # the recipe as asked for (with --calibrator), before the target adapted it
 
 
 def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed) -> _Job:
@@ -238,7 +240,8 @@ def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrat
     source = Path(model) if not isinstance(model, ir.Model) else None
     graph_model = load_model(source) if source is not None else model
     backend = compile_target(target)
-    resolved, target_notes, session_entries = backend.adapt_recipe(load_recipe(recipe).with_calibrator(calibrator))
+    requested = load_recipe(recipe).with_calibrator(calibrator)
+    resolved, target_notes, session_entries = backend.adapt_recipe(requested)
     measure = backend.measuring_backend()
     if measure is not backend and backend.provider not in ort.get_available_providers():
         target_notes = [*target_notes, f"cross-compiled: this machine's onnxruntime {ort.__version__} has no "
@@ -250,7 +253,7 @@ def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrat
     if resolved.needs_calibration and calib_set is None:
         # No silent random calibration: static ranges, smoothing and GPTQ/AWQ need real data.
         raise QtcError(f"recipe {resolved.name!r} needs calibration data: pass --calib")
-    return _Job(source, graph_model, resolved, calib_set, backend, measure, target_notes, session_entries)
+    return _Job(source, graph_model, resolved, calib_set, backend, measure, target_notes, session_entries, requested)
 
 
 def _run(pipeline: ir.passes.PassManager, model: ir.Model) -> None:

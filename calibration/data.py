@@ -199,7 +199,7 @@ def text_calibration(
     seed: int,
 ) -> CalibrationSet:
     """A corpus file or a workload name, tokenized, packed into `n_samples` windows of `seq_len` tokens."""
-    calib_texts, heldout_texts, digest, label = _corpus_texts(source)
+    calib_texts, heldout_texts, digest, label = corpus_texts(source)
     tokenizer = load_tokenizer(tokenizer_path)
     calib_tokens = tokenize(tokenizer, calib_texts)
     if heldout_texts is None:  # a plain file: its last 10 % of tokens is held out
@@ -222,7 +222,7 @@ def text_calibration(
     )
 
 
-def _corpus_texts(source: str) -> tuple[list[str], list[str] | None, str, str]:
+def corpus_texts(source: str) -> tuple[list[str], list[str] | None, str, str]:
     """(calibration texts, held-out texts or None, sha256, label) for a file path or a workload name."""
     path = Path(source)
     if path.is_file():
@@ -375,7 +375,7 @@ def load_calibration(
             raise QtcError(f"calibration data not found: {path}")
         return npz_calibration(path, n_samples, seed)
     if not path.is_file():
-        _corpus_texts(str(source))  # raises the right error for a missing file or unknown workload
+        corpus_texts(str(source))  # raises the right error for a missing file or unknown workload
     if tokenizer is None:
         raise QtcError("text calibration needs a tokenizer: pass --tokenizer tokenizer.json")
     return text_calibration(str(source), tokenizer, n_samples, seq_len, seed)

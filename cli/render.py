@@ -229,3 +229,35 @@ def show_bench(result: dict) -> None:
                       f"{ident['value']:.0%} [{ident['ci95'][0]:.0%}, {ident['ci95'][1]:.0%}]" if agree else "-",
                       f"{first['value']:.1f} [{first['ci95'][0]:.1f}, {first['ci95'][1]:.1f}]" if agree else "-")
     out.print(table)
+
+
+def show_audit(result: dict) -> None:
+    calib, served = result["calibration"], result["served"]
+    table = Table("", "calibration", "served", title=f"calibration audit ({result['tokenizer']})")
+    table.add_row("text", calib["source"], served["source"])
+    table.add_row("sha256", calib["sha256"][:12] + "…", served["sha256"][:12] + "…")
+    table.add_row("texts / chars", f"{calib['texts']:,} / {calib['chars']:,}", f"{served['texts']:,} / {served['chars']:,}")
+    table.add_row("tokens (distinct)", f"{calib['tokens']:,} ({calib['distinct_tokens']:,})",
+                  f"{served['tokens']:,} ({served['distinct_tokens']:,})")
+    for script in ("cjk", "latin", "digit", "other"):
+        table.add_row(f"{script} characters", f"{calib['scripts'][script]:.1%}", f"{served['scripts'][script]:.1%}")
+    table.caption = (f"served tokens unseen in calibration {result['unseen_token_share']:.1%}, rare (< {result['rare_below']}) "
+                     f"{result['rare_token_share']:.1%}; unigram KL(served || calibration) {result['unigram_kl_bits']:.3f} bits/token; "
+                     f"most frequent unseen: {' '.join(repr(t['token']) for t in result['top_unseen'][:6]) or '-'}")
+    out.print(table)
+    for warning in result["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def show_verify(result: dict) -> None:
+    built = result["rebuilt_from"]
+    out.print(f"rebuilt {Path(result['model']).name} from {built['source']} with {built['recipe']} for {built['target']}"
+              + (f", calibration {built['calibration']}" if built["calibration"] else "")
+              + f" (built by qtc {result['built_by']}, verified by {result['verified_by']})")
+    if result["identical"]:
+        out.print("[green]identical[/green]: the same bytes")
+        return
+    table = Table("tensor", "difference", title="[red]not identical[/red]")
+    for row in result["differences"]:
+        table.add_row(row["tensor"], row["difference"])
+    out.print(table)

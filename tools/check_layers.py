@@ -2,7 +2,7 @@
 
 Layers, top to bottom; a module may import its own layer's packages or any layer below, never one above:
 
-    cli -> api (qtc/__init__, api, testing) -> measure -> passes -> backends -> models
+    cli -> api (qtc/__init__, api, testing, verify) -> measure -> passes -> backends -> models
         -> core / calibration / recipes / frontends -> util / errors
 
 Also fails on any import cycle among qtc modules (same-layer packages may import each other, but not in a loop),
@@ -20,7 +20,7 @@ from pathlib import Path
 
 LAYERS = [
     {"cli"},
-    {"api", "testing", ""},  # "" = qtc/__init__.py
+    {"api", "testing", "verify", ""},  # "" = qtc/__init__.py
     {"measure"},
     {"passes"},
     {"backends"},
