@@ -33,6 +33,7 @@ from qtc.frontends.onnx_file import (
     save_model,
     tensor_bytes,
 )
+from qtc.measure.card import quantization_card
 from qtc.measure.check import check_compiled, check_large, random_feed
 from qtc.measure.inspection import graph_summary
 from qtc.measure.mixed_precision import (
@@ -49,7 +50,7 @@ from qtc.passes.layerskip import LayerSkipSpec
 from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline
 from qtc.recipes import Recipe, load_recipe
 from qtc.util.cache import sha256_file
-from qtc.util.files import write_json_atomic
+from qtc.util.files import write_json_atomic, write_text_atomic
 from qtc.util.spill import SpillStore, available_memory, peak_rss, spilling
 from qtc.util.version import __version__
 
@@ -82,6 +83,8 @@ class CompileResult:
         if source_bytes:
             self.report["output"]["ratio_to_source"] = self.report["output"]["bytes"] / source_bytes
         write_json_atomic(sidecar_path(path), self.report)
+        write_text_atomic(card_path(path), quantization_card(self.report))
+        self.written.append(card_path(path))
         self.written += _write_companions(companions, path.parent)
         return path
 
@@ -102,6 +105,10 @@ def _write_companions(files: dict, folder: Path) -> list[Path]:
 
 def sidecar_path(model_path: Path) -> Path:
     return model_path.with_name(model_path.stem + ".qtc.json")
+
+
+def card_path(model_path: Path) -> Path:
+    return model_path.with_name(model_path.stem + ".card.md")
 
 
 def _refuse_overwriting_source(out: Path, source: Path | None, model: ir.Model) -> None:

@@ -106,3 +106,11 @@ def test_external_data_model_output_runs_and_matches(compiled, tiny_llama, tmp_p
     inputs = model_inputs(qtc.frontends.onnx_file.load_model(moved / "model.onnx"))
     stats = compare_models(backend, moved / "model.onnx", w8a16, calib.feeds(inputs, heldout=True))
     assert stats["outputs"]["logits"]["cosine"] > 0.99
+
+
+def test_save_writes_a_quantization_card(tiny_llama, tmp_path):
+    result = qtc.compile(tiny_llama, recipe="w8a8", calib="zh-news", samples=4, seq_len=32, quiet=True)
+    result.save(tmp_path / "m.onnx")
+    card = (tmp_path / "m.card.md").read_text(encoding="utf-8")
+    assert card.startswith("# Quantization card: m.onnx") and "`zh-news:calib`, sha256 `" in card
+    assert "4 windows of 32 tokens" in card and "| logits |" in card and "kept float: " in card
