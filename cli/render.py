@@ -261,3 +261,17 @@ def show_verify(result: dict) -> None:
     for row in result["differences"]:
         table.add_row(row["tensor"], row["difference"])
     out.print(table)
+
+
+def show_table(summary: dict, prefix) -> None:
+    table = Table("recipe", "calibration", "Δ bits/char [95% CI]", "KL / token", "MB", "error",
+                  title=f"{summary['model']}: recipes x calibration")
+    for cell in summary["cells"]:
+        metrics = cell.get("metrics") or {}
+        delta, kl = metrics.get("delta_bits_per_char"), metrics.get("kl_per_token")
+        table.add_row(Path(cell["recipe"]).stem, cell["calib"],
+                      f"{delta['value']:+.4f} [{delta['ci95'][0]:+.4f}, {delta['ci95'][1]:+.4f}]" if delta else "-",
+                      f"{kl['value']:.4f}" if kl else "-", f"{cell['bytes'] / 1e6:,.1f}" if "bytes" in cell else "-",
+                      cell.get("error", ""))
+    table.caption = f"{prefix}.json, {prefix}.md, {prefix}.png; cells in {prefix}.cells/"
+    out.print(table)

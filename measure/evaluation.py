@@ -94,7 +94,6 @@ def evaluate(
     path = Path(model)
     engine = get_backend(backend)
     if spec.needs_baseline and baseline is None:
-
         raise QtcError(f"task {task} compares with a baseline: pass --baseline FLOAT_MODEL")
     baseline = Path(baseline) if baseline else None
     words = _tokenizer_for(path, tokenizer, baseline)

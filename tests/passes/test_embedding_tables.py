@@ -94,7 +94,8 @@ def test_tied_table_is_stored_once_and_matches_dequantized_float(tied_lm, tmp_pa
     reference = _dequantized_reference(tied_lm, recipe.embedding, tmp_path / "reference.onnx")
     ids = _ids(4096)
     got, expected = _logits(path, ids), _logits(reference, ids)
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    # an 8-bit head runs with int8 activations per block (accuracy_level 4: EIGHT_BIT_NOTE), a 4-bit one in float
+    assert np.abs(got - expected).max() <= (1e-4 if bits == 4 else 3e-2) * np.abs(expected).max()
 
 
 def test_asymmetric_table_keeps_the_portable_form_and_the_same_numbers(tied_lm, tmp_path):
@@ -233,12 +234,14 @@ def test_fuse_tables_on_a_hand_built_tied_model(table):
     assert np.array_equal(blob.const_value.numpy(), pack_blocks(stored, bits, recipe.embedding.block_size))
     assert quantized_counts(model)["quantized_nodes_by_op"] == {"GatherBlockQuantized": 1, "MatMulNBits": 1}
 
+    assert fused["MatMulNBits"].attributes.get_int("accuracy_level") == (1 if bits == 4 else 4)  # EIGHT_BIT_NOTE
+    tolerance = 1e-4 if bits == 4 else 3e-2  # int8 activations per block for the 8-bit head
     got = graphs.run(model, feed)[0]
-    assert np.abs(got - portable).max() <= 1e-5 * np.abs(portable).max()
+    assert np.abs(got - portable).max() <= tolerance * np.abs(portable).max()
     # ... which is the float model computed with the dequantized table
     dequantized = dequantize_weight(stored, scale, np.zeros_like(scale, dtype=np.int8), 1, recipe.embedding.block_size)
     hidden = np.maximum(dequantized[feed["ids"]] @ graphs.initializer(model, "w_mlp"), 0)
-    assert np.abs(got - hidden @ dequantized.T).max() <= 1e-4 * np.abs(got).max()
+    assert np.abs(got - hidden @ dequantized.T).max() <= tolerance * np.abs(got).max()
 
 
 def test_asymmetric_hand_built_table_is_left_in_the_portable_form():

@@ -76,7 +76,8 @@ def test_asymmetric_weights_keep_the_portable_form():
 
 
 def test_int8_blocks_pack_too():
-    """An 8-bit block weight (an LM head kept at 8 bits) becomes MatMulNBits bits=8 with the same numbers."""
+    """An 8-bit block weight (an LM head kept at 8 bits) becomes MatMulNBits bits=8, at accuracy_level 4 whatever
+    the recipe's level (EIGHT_BIT_NOTE): the portable form's numbers but for int8 activations per block."""
     from qtc.recipes import QuantSpec, Recipe
 
     base = builtin_recipe("w4a16")
@@ -86,7 +87,8 @@ def test_int8_blocks_pack_too():
     feed = graphs.random_feed(portable)
     written = graphs.copy_of(portable)
     WriteMatMulNBitsPass(0)(written)
-    bits = [n.attributes.get_int("bits") for n in written.graph if n.op_type == "MatMulNBits"]
-    assert bits == [8, 8]
-    np.testing.assert_allclose(graphs.run(written, feed)[0], graphs.run(portable, feed, {ACCURACY_LEVEL: "0"})[0],
-                               rtol=1e-5, atol=1e-5)
+    nodes = [n for n in written.graph if n.op_type == "MatMulNBits"]
+    assert [(n.attributes.get_int("bits"), n.attributes.get_int("accuracy_level")) for n in nodes] == [(8, 4), (8, 4)]
+    assert written.meta[meta.WRITTEN_MATMULNBITS]["eight_bit_nodes_at_level_4"] == 2
+    got, expected = graphs.run(written, feed)[0], graphs.run(portable, feed, {ACCURACY_LEVEL: "0"})[0]
+    assert 0 < np.abs(got - expected).max() <= 3e-2 * np.abs(expected).max()
