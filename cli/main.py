@@ -211,7 +211,7 @@ def table_command(model, recipes, calibs, task, limit, samples, seq_len, seed, p
                        f"{status['failed']} failed{eta}", err=True)
 
     results = run_grid(cells, prefix, ray_address, cpus_per_cell, show)
-    summary = write_table(results, prefix, model.name)
+    summary = write_table(results, prefix, model.name if model.name != "model.onnx" else f"{model.parent.name}/{model.name}")
     _emit(summary, as_json, lambda: render.show_table(summary, prefix))
 
 
