@@ -100,7 +100,7 @@ def _data_sha(model: Path) -> str | None:
 
 
 def run_grid(cells: list[Cell], prefix: Path, ray_address: str | None = None, cpus_per_cell: float = 1.0,
-             report=lambda status: None) -> list[dict]:
+             report=lambda status: None, memory_per_cell: int | None = None, gpus_per_cell: float = 0) -> list[dict]:
     """Every cell's result, in grid order: cells already done are read back, the others computed in this process
     or as Ray tasks. `report(status)` is called as cells finish (done, running, failed, total, eta_s)."""
     folder = Path(f"{prefix}.cells")
@@ -122,18 +122,22 @@ def run_grid(cells: list[Cell], prefix: Path, ray_address: str | None = None, cp
         for cell in pending:
             finished(cell.name, run_cell(cell, str(folder / cell.name)), 0)
     else:
-        for name, result, running in _run_on_ray(pending, folder, ray_address, cpus_per_cell):
+        resources = {"num_cpus": cpus_per_cell, "num_gpus": gpus_per_cell, "memory": memory_per_cell}
+        for name, result, running in _run_on_ray(pending, folder, ray_address, resources):
             finished(name, result, running)
     return [results[cell.name] for cell in cells]
 
 
-def _run_on_ray(pending: list[Cell], folder: Path, address: str, cpus: float):
+def _run_on_ray(pending: list[Cell], folder: Path, address: str, resources: dict):
+    """Each cell a task asking for its CPUs (its ORT sessions use as many threads), GPUs and memory; Ray schedules
+    a cell only where they are free."""
     import ray  # noqa: PLC0415 - the optional `ray` extra
 
     if not ray.is_initialized():
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"QTC_THREADS": str(max(1, int(cpus)))}})
-    task = ray.remote(num_cpus=cpus, max_retries=3)(run_cell)  # a lost worker's task runs again, elsewhere
+                 runtime_env={"env_vars": {"QTC_THREADS": str(max(1, int(resources["num_cpus"])))}})
+    requests = {key: value for key, value in resources.items() if value}
+    task = ray.remote(max_retries=3, **requests)(run_cell)  # a lost worker's task runs again, elsewhere
     waiting = {task.remote(cell, str(folder / cell.name)): cell for cell in pending}
     while waiting:
         ready, _ = ray.wait(list(waiting), num_returns=1)

@@ -197,8 +197,11 @@ def eval_command(model, task, baseline, target, limit, tokenizer, max_len, seed,
 @click.option("--ray", "ray_address", help="Run the cells as Ray tasks: `local` (start a local cluster), `auto` "
                                           "(the cluster this node joined) or a cluster ADDRESS (needs qtc[ray]).")
 @click.option("--cpus-per-cell", default=1.0, show_default=True, help="CPUs each Ray task asks for.")
+@click.option("--gpus-per-cell", default=0.0, show_default=True, help="GPUs each Ray task asks for.")
+@click.option("--memory-per-cell", help="Memory each Ray task asks for, e.g. 8GB (Ray schedules it only where free).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def table_command(model, recipes, calibs, task, limit, samples, seq_len, seed, prefix, ray_address, cpus_per_cell, as_json):
+def table_command(model, recipes, calibs, task, limit, samples, seq_len, seed, prefix, ray_address, cpus_per_cell,
+                  gpus_per_cell, memory_per_cell, as_json):
     """A recipe x calibration grid on MODEL: each cell compiled and evaluated against MODEL (in this process, or
     as Ray tasks); finished cells are kept and not redone; a table, JSON and a size-vs-accuracy plot."""
     cells = cells_of(model, parse_list(recipes), parse_list(calibs), samples, seq_len, seed, task, limit)
@@ -210,7 +213,10 @@ def table_command(model, recipes, calibs, task, limit, samples, seq_len, seed, p
             click.echo(f"cells: {status['done']}/{status['total']} done, {status['running']} running, "
                        f"{status['failed']} failed{eta}", err=True)
 
-    results = run_grid(cells, prefix, ray_address, cpus_per_cell, show)
+    memory = parse_size(memory_per_cell, "--memory-per-cell")
+    if ray_address is None and (gpus_per_cell or memory is not None):
+        raise QtcError("--gpus-per-cell and --memory-per-cell are Ray resource requests: add --ray")
+    results = run_grid(cells, prefix, ray_address, cpus_per_cell, show, memory, gpus_per_cell)
     summary = write_table(results, prefix, model.name if model.name != "model.onnx" else f"{model.parent.name}/{model.name}")
     _emit(summary, as_json, lambda: render.show_table(summary, prefix))
 

@@ -62,3 +62,10 @@ def test_cli(kv_decoder, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["cells"][0]["cell"] == "w8a16@zh-news"
     assert_bad_input(qtc("table", kv_decoder, "--recipes", "w9a9", "--calib", "zh-news", "-o", prefix), "w9a9")
+
+
+def test_resource_requests_need_ray(kv_decoder, tmp_path):
+    assert_bad_input(qtc("table", kv_decoder, "--recipes", "w8a16", "--calib", "zh-news", "--gpus-per-cell", "1",
+                         "-o", tmp_path / "t"), "Ray resource requests: add --ray")
+    assert_bad_input(qtc("table", kv_decoder, "--recipes", "w8a16", "--calib", "zh-news", "--memory-per-cell", "big",
+                         "--ray", "local", "-o", tmp_path / "t"), "--memory-per-cell takes a size")
