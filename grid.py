@@ -22,6 +22,7 @@ from qtc.errors import QtcError
 from qtc.measure.evaluation import evaluate
 from qtc.recipes import load_recipe
 from qtc.util.cache import sha256_file, sha256_text
+from qtc.util.distribute import run_jobs
 from qtc.util.files import write_json_atomic, write_text_atomic
 from qtc.util.version import __version__
 
@@ -112,37 +113,17 @@ def run_grid(cells: list[Cell], prefix: Path, ray_address: str | None = None, cp
     def finished(name: str, result: dict, running: int) -> None:
         results[name] = result
         computed[0] += 1
-        rate = (time.perf_counter() - started) / computed[0]
+        per_cell = (time.perf_counter() - started) / computed[0]  # wall time per finished cell, parallelism included
         report({"done": len(results), "running": running, "failed": sum("error" in r for r in results.values()),
-                "total": len(cells), "eta_s": round(rate * (len(cells) - len(results)) / max(running, 1), 1)})
+                "total": len(cells), "eta_s": round(per_cell * (len(cells) - len(results)), 1)})
 
     report({"done": len(results), "running": 0, "failed": sum("error" in r for r in results.values()),
             "total": len(cells), "eta_s": None})
-    if ray_address is None:
-        for cell in pending:
-            finished(cell.name, run_cell(cell, str(folder / cell.name)), 0)
-    else:
-        resources = {"num_cpus": cpus_per_cell, "num_gpus": gpus_per_cell, "memory": memory_per_cell}
-        for name, result, running in _run_on_ray(pending, folder, ray_address, resources):
-            finished(name, result, running)
+    resources = {"num_cpus": cpus_per_cell, "num_gpus": gpus_per_cell, "memory": memory_per_cell}
+    jobs = [(cell, str(folder / cell.name)) for cell in pending]
+    for index, result, running in run_jobs(run_cell, jobs, ray_address, resources):
+        finished(pending[index].name, result, running)
     return [results[cell.name] for cell in cells]
-
-
-def _run_on_ray(pending: list[Cell], folder: Path, address: str, resources: dict):
-    """Each cell a task asking for its CPUs (its ORT sessions use as many threads), GPUs and memory; Ray schedules
-    a cell only where they are free."""
-    import ray  # noqa: PLC0415 - the optional `ray` extra
-
-    if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"QTC_THREADS": str(max(1, int(resources["num_cpus"])))}})
-    requests = {key: value for key, value in resources.items() if value}
-    task = ray.remote(max_retries=3, **requests)(run_cell)  # a lost worker's task runs again, elsewhere
-    waiting = {task.remote(cell, str(folder / cell.name)): cell for cell in pending}
-    while waiting:
-        ready, _ = ray.wait(list(waiting), num_returns=1)
-        cell = waiting.pop(ready[0])
-        yield cell.name, ray.get(ready[0]), len(waiting)
 
 
 def _cell_row(r: dict) -> str:

@@ -259,14 +259,16 @@ def audit_calib_command(calib, against, tokenizer, model, as_json):
 @click.option("--seq-len", default=256, show_default=True, help="Tokens per timed run (batch 1).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
               help="Prefix for OUT.json and OUT.png (default: beside the first model).")
+@click.option("--ray", "ray_address", help="Score the budgets as Ray tasks (`local`, `auto` or a cluster ADDRESS); "
+                                          "latencies stay paired on this machine.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def sweep_command(models, budgets, task, baseline, limit, runs, seq_len, output, as_json):
+def sweep_command(models, budgets, task, baseline, limit, runs, seq_len, output, ray_address, as_json):
     """Measure layer-skip MODELS at each budget (metric with interval, CPU latency, sparsity) beside the static
     ShortGPT baseline; write a table, JSON and a PNG of the Pareto front."""
     if runs < 1 or seq_len < 2:
         raise QtcError("--runs must be >= 1 and --seq-len >= 2")
     result = sweep(list(models), list(parse_budgets(budgets)), task, baseline=baseline, limit=limit, runs=runs,
-                   seq_len=seq_len, quiet=as_json)
+                   seq_len=seq_len, quiet=as_json, ray_address=ray_address)
     written = write(result, output or models[0].with_name(f"{models[0].stem}.sweep"))
     _emit(result, as_json, lambda: render.show_sweep(result, task, written))
 

@@ -21,6 +21,7 @@ from qtc.frontends.onnx_file import load_model
 from qtc.measure.evaluation import evaluate
 from qtc.measure.generate import Decoder
 from qtc.passes.layerskip import BUDGET_INPUT, TABLE, level_of, skip_plan, sparsity
+from qtc.util.distribute import run_jobs
 from qtc.util.files import write_json_atomic
 
 LOWER_IS_BETTER = {"bits_per_char": True, "perplexity": True, "accuracy": False, "cosine_to_baseline": False}
@@ -67,35 +68,56 @@ def _decode_speed(path: Path, extra: dict[str, np.ndarray], seq_len: int, runs: 
             "decode_tokens_per_s": round(float(np.median([g.decode_tokens_per_s for g in timed])), 2)}
 
 
-def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path | None = None, limit: int | None = None,
-          runs: int = 20, warmup: int = 3, seq_len: int = 256, seed: int = 0, tokenizer: Path | None = None,
-          quiet: bool = False) -> dict:
-    """Every model x budget, qtc's table and the static ShortGPT one: metric (interval), latency, sparsity."""
-    plans = {path: skip_plan(path) for path in models}
-    backend = get_backend("cpu")
-    rows, sessions, scored = [], {}, {}
+def _configurations(plans: dict, budgets: list[float]):
+    """(path, method, budget, level, table, run-time feeds, scoring key) of every row a sweep measures; two budgets
+    on one level (or equal rows) run the same graph, so share one scoring key."""
     for path, plan in plans.items():
-        session = backend.session(path)
-        inputs = model_inputs(load_model(path))
-        vocab = _vocabulary(path)
-        words = tokenizer or tokenizer_beside(path)
         for method, table in (("qtc", plan["table"]), ("static-shortgpt", plan["static"])):
             for budget in budgets:
                 level = level_of(plan["levels"], budget)
                 if method != "qtc" and not any(table[level]):
                     continue  # the static table skips nothing here: the dense model, measured as qtc's row
                 feeds = {BUDGET_INPUT: np.array(budget, dtype=np.float32), TABLE: np.array(table, dtype=np.bool_)}
-                same = (path, tuple(table[level]))  # two budgets on one level (or equal rows) run the same graph
-                if same not in scored:
-                    scored[same] = evaluate(path, task, baseline=baseline, limit=limit, seed=seed, quiet=quiet,
-                                            tokenizer=words, feeds=feeds)
-                key = f"{path.name}|{method}|{budget}"
-                sessions[key] = (session, _feeder(inputs, vocab, feeds))
-                rows.append({"model": path.name, "method": method, "budget": budget, "level": plan["levels"][level],
-                             **_sparsity(plan, table[level]), "metrics": scored[same]["metrics"], "key": key,
-                             "data": scored[same]["data"]})
-                if any(spec.present for spec in inputs):  # a KV decoder: what a server sees at this budget
-                    rows[-1]["decode"] = _decode_speed(path, feeds, seq_len, runs, vocab, seed)
+                yield path, method, budget, level, table, feeds, (path, tuple(table[level]))
+
+
+def _score(path: Path, task: str, baseline, limit, seed: int, tokenizer, feeds: dict) -> dict:
+    return evaluate(path, task, baseline=baseline, limit=limit, seed=seed, quiet=True, tokenizer=tokenizer, feeds=feeds)
+
+
+def sweep(models: list[Path], budgets: list[float], task: str, *, baseline: Path | None = None, limit: int | None = None,
+          runs: int = 20, warmup: int = 3, seq_len: int = 256, seed: int = 0, tokenizer: Path | None = None,
+          quiet: bool = False, ray_address: str | None = None) -> dict:
+    """Every model x budget, qtc's table and the static ShortGPT one: metric (interval), latency, sparsity.
+
+    With `ray_address` the scorings (one per distinct gated graph) run as Ray tasks; latencies never do: they are
+    paired rounds of every configuration on this one machine, or they would compare machines, not budgets."""
+    plans = {path: skip_plan(path) for path in models}
+    backend = get_backend("cpu")
+    rows, sessions, scored = [], {}, {}
+    if ray_address is not None:
+        jobs, keys = [], []
+        for path, _, _, _, _, feeds, same in _configurations(plans, budgets):
+            if same not in keys:
+                keys.append(same)
+                jobs.append((path, task, baseline, limit, seed, tokenizer or tokenizer_beside(path), feeds))
+        scored = {keys[index]: result for index, result, _ in run_jobs(_score, jobs, ray_address)}
+    for path, plan in plans.items():
+        session = backend.session(path)
+        inputs = model_inputs(load_model(path))
+        vocab = _vocabulary(path)
+        words = tokenizer or tokenizer_beside(path)
+        for _, method, budget, level, table, feeds, same in _configurations({path: plan}, budgets):
+            if same not in scored:
+                scored[same] = evaluate(path, task, baseline=baseline, limit=limit, seed=seed, quiet=quiet,
+                                        tokenizer=words, feeds=feeds)
+            key = f"{path.name}|{method}|{budget}"
+            sessions[key] = (session, _feeder(inputs, vocab, feeds))
+            rows.append({"model": path.name, "method": method, "budget": budget, "level": plan["levels"][level],
+                         **_sparsity(plan, table[level]), "metrics": scored[same]["metrics"], "key": key,
+                         "data": scored[same]["data"]})
+            if any(spec.present for spec in inputs):  # a KV decoder: what a server sees at this budget
+                rows[-1]["decode"] = _decode_speed(path, feeds, seq_len, runs, vocab, seed)
     latency = _latencies(sessions, seq_len, runs, warmup, seed)
     for row in rows:
         row["latency_ms"] = round(latency[row.pop("key")], 3)

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import qtc
 from qtc.core.blocks import find_branches
 from qtc.errors import QtcError
+from qtc.measure.sweep import sweep
 from qtc.passes.layerskip import LayerSkipSpec, level_of
 from tests.cli.test_main import assert_bad_input
 from tests.cli.test_main import qtc as run_cli
@@ -165,6 +166,20 @@ def test_sweep_writes_table_json_and_png(compiled, tmp_path):
     dense = next(r for r in data["rows"] if r["method"] == "qtc" and r["budget"] == 1.0)
     assert dense["compute_sparsity"] == 0 and dense["metrics"]["bits_per_char"]["ci95"][0] < 20
     assert (tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_sweep_scores_on_ray_as_in_process(compiled, tmp_path):
+    """The budgets' scorings as Ray tasks on a local cluster: the same metrics as the in-process sweep."""
+    ray = pytest.importorskip("ray")
+    args = ([compiled["w8a8-gated"]], [1.0, 0.7], "zh-news-ppl")
+    options = dict(limit=3, runs=1, seq_len=32, quiet=True)
+    here = sweep(*args, **options)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        there = sweep(*args, **options, ray_address="local")
+    finally:
+        ray.shutdown()
+    assert [r["metrics"] for r in there["rows"]] == [r["metrics"] for r in here["rows"]]
 
 
 @pytest.mark.parametrize("args, fragment", [
