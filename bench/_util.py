@@ -11,26 +11,17 @@ import threading
 import time
 from pathlib import Path
 
+from qtc.util.spill import peak_rss
+
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 MiB = 1 << 20
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far: VmHWM of /proc/self/status.
-
-    Not ru_maxrss: Linux carries ru_maxrss across fork + execve, so a worker started by a parent that had
-    imported torch would report the parent's RSS at fork time as its own peak. VmHWM belongs to the new
-    address space only.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process so far: qtc's own VmHWM reading (see qtc.util.spill.peak_rss), else
+    ru_maxrss where /proc is missing."""
+    return peak_rss() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def current_rss_bytes() -> int:

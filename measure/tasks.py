@@ -43,9 +43,8 @@ class Runner:
         """Logits for a token window. A KV-cache decoder is scored through its cache, as it runs when it serves:
         a prefill of the first half (empty past), then the second half fed with the present cache that prefill
         returned, so quantized caches and the past-reading attention path are in the score."""
-        feed = text_feed(ids, self.inputs) | self.extra
         if not self.has_cache or ids.size < 2:
-            return self.session.run([self.output], feed)[0]
+            return self.session.run([self.output], text_feed(ids, self.inputs) | self.extra)[0]
         ids = ids.reshape(1, -1)
         split = ids.shape[1] // 2
         presents = [spec.present for spec in self.inputs if spec.present is not None]

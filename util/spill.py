@@ -78,25 +78,24 @@ def release(tensor: ir.TensorProtocol | None) -> None:
         tensor.release()
 
 
-def available_memory() -> int:
-    """MemAvailable of /proc/meminfo (what can be used without swapping), else 8 GiB where there is none."""
+def _proc_bytes(path: str, field: str) -> int | None:
+    """A `Field:   N kB` line of a /proc file, in bytes; None where the file or the field is missing."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 << 30
-
-
-def peak_rss() -> int | None:
-    """This process's peak resident set size so far (VmHWM of /proc/self/status), None where there is none."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo (what can be used without swapping), else 8 GiB where there is none."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable") or 8 << 30
+
+
+def peak_rss() -> int | None:
+    """This process's peak resident set size so far: VmHWM of /proc/self/status (not ru_maxrss, which Linux carries
+    across fork + execve from the parent), None where there is none."""
+    return _proc_bytes("/proc/self/status", "VmHWM")
