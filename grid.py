@@ -57,6 +57,8 @@ def cells_of(model: Path, recipes: list[str], calibs: list[str], samples: int, s
              limit: int | None) -> list[Cell]:
     if not model.is_file():
         raise QtcError(f"model not found: {model}")
+    if not recipes or not calibs:
+        raise QtcError("qtc table needs at least one recipe (--recipes) and one calibration set (--calib)")
     for recipe in recipes:
         load_recipe(recipe)  # an unknown recipe fails now, not in a worker minutes later
     digest = sha256_file(model)

@@ -62,6 +62,7 @@ def test_cli(kv_decoder, tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["cells"][0]["cell"] == "w8a16@zh-news"
     assert_bad_input(qtc("table", kv_decoder, "--recipes", "w9a9", "--calib", "zh-news", "-o", prefix), "w9a9")
+    assert_bad_input(qtc("table", kv_decoder, "--recipes", ",", "--calib", "zh-news", "-o", prefix), "at least one recipe")
 
 
 def test_resource_requests_need_ray(kv_decoder, tmp_path):
