@@ -125,7 +125,9 @@ class _Graph:
     def const(self, name: str, array: np.ndarray) -> str:
         if name not in self.initializers:
             big = self.sink is not None and array.size >= 1024
-            self.initializers[name] = self.sink(name, array) if big else numpy_helper.from_array(np.ascontiguousarray(array), name)
+            # np.require, not np.ascontiguousarray: the latter makes a 0-d scalar [1], which onnxscript's fusion
+            # patterns (Pow(x, 2.0), the attention scale) do not take as the scalar they name
+            self.initializers[name] = self.sink(name, array) if big else numpy_helper.from_array(np.require(array, requirements="C"), name)
         return name
 
     def weight(self, name: str, transpose: bool = False, offset: float = 0.0) -> str:
@@ -179,7 +181,8 @@ def _rotary(g: _Graph, cfg: DecoderConfig, theta: float) -> tuple[str, str]:
     """cos, sin [batch, 1, seq, head_size] of position_ids (the rotate-half convention of Llama, Qwen2, Gemma)."""
     scope = f"model.rotary_emb.{theta:g}"
     inv_freq = 1.0 / (theta ** (np.arange(0, cfg.head_size, 2, dtype=np.int64).astype(np.float32) / cfg.head_size))
-    positions = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], scope, to=TensorProto.FLOAT), _ints(g, "qtc.axis_last", [-1])], scope)
+    # Cast(Unsqueeze(positions, [2])), Slice on axis 3 (not -1) with steps: the forms the rotary fusions match
+    positions = g.op("Cast", [g.op("Unsqueeze", ["position_ids", _ints(g, "qtc.axis2", [2])], scope)], scope, to=TensorProto.FLOAT)
     freqs = g.op("Mul", [positions, g.const(f"{scope}.inv_freq", inv_freq.astype(np.float32))], scope)
     angles = g.op("Concat", [freqs, freqs], scope, axis=-1)
     return (g.op("Unsqueeze", [g.op("Cos", [angles], scope), "qtc.axis1"], scope),
@@ -187,8 +190,9 @@ def _rotary(g: _Graph, cfg: DecoderConfig, theta: float) -> tuple[str, str]:
 
 
 def _rope(g: _Graph, x: str, cos: str, sin: str, half: int, scope: str) -> str:
-    first = g.op("Slice", [x, _ints(g, "qtc.zero1", [0]), _ints(g, f"qtc.half{half}", [half]), "qtc.axis_last"], scope)
-    second = g.op("Slice", [x, f"qtc.half{half}", _ints(g, "qtc.end", [2**62]), "qtc.axis_last"], scope)
+    axis, step = _ints(g, "qtc.axis3", [3]), _ints(g, "qtc.step1", [1])
+    first = g.op("Slice", [x, _ints(g, "qtc.zero1", [0]), _ints(g, f"qtc.half{half}", [half]), axis, step], scope)
+    second = g.op("Slice", [x, f"qtc.half{half}", _ints(g, "qtc.end", [2**62]), axis, step], scope)
     rotated = g.op("Concat", [g.op("Neg", [second], scope), first], scope, axis=-1)
     return g.op("Add", [g.op("Mul", [x, cos], scope), g.op("Mul", [rotated, sin], scope)], scope)
 

@@ -35,7 +35,7 @@ from qtc.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS
 from qtc.util.cache import cache_dir, sha256_file, sha256_text
 from qtc.util.files import write_json_atomic
 
-BUILDER_VERSION = "qtc-kv-decoder-3"  # bump when frontends/decoder.py writes a different graph
+BUILDER_VERSION = "qtc-kv-decoder-6"  # bump when frontends/decoder.py writes a different graph
 MODEL_FILE = "model.onnx"
 BUILD_INFO = "qtc_build.json"
 KV_DECODERS = ("zh-tiny-lm", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "gemma-3-270m")

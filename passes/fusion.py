@@ -37,6 +37,7 @@ from onnxscript.rewriter.rules.fusion import _layer_norm, _rotary_embedding
 
 from qtc.core.ops import MS_DOMAIN, op_key
 from qtc.passes.canonicalize import FoldConstantsPass, InferShapesPass
+from qtc.passes.gqa_fusion import gqa_rules
 from qtc.passes.meta import FUSION_COUNTS
 
 # onnxscript's fusions go through intermediate ops in this domain (SDPA, a RotaryEmbedding function) that a
@@ -81,7 +82,7 @@ class CosSinCacheByMulFusion(cos_sin_cache.CosSinCacheFusion):
 
 class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
     """Rotary cos/sin tables as torch dynamo exports transformers' rotary embedding for positions shared by the
-    batch ([S] or [1, S]), freqs = Cast(Unsqueeze(positions)) * inv_freq (a broadcast Mul; onnxscript's rules expect MatMul + Transpose),
+    batch ([S] or [1, S]) or given per row ([batch, S], a KV decoder's input), freqs = Cast(Unsqueeze(positions)) * inv_freq (a broadcast Mul; onnxscript's rules expect MatMul + Transpose),
     -> com.microsoft RotaryEmbedding over tables indexed by position (built from the constant inverse frequencies
     at run time, so no maximum length is baked in)."""
 
@@ -101,10 +102,10 @@ class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
         result = pattern.MatchResult()
         if _ir_utils.has_rank(position_ids, 1):  # a Range [S], unsqueezed to [1, S, 1]
             wanted = [0, 2]
-        elif _ir_utils.has_rank(position_ids, 2) and position_ids.shape[0] == 1:  # [1, S] (Gemma 3), to [1, S, 1]
+        elif _ir_utils.has_rank(position_ids, 2):  # [1, S] (Gemma 3) or [batch, S] (KV decoders), to [., S, 1]
             wanted = [2]
         else:
-            return result.fail("positions are neither [S] nor [1, S]", position_ids)
+            return result.fail("positions are neither [S] nor [batch, S]", position_ids)
         if not _ir_utils.is_1d_value(extra_dims, wanted):
             return result.fail(f"positions are not unsqueezed along {wanted}", extra_dims)
         if inv_freq.const_value is None or inv_freq.const_value.shape.rank() != 1:
@@ -116,6 +117,8 @@ class BroadcastCosSinCacheFusion(CosSinCacheByMulFusion):
             self._inv_freq_cos_sin_cache[inv_freq] = self._compute_dynamic_freqs(op, inv_freq, position_ids, None)
         cos, sin = self._inv_freq_cos_sin_cache[inv_freq]
         rows = op.Unsqueeze(position_ids, op.Constant(value_ints=[0])) if position_ids.shape.rank() == 1 else position_ids
+        if position_ids.shape.rank() == 2 and position_ids.shape[0] != 1:
+            return op.RotaryEmbedding(x, rows, cos, sin, interleaved=interleaved, num_heads=num_heads, _domain=MS_DOMAIN)
         # The positions are shared by the batch, but RotaryEmbedding wants one row of them per sequence.
         batch = op.Concat(op.Shape(x, start=0, end=1), op.Constant(value_ints=[1]), axis=0)
         return op.RotaryEmbedding(x, op.Expand(rows, batch), cos, sin, interleaved=interleaved, num_heads=num_heads,
@@ -245,6 +248,9 @@ FUSIONS: tuple[Fusion, ...] = (
         BroadcastCosSinCacheFusion.rule()),
            _each(_ORT, f"{MS_DOMAIN}::RotaryEmbedding"), "position-indexed cos/sin tables from constant inverse frequencies",
            after=("rotary",)),
+    Fusion("gqa", gqa_rules, {"cpu": f"{MS_DOMAIN}::GroupQueryAttention"},
+           "cached attention (past/present Concat, grouped K/V expansion, causal mask from attention_mask) -> "
+           "GroupQueryAttention; the Q/K/V projections stay MatMuls", infer_shapes=True),
     Fusion("sdpa", sdpa.sdpa_rules, {}, "softmax(Q K^T * scale + mask) V, with GQA's K/V head expansion",
            infer_shapes=True),
     # ORT 1.32's CPU MultiHeadAttention lost to the unfused MatMul/Softmax/MatMul on every reference model
@@ -287,9 +293,14 @@ class FuseOperatorsPass(ir.passes.InPlacePass):
         # A subset of fusion names (per-rule numerical checks), with the intermediate steps they consume.
         self.only = None if only is None else set(only) | {d for name in only for d in _BY_NAME[name].after}
 
+    def _wants(self, name: str) -> bool:
+        return (self.only is None or name in self.only) and name not in self.exclude
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         applied: dict[str, int] = {}
         opset = model_opset(model)
+        if self._wants("rms_norm") and _runs_on(_BY_NAME["rms_norm"], self.target, opset):
+            _spell_out_reduce_mean_defaults(model)
         for fusion in FUSIONS:
             if (self.only is not None and fusion.name not in self.only) or fusion.name in self.exclude:
                 continue
@@ -318,6 +329,19 @@ class FuseOperatorsPass(ir.passes.InPlacePass):
         left = sorted({n.op_type for n in model.graph if n.domain == _INTERMEDIATE_DOMAIN})
         if left:
             raise ir.passes.PostconditionError(f"intermediate fusion ops left in the graph: {', '.join(left)}")
+
+
+def _spell_out_reduce_mean_defaults(model: ir.Model) -> None:
+    """Write `noop_with_empty_axes=0` on ReduceMean nodes that leave it to its default: onnxscript's RMSNorm
+    pattern names the attribute, so a graph that omits it (qtc's own KV exports, hand-written ONNX) never fused
+    (qwen2.5-coder-0.5b decoder: 0 of 49 norms). The attribute only matters when axes are empty, so it is only
+    written where the axes are a non-empty constant."""
+    for node in model.graph:
+        if node.op_type != "ReduceMean" or node.domain not in ("", "ai.onnx") or "noop_with_empty_axes" in node.attributes:
+            continue
+        axes = node.inputs[1] if len(node.inputs) > 1 else None
+        if axes is not None and axes.const_value is not None and axes.const_value.numpy().size:
+            node.attributes["noop_with_empty_axes"] = ir.AttrInt64("noop_with_empty_axes", 0)
 
 
 def _inline_intermediates(model: ir.Model) -> None:

@@ -1,0 +1,79 @@
+"""qtc's KV exports fused for cpu (RMSNorm, rotary, cached attention -> GroupQueryAttention): same logits and
+presents as the unfused graph, prefill and decode;
+sliding-window layers left in the standard form; refused (with the reason) where the mask is not a causal one from
+attention_mask."""
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from qtc.calibration.data import model_inputs, next_step_feed, text_feed
+from qtc.frontends.decoder import DecoderConfig, build_decoder
+from qtc.models.synthetic import RandomWeights
+from qtc.passes.canonicalize import canonicalize_passes
+from qtc.passes.fusion import FuseOperatorsPass, fusion_counts
+from qtc.passes.gqa_fusion import causal_mask_window
+
+TINY = DecoderConfig(family="llama", vocab_size=96, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=96,
+                     head_size=16, sliding_window=3, sliding_layers=(0, 2))
+
+
+def _model(cfg: DecoderConfig, fuse: bool) -> ir.Model:
+    model = ir.from_proto(build_decoder(cfg, RandomWeights(cfg, seed=3)))
+    ir.passes.PassManager(canonicalize_passes(21))(model)
+    if fuse:
+        FuseOperatorsPass("cpu")(model)
+    return model
+
+
+def _session(model: ir.Model) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(ir.to_proto(model).SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _decode(model: ir.Model, prompt: np.ndarray, steps: int) -> list[dict[str, np.ndarray]]:
+    """Prefill `prompt`, then `steps` greedy single-token steps; every run's outputs by name."""
+    session, inputs = _session(model), model_inputs(model)
+    names = [o.name for o in session.get_outputs()]
+    feed = text_feed(prompt, inputs)
+    runs = [dict(zip(names, session.run(None, feed)))]
+    position = prompt.size
+    for _ in range(steps):
+        token = np.array([[int(runs[-1]["logits"][0, -1].argmax())]], np.int64)
+        feed = next_step_feed(feed, runs[-1], token, position, inputs)
+        runs.append(dict(zip(names, session.run(None, feed))))
+        position += 1
+    return runs
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_gqa_matches_the_standard_graph_through_prefill_and_decode(window):
+    cfg = dataclasses.replace(TINY, sliding_window=window, sliding_layers=TINY.sliding_layers if window else ())
+    fused, plain = _model(cfg, fuse=True), _model(cfg, fuse=False)
+    # windowed layers (0 and 2) keep the standard form: ORT's kernel takes a window only over a preallocated buffer
+    fused_layers = 1 if window else cfg.layers
+    assert fusion_counts(fused)["fusions"]["gqa"]["in_graph"] == fused_layers
+    assert sum(n.op_type == "Softmax" for n in fused.graph) == cfg.layers - fused_layers
+    # the exporter's rotary (Slice on axis 3 with steps, Cast(Unsqueeze(position_ids))) and RMSNorm forms fuse too
+    assert sum(n.op_type == "RotaryEmbedding" for n in fused.graph) == 2 * cfg.layers
+    assert not [n for n in fused.graph if n.op_type in ("ReduceMean", "Neg", "Slice")]
+    prompt = np.array([5, 17, 42, 8, 61, 3, 29], np.int64)  # longer than the window: the window must bite
+    for got, want in zip(_decode(fused, prompt, 4), _decode(plain, prompt, 4), strict=True):
+        assert sorted(got) == sorted(want)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-4, err_msg=name)
+
+
+def test_a_bias_not_from_attention_mask_is_refused_with_the_reason():
+    model = _model(TINY, fuse=False)
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    bias = softmax.inputs[0].producer().inputs[1]
+    assert causal_mask_window(bias, model)[:2] == (True, 3)
+    mask = next(v for v in model.graph.inputs if v.name == "attention_mask")
+    mask.name = "padding"  # the graph now has no input to take sequence lengths from
+    assert causal_mask_window(bias, model) == (False, None,
+                                               "the model has no attention_mask input to take sequence lengths from")
