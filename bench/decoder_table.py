@@ -78,10 +78,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = [] if args.no_float_row else [row("float", args.float_model, args.float_model, args)]
     for recipe in [r for r in args.rows.split(",") if r]:
-        out = args.work / args.name / recipe / "model.onnx"
+        label = Path(recipe).stem  # a built-in name, or a recipe YAML such as bench/recipes/w4a8-gptq-h4.yaml
+        out = args.work / args.name / label / "model.onnx"
         report = qtc("compile", str(args.float_model), "--recipe", recipe, "--calib", "zh-news", "--samples",
                      str(args.samples), "--seq-len", str(args.seq_len), "-o", str(out))
-        rows.append(row(f"qtc {recipe}", out, args.float_model, args, report))
+        rows.append(row(f"qtc {label}", out, args.float_model, args, report))
         print(markdown(rows, args.name), flush=True)
     if args.builder:
         rows.append(row("ORT GenAI builder int4 (defaults)", args.builder, args.float_model, args))

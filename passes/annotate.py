@@ -71,7 +71,7 @@ class AnnotateQuantizationPass(ir.passes.InPlacePass):
         count = 0
         for node in graph:
             found = find_weight(node)
-            if found is None:
+            if found is None or node.meta.get(ROLE) == "rotation":  # an online rotation stays float
                 continue
             names = match_names(node, found.value)
             decision = self.recipe.resolve(node.name or "", node.op_type, names, node.meta.get(ROLE),

@@ -17,6 +17,7 @@ TIED = "qtc.tied"  # the node reads the embedding table (a tied LM head)
 
 # model.meta, in pipeline order
 WARNINGS = "qtc.warnings"  # list[str]: things the user should know that did not stop the compile
+ROTATION = "qtc.rotation"  # rotate.RotateResidualPass: what was rotated
 FUSION_COUNTS = "qtc.fusions"  # fusion.FuseOperatorsPass: per fusion, the op produced and how often
 ANNOTATED = "qtc.annotated"  # int: nodes the recipe quantizes
 LAYER_STATS = "qtc.layer_stats"  # calibrate: per weight layer, streamed X^T X / channel maxima
@@ -70,4 +71,6 @@ def report_sections(model: ir.Model) -> dict:
     }
     if SKIP_PLAN in model.meta:
         sections["layer_skip"] = model.meta[SKIP_PLAN]
+    if ROTATION in model.meta:
+        sections["rotation"] = model.meta[ROTATION]
     return sections

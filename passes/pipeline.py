@@ -27,6 +27,7 @@ from qtc.passes.layerskip import (
 from qtc.passes.legalize import legalization_passes
 from qtc.passes.matmulnbits import WriteMatMulNBitsPass
 from qtc.passes.qdq import InsertQDQPass
+from qtc.passes.rotate import RotateResidualPass
 from qtc.passes.rounding import RoundWeightsPass
 from qtc.passes.smooth import SmoothActivationsPass
 from qtc.passes.weightonly import ExpandInt8WeightsPass
@@ -51,6 +52,8 @@ def build_pipeline(
         [
             # 1. One canonical graph: constants lifted and folded, dead code gone, sorted, at the QDQ opset.
             *canonicalize_passes(recipe.opset),
+            #     A recipe's residual rotation, on the decomposed norms and before anything measures activations.
+            *([RotateResidualPass()] if recipe.rotate else []),
             # 1b. The float graph the target runs fastest (contrib ops for cpu/cuda; nothing for cann). Weight
             #     MatMuls stay standalone, so the policy below still sees every projection. Layer skipping
             #     needs the residual Adds it gates left unfused.
@@ -97,6 +100,7 @@ def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, 
     return ir.passes.PassManager(
         [
             *canonicalize_passes(recipe.opset),
+            *([RotateResidualPass()] if recipe.rotate else []),
             FuseOperatorsPass(backend.name),
             AnnotateQuantizationPass(recipe),
             CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, every_layer=True),

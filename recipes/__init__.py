@@ -168,6 +168,7 @@ class Recipe:
     opset: int = 21
     smooth: SmoothSpec | None = None
     embedding: QuantSpec | None = None  # the embedding table (and a head tied to it); None keeps it float
+    rotate: str | None = None  # "hadamard": rotate the residual stream first (passes/rotate.py)
 
     def __post_init__(self) -> None:
         for op in self.op_types:
@@ -176,6 +177,8 @@ class Recipe:
             _check_choice("keep_float entry", role, ROLES)
         if self.embedding is not None:
             _check_table(self.name, self.embedding, self.keep_float)
+        if self.rotate is not None:
+            _check_choice("rotate", self.rotate, ROTATIONS)
         activations = [self.activation] + [r.activation for r in self.rules if r.activation not in (INHERIT, None)]
         for spec in filter(None, activations):
             _check_activation(self.name, spec)
@@ -230,6 +233,7 @@ class Recipe:
             "opset": self.opset,
             "smooth": self.smooth.to_dict() if self.smooth else None,
             "embedding": self.embedding.to_dict() if self.embedding else None,
+            **({"rotate": self.rotate} if self.rotate else {}),  # absent when off: older provenance reads the same
         }
 
     def to_json(self) -> str:
@@ -245,7 +249,8 @@ class Recipe:
 # ---------------------------------------------------------------------------------------------- parsing
 
 RECIPE_KEYS = ("name", "description", "base", "weight", "activation", "op_types", "keep_float", "overrides", "opset",
-               "smooth", "embedding")
+               "smooth", "embedding", "rotate")
+ROTATIONS = ("hadamard",)
 SPEC_KEYS = tuple(f.name for f in dataclasses.fields(QuantSpec))
 RULE_KEYS = (*SELECTORS, "quantize", "weight", "activation", "recipe")
 
@@ -354,6 +359,7 @@ def parse_recipe(data: Any, where: str = "recipe") -> Recipe:
         opset=int(data.get("opset", base.opset if base else 21)),
         smooth=_smooth(where, data["smooth"]) if "smooth" in data else (base.smooth if base else None),
         embedding=embedding,
+        rotate=data.get("rotate", base.rotate if base else None),
     )
 
 
