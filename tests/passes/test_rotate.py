@@ -17,7 +17,7 @@ from qtc.passes.annotate import AnnotateQuantizationPass, annotated_nodes
 from qtc.passes.canonicalize import canonicalize_passes
 from qtc.passes.meta import ROTATION
 from qtc.passes.rotate import RotateResidualPass, residual_rotation
-from qtc.recipes import builtin_recipe
+from qtc.recipes import builtin_recipe, parse_recipe
 
 CFG = DecoderConfig(family="qwen2", vocab_size=80, hidden=48, layers=2, heads=4, kv_heads=2, intermediate=96,
                     head_size=12, qkv_bias=True)
@@ -94,3 +94,26 @@ def test_post_branch_norms_are_refused_with_the_reason():
     gemma_like = dataclasses.replace(CFG, sandwich_norms=True, qkv_bias=False)
     with pytest.raises(QtcError, match="does not commute with a rotation"):
         RotateResidualPass()(_model(gemma_like))
+
+
+def test_w8a8_rot_compiles_a_kv_decoder_and_refuses_a_model_without_one_embedding(kv_decoder, tmp_path):
+    import qtc
+
+    result = qtc.compile(kv_decoder, recipe="w8a8-rot", calib="zh-news", samples=2, seq_len=64)
+    assert result.report["rotation"]["online_hadamard"] == 4  # zh-tiny-lm: 4 layers, one down projection each
+    assert result.report["heldout_comparison"]["outputs"]["logits"]["top1_agreement"] > 0.95
+    result.save(tmp_path / "rot" / "model.onnx")
+    with pytest.raises(QtcError, match="rotate:"):
+        qtc.compile(_cnn(tmp_path), recipe=parse_recipe({"base": "w8a16", "name": "w8a16-rot", "rotate": "hadamard"}))
+
+
+def _cnn(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    weight = numpy_helper.from_array(np.ones((4, 3, 3, 3), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"])], "cnn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])], [weight])
+    path = tmp_path / "cnn.onnx"
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
