@@ -184,8 +184,8 @@ def _count_ops(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
 
 def has_weight_only_int8(recipe: Recipe) -> bool:
     """Whether some layer of the recipe may get int8 weights with float activations (globally or by a rule)."""
-    if recipe.activation is None and recipe.weight.dtype == "int8":
-        return True
+    if recipe.activation is None and recipe.weight.dtype == "int8" and recipe.op_types:
+        return True  # (a recipe with no op types quantizes nothing: the `float` baseline)
     for rule in recipe.rules:
         weight = recipe.weight if rule.weight is INHERIT else rule.weight
         if rule.quantize is not False and rule.activation is None and weight is not None and weight.dtype == "int8":

@@ -77,3 +77,13 @@ def test_a_bias_not_from_attention_mask_is_refused_with_the_reason():
     mask.name = "padding"  # the graph now has no input to take sequence lengths from
     assert causal_mask_window(bias, model) == (False, None,
                                                "the model has no attention_mask input to take sequence lengths from")
+
+
+def test_float_recipe_is_the_fused_float_decoder(kv_decoder):
+    import qtc
+
+    result = qtc.compile(kv_decoder, recipe="float", calib="zh-news", samples=2, seq_len=64)
+    assert result.report["fusions"]["fusions"]["gqa"]["in_graph"] == 4  # zh-tiny-lm: 4 layers
+    assert not any(n.domain == "" and n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in result.model.graph)
+    logits = result.report["heldout_comparison"]["outputs"]["logits"]
+    assert logits["cosine"] > 0.99999 and logits["top1_agreement"] == 1.0
