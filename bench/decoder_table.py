@@ -56,8 +56,9 @@ def markdown(rows: list[dict], name: str) -> str:
             f"| {r['row']} | {bpc['value']:.3f} | "
             + (f"{delta['value']:+.3f} [{delta['ci95'][0]:+.3f}, {delta['ci95'][1]:+.3f}]" if delta else "-")
             + f" | {ident} | {first} | {b['bytes'] / 1e6:,.0f} | {b['ttft_ms']:.0f}"
-            + (f" ({b['ttft_vs_baseline']:.2f})" if agree else "")
-            + f" | {b['decode_tokens_per_s']:.1f}" + (f" ({b['decode_speed_vs_baseline']:.2f})" if agree else "")
+            + (f" ({b['ttft_vs_baseline']:.2f})" if b.get("ttft_vs_baseline") else "")
+            + f" | {b['decode_tokens_per_s']:.1f}"
+            + (f" ({b['decode_speed_vs_baseline']:.2f})" if b.get("decode_speed_vs_baseline") else "")
             + f" | {b['peak_rss_bytes'] / 1e6:,.0f} | {r['compile_seconds'] or '-'} |")
     return "\n".join(lines) + "\n"
 
