@@ -147,6 +147,9 @@ class Backend:
         options.intra_op_num_threads = session_threads()
         return options
 
+    def providers(self) -> list:
+        return [(self.provider, self.provider_options)] + ([] if self.provider == CPU_PROVIDER else [CPU_PROVIDER])
+
     def session(self, model: str | os.PathLike | bytes | ir.Model) -> ort.InferenceSession:
         """A session that honours the model's `qtc.session.*` metadata (the numerics its recipe asked for)."""
         if isinstance(model, ir.Model):
@@ -156,8 +159,7 @@ class Backend:
         options = self.session_options()
         for key, value in session_config(model).items():
             options.add_session_config_entry(key, value)
-        providers = [(self.provider, self.provider_options)] + ([] if self.provider == CPU_PROVIDER else [CPU_PROVIDER])
-        session = _inference_session(model, options, providers)
+        session = _inference_session(model, options, self.providers())
         if session.get_providers()[0] != self.provider:
             # Never report a CPU run as an accelerator run.
             raise BackendUnavailable(f"{self.name}: session runs on {session.get_providers()[0]}, not {self.provider}")

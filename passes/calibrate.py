@@ -20,14 +20,21 @@ from qtc.calibration.moments import ChannelAbsMax, Gram
 from qtc.calibration.observers import make_observer
 from qtc.errors import QtcError
 from qtc.passes.annotate import activations_to_observe, annotated_nodes
-from qtc.passes.meta import LAYER_STATS, OBSERVERS, RANGES, smoothing_of
+from qtc.passes.meta import LAYER_STATS, OBSERVERS, RANGES, SEGMENTED, smoothing_of
+from qtc.passes.segments import stream_segmented
 from qtc.recipes import SmoothSpec
 from qtc.util.progress import progress_bar
 
 
 def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str], label: str,
-                       quiet: bool) -> Iterator[dict[str, np.ndarray]]:
-    """Yield {name: activation} for each calibration sample, one sample at a time (nothing accumulates here)."""
+                       quiet: bool, segment_bytes: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """Yield {name: activation} for each calibration sample, one sample at a time (nothing accumulates here).
+    With `segment_bytes`, the graph runs a slice at a time (passes/segments.py) and each dict holds the names
+    one slice produced; every name still sees its samples in order."""
+    if segment_bytes is not None:
+        model.meta[SEGMENTED] = {"segment_bytes": segment_bytes}
+        yield from stream_segmented(model, backend, calib, names, segment_bytes, label, quiet)
+        return
     session = session_with_outputs(backend, model, names)
     inputs = model_inputs(model)
     outputs = sorted(n for n in names if n not in {v.name for v in model.graph.inputs})
@@ -76,8 +83,9 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
     """Observe every activation the annotations ask for; requires annotations, ensures a range for each."""
 
     def __init__(self, calib: CalibrationSet | None, backend: Backend, quiet: bool = False,
-                 cache: CalibrationCache | None = None) -> None:
+                 cache: CalibrationCache | None = None, segment_bytes: int | None = None) -> None:
         super().__init__()
+        self.segment_bytes = segment_bytes
         self.calib = calib
         self.backend = backend
         self.quiet = quiet
@@ -102,9 +110,11 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         }
         names = {key: wanted[key][0].name for key in observers}
         if observers:
-            for produced in stream_activations(model, self.backend, self.calib, set(names.values()), "calibrating", self.quiet):
+            for produced in stream_activations(model, self.backend, self.calib, set(names.values()), "calibrating",
+                                               self.quiet, self.segment_bytes):
                 for key, observer in observers.items():
-                    observer.update(produced[names[key]])
+                    if names[key] in produced:
+                        observer.update(produced[names[key]])
         measured = {key: (obs.range(), obs.summary()) for key, obs in observers.items()}
         if self.cache is not None:
             self.cache.ranges.update({key: (smoothing[key], *found) for key, found in measured.items()})
@@ -127,8 +137,9 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False,
-                 every_layer: bool = False, cache: CalibrationCache | None = None):
+                 every_layer: bool = False, cache: CalibrationCache | None = None, segment_bytes: int | None = None):
         super().__init__()
+        self.segment_bytes = segment_bytes
         self.calib, self.backend, self.smooth, self.quiet = calib, backend, smooth, quiet
         self.every_layer = every_layer  # sensitivity analysis wants both statistics for every quantized layer
         self.cache = cache
@@ -157,9 +168,10 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
             known = {name: hit for name, needs in wanted.items() if (hit := self.cache.stats(name, needs)) is not None}
         missing = {name: needs for name, needs in wanted.items() if name not in known}
         if missing:
-            for produced in stream_activations(model, self.backend, self.calib, set(missing), "layer statistics", self.quiet):
+            for produced in stream_activations(model, self.backend, self.calib, set(missing), "layer statistics",
+                                               self.quiet, self.segment_bytes):
                 for name, collectors in missing.items():
-                    for collector in collectors.values():
+                    for collector in collectors.values() if name in produced else ():
                         collector.update(produced[name])
             if self.cache is not None:
                 self.cache.layer_stats.update(copy.deepcopy(missing))

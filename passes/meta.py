@@ -23,6 +23,7 @@ ANNOTATED = "qtc.annotated"  # int: nodes the recipe quantizes
 LAYER_STATS = "qtc.layer_stats"  # calibrate: per weight layer, streamed X^T X / channel maxima
 SMOOTHING = "qtc.smoothing"  # smooth: per smoothed activation, alpha and scale summary
 ROUNDING = "qtc.rounding"  # rounding: GPTQ / AWQ record per layer
+SEGMENTED = "qtc.segmented"  # calibrate: the graph ran a slice at a time (passes/segments.py)
 RANGES = "qtc.ranges"  # calibrate: activation key -> (min, max)
 OBSERVERS = "qtc.observers"  # calibrate: activation key -> observer summary
 FUSED_TABLES = "qtc.fused_tables"  # embedding_tables: packed tables written
@@ -71,6 +72,8 @@ def report_sections(model: ir.Model) -> dict:
     }
     if SKIP_PLAN in model.meta:
         sections["layer_skip"] = model.meta[SKIP_PLAN]
+    if SEGMENTED in model.meta:
+        sections["segmented_calibration"] = model.meta[SEGMENTED]
     if ROTATION in model.meta:
         sections["rotation"] = model.meta[ROTATION]
     return sections

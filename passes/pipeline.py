@@ -45,6 +45,7 @@ def build_pipeline(
     keep_residual_adds: bool = False,
     cache: CalibrationCache | None = None,
     accuracy_level: int | None = None,
+    segment_bytes: int | None = None,
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
     measure = backend.measuring_backend()
@@ -63,11 +64,12 @@ def build_pipeline(
             # 3. Outliers and rounding from streamed layer statistics (X^T X, channel max): SmoothQuant moves
             #    activation outliers into weights; GPTQ / AWQ choose the integers. Float semantics unchanged.
             #    `cache`: what an earlier compile of this model on this data measured (--max-drop's attempts).
-            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, cache=cache),
+            #    `segment_bytes`: run the float graph a slice of weights at a time (models larger than memory).
+            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, cache=cache, segment_bytes=segment_bytes),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
             RoundWeightsPass(),
             # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming.
-            CalibrateActivationsPass(calib, measure, quiet=quiet, cache=cache),
+            CalibrateActivationsPass(calib, measure, quiet=quiet, cache=cache, segment_bytes=segment_bytes),
             # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
             # 5b. Target kernels the runtime does not fuse itself: quantized embedding tables (and tied heads).

@@ -1,0 +1,193 @@
+"""Segmented calibration: run the float graph a slice at a time, so ONNX Runtime holds one slice's weights, not the
+whole model's (issue: a 7B decoder is 30 GB of float32; one flat calibration session needs all of it at once).
+
+The graph's nodes, in topological order, are cut into consecutive segments of at most `segment_bytes` of weights
+(a transformer cuts between layers or inside one; nothing here depends on its structure). Each segment becomes
+a model of its own: its inputs are the values it reads that earlier segments (or the caller) produced, its
+outputs the values later segments read, the graph outputs it produces that the next run needs (a decoder's
+presents), and the observed activations it produces. Segments run in order over every calibration run (each
+window's prefill and decode steps), handing their boundary values to the next segment; a decoder's past inputs
+are fed, segment by segment, with the presents the same segment returned on the run before, exactly as the flat
+loop does. What the observers see is the same values in the same sample order (tests: equal to the flat run).
+
+Large weights reach ONNX Runtime through `SessionOptions.add_external_initializers` (OrtValues over the arrays
+qtc already holds, often memory-mapped external data; the segment's proto names them without bytes), so no segment is ever serialized with its
+weights and the 2 GB protobuf limit does not apply. Peak memory: one segment's weights (plus ORT's pre-packed
+copies), the boundary values of every calibration run (a transformer: the residual stream, the mask, the rotary
+tables; [S, vocab] logits are never kept unless observed), and the observers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qtc.backends.base import Backend
+from qtc.calibration.data import CalibrationSet, decode_steps, model_inputs
+from qtc.util.progress import progress_bar
+
+_INLINE_BYTES = 1 << 16  # smaller initializers travel inside the segment's proto
+
+
+@dataclass
+class Segment:
+    nodes: list[ir.Node]
+    inputs: list[ir.Value]  # computed elsewhere (graph inputs or earlier segments)
+    outputs: list[ir.Value]  # read later, needed by the next run (presents), or observed
+    weights: list[ir.Value]  # initializers its nodes read
+    weight_bytes: int
+
+
+def _initializer_bytes(value: ir.Value) -> int:
+    tensor = value.const_value
+    return int(tensor.nbytes) if tensor is not None else 0
+
+
+def split_segments(graph: ir.Graph, segment_bytes: int, keep: set[str]) -> list[Segment]:
+    """Cut the (topologically sorted) graph into segments of at most `segment_bytes` of initializers each (a node
+    whose own weights exceed it gets a segment alone). `keep`: value names that must leave the segment producing
+    them even if nothing later reads them (observed activations, presents)."""
+    nodes = list(graph)
+    groups, current, size = [], [], 0
+    for node in nodes:
+        own = sum(_initializer_bytes(v) for v in node.inputs if v is not None and v.is_initializer())
+        if current and size + own > segment_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(node)
+        size += own
+    if current:
+        groups.append(current)
+    position = {id(node): i for i, group in enumerate(groups) for node in group}
+    segments = []
+    for index, group in enumerate(groups):
+        reads, weights, seen = [], [], set()
+        for node in group:
+            for value in node.inputs:
+                if value is None or id(value) in seen:
+                    continue
+                seen.add(id(value))
+                producer = value.producer()
+                if value.is_initializer():
+                    weights.append(value)
+                elif producer is None or position[id(producer)] != index:
+                    reads.append(value)
+        produced = [v for node in group for v in node.outputs]
+        later = [v for v in produced if v.name in keep or any(position[id(user)] > index for user, _ in v.uses())]
+        segments.append(Segment(group, reads, later, weights, sum(_initializer_bytes(w) for w in weights)))
+    return segments
+
+
+def _value_info(value: ir.Value) -> onnx.ValueInfoProto:
+    return ir.serde.serialize_value(value)
+
+
+def _placeholder(weight: ir.Value) -> onnx.TensorProto:
+    """An initializer entry without its bytes: `add_external_initializers` supplies them when the session loads."""
+    tensor = onnx.TensorProto(name=weight.name, data_type=int(weight.const_value.dtype),
+                              dims=list(weight.const_value.shape), data_location=onnx.TensorProto.EXTERNAL)
+    for key, value in (("location", "qtc-supplied-at-load"), ("offset", "0"), ("length", str(weight.const_value.nbytes))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+class SegmentSession:
+    """One segment as an ONNX Runtime session; big weights handed over as OrtValues, not copied into a proto."""
+
+    def __init__(self, model: ir.Model, segment: Segment, make_options: Callable[[], ort.SessionOptions],
+                 providers: list) -> None:
+        small = [w for w in segment.weights if _initializer_bytes(w) <= _INLINE_BYTES]
+        large = [w for w in segment.weights if _initializer_bytes(w) > _INLINE_BYTES]
+        graph = onnx.helper.make_graph(
+            [ir.serde.serialize_node(node) for node in segment.nodes], "qtc_segment",
+            [_value_info(v) for v in segment.inputs], [_value_info(v) for v in segment.outputs],
+            [ir.serde.serialize_tensor(w.const_value) for w in small] + [_placeholder(w) for w in large])
+        proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(domain, version)
+                                                             for domain, version in sorted(model.opset_imports.items())])
+        proto.ir_version = model.ir_version
+        options = make_options()
+        arrays = [np.ascontiguousarray(w.const_value.numpy()) for w in large]
+        self._keep = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # must outlive the session
+        if large:
+            options.add_external_initializers([w.name for w in large], self._keep)
+        self.session = ort.InferenceSession(proto.SerializeToString(), options, providers=providers)
+        self.inputs = [v.name for v in segment.inputs]
+        self.outputs = [v.name for v in segment.outputs]
+
+    def run(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        feed = {name: values[name] for name in self.inputs}
+        return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
+
+
+def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str],
+                     segment_bytes: int, label: str, quiet: bool) -> Iterator[dict[str, np.ndarray]]:
+    """Like passes.calibrate.stream_activations, segment by segment: yields, per segment and calibration run (in
+    sample order), the observed activations that segment produced (graph inputs with the first segment)."""
+    inputs = model_inputs(model)
+    past_to_present = {spec.name: spec.present for spec in inputs if spec.present is not None}
+    runs = _graph_feeds(calib, inputs, bool(past_to_present))  # per run: graph inputs (pasts only for prefill)
+    segments = split_segments(model.graph, segment_bytes, set(names) | set(past_to_present.values()))
+    graph_inputs = {spec.name for spec in inputs}
+    carried = [dict(feed) for feed, _ in runs]
+    starts = [first for _, first in runs] + [True]
+    with progress_bar(f"{label} ({len(segments)} segments)", total=len(segments) * calib.n_samples, quiet=quiet) as advance:
+        for index, segment in enumerate(segments):
+            later = {v.name for s in segments[index + 1:] for v in s.inputs}
+            if not segment.outputs:  # e.g. the LM head: nothing observed, nothing read later
+                for _ in range(calib.n_samples):
+                    advance()
+                continue
+            session = SegmentSession(model, segment, backend.session_options, backend.providers())
+            previous: dict[str, np.ndarray] = {}
+            for number, values in enumerate(carried):
+                if not starts[number]:  # a decode step: the pasts are this segment's presents from the run before
+                    values.update({past: previous[present] for past, present in past_to_present.items()
+                                   if present in previous})
+                produced = session.run(values)
+                previous = {k: v for k, v in produced.items() if k in past_to_present.values()}
+                seen = {k: v for k, v in produced.items() if k in names}
+                if index == 0:
+                    seen.update({k: values[k] for k in names & graph_inputs if k in values})
+                if seen:
+                    yield seen
+                values.update({k: v for k, v in produced.items() if k in later})
+                for name in [k for k in values if k not in later]:
+                    del values[name]  # what no later segment reads (pasts this segment used, logits, ...)
+                if starts[number + 1]:
+                    advance()
+            del session
+
+
+def _graph_feeds(calib: CalibrationSet, inputs, kv: bool) -> list[tuple[dict[str, np.ndarray], bool]]:
+    """Every calibration run's graph-input feed, in the flat loop's order, and whether it starts a window (a
+    prefill, whose pasts are the empty cache; a decode step's pasts come from the run before)."""
+    runs = []
+    for window in calib.feeds(inputs):
+        if not (kv and calib.kind == "text"):
+            runs.append((window, True))
+            continue
+        for number, (feed, _) in enumerate(decode_steps(window, inputs, _EmptyPresents(inputs))):
+            runs.append(({k: v for k, v in feed.items()} if number == 0 else
+                         {k: v for k, v in feed.items() if not _is_past(k, inputs)}, number == 0))
+    return runs
+
+
+def _is_past(name: str, inputs) -> bool:
+    return any(spec.name == name and spec.present is not None for spec in inputs)
+
+
+class _EmptyPresents:
+    """decode_steps' `run`: the step feeds' graph inputs do not depend on the model's outputs except the presents,
+    which segmented calibration supplies itself; a placeholder present lets decode_steps build the next feed."""
+
+    def __init__(self, inputs) -> None:
+        self.presents = [spec.present for spec in inputs if spec.present is not None]
+
+    def __call__(self, feed: dict) -> dict:
+        return {name: np.zeros((1,), np.float32) for name in self.presents}

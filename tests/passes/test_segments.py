@@ -1,0 +1,69 @@
+"""Segmented calibration: run slice by slice, the observers see the same activations in the same order as the
+flat run (a KV decoder's prefill and decode steps included), while no segment holds more than its share of the
+weights."""
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from qtc.backends import compile_target
+from qtc.calibration.data import load_calibration
+from qtc.frontends.onnx_file import load_model
+from qtc.passes.annotate import AnnotateQuantizationPass, activations_to_observe
+from qtc.passes.calibrate import stream_activations
+from qtc.passes.canonicalize import canonicalize_passes
+from qtc.passes.fusion import FuseOperatorsPass
+from qtc.passes.segments import split_segments, stream_segmented
+from qtc.recipes import builtin_recipe
+
+
+@pytest.fixture(scope="module")
+def prepared(kv_decoder):
+    model = load_model(kv_decoder)
+    ir.passes.PassManager([*canonicalize_passes(21), FuseOperatorsPass("cpu"), AnnotateQuantizationPass(builtin_recipe("w8a8"))])(model)
+    calib = load_calibration("zh-news", tokenizer=kv_decoder.parent / "tokenizer.json", n_samples=3, seq_len=32, seed=0)
+    names = {value.name for value, _ in activations_to_observe(model.graph).values()}
+    return model, calib, names
+
+
+def _collect(stream, names):
+    seen = {name: [] for name in names}
+    for produced in stream:
+        for name, array in produced.items():
+            seen[name].append(array)
+    return seen
+
+
+def test_segments_cut_by_weight_bytes_and_read_only_what_crosses(prepared):
+    model, _, names = prepared
+    segments = split_segments(model.graph, 2 << 20, names)
+    assert len(segments) >= 5
+    assert all(s.weight_bytes <= 2 << 20 or len([n for n in s.nodes if n.inputs]) == 1 for s in segments)
+    assert sum(len(s.nodes) for s in segments) == len(list(model.graph))
+    # the residual stream and the shared mask / rotary values cross a cut; the whole activation set does not
+    assert max(len(s.inputs) for s in segments[1:]) < 40
+
+
+def test_segmented_stream_equals_the_flat_stream(prepared):
+    model, calib, names = prepared
+    backend = compile_target("cpu")
+    flat = _collect(stream_activations(model, backend, calib, names, "flat", quiet=True), names)
+    cut = _collect(stream_segmented(model, backend, calib, names, 2 << 20, "segmented", quiet=True), names)
+    assert sorted(flat) == sorted(cut)
+    runs = 3 * 5  # each window: a prefill and 4 decode steps
+    for name in names:
+        assert len(flat[name]) == len(cut[name]) == runs, name
+        for a, b in zip(flat[name], cut[name]):
+            np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_a_memory_limit_below_the_flat_session_segments_calibration_and_writes_the_same_bytes(kv_decoder, tmp_path):
+    import qtc
+
+    written = {}
+    for limit in (64 << 30, 60 << 20):  # zh-tiny-lm: 20 MB of weights; 60 MB -> slices of 6 MB
+        result = qtc.compile(kv_decoder, recipe="w8a8", calib="zh-news", samples=2, seq_len=48, memory_limit=limit)
+        assert ("segmented_calibration" in result.report) == (limit < 1 << 30)
+        path = result.save(tmp_path / str(limit) / "model.onnx")
+        written[limit] = (path.read_bytes(), path.with_name("model.onnx.data").read_bytes())
+    assert written[64 << 30] == written[60 << 20]
