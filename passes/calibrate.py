@@ -7,8 +7,11 @@ the number of samples. Ranges land in `model.meta[RANGES]` keyed by `activation_
 from __future__ import annotations
 
 import copy
+import itertools
 import json
-from typing import Iterator
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -20,20 +23,21 @@ from qtc.calibration.moments import ChannelAbsMax, Gram
 from qtc.calibration.observers import make_observer
 from qtc.errors import QtcError
 from qtc.passes.annotate import activations_to_observe, annotated_nodes
-from qtc.passes.meta import LAYER_STATS, OBSERVERS, RANGES, SEGMENTED, smoothing_of
+from qtc.passes.meta import GRAM_DIR, LAYER_STATS, OBSERVERS, RANGES, SEGMENTED, smoothing_of
 from qtc.passes.segments import stream_segmented
 from qtc.recipes import SmoothSpec
 from qtc.util.progress import progress_bar
 
 
 def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str], label: str,
-                       quiet: bool, segment_bytes: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+                       quiet: bool, segment_bytes: int | None = None,
+                       finished: Callable[[set[str]], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield {name: activation} for each calibration sample, one sample at a time (nothing accumulates here).
     With `segment_bytes`, the graph runs a slice at a time (passes/segments.py) and each dict holds the names
     one slice produced; every name still sees its samples in order."""
     if segment_bytes is not None:
         model.meta[SEGMENTED] = {"segment_bytes": segment_bytes}
-        yield from stream_segmented(model, backend, calib, names, segment_bytes, label, quiet)
+        yield from stream_segmented(model, backend, calib, names, segment_bytes, label, quiet, finished)
         return
     session = session_with_outputs(backend, model, names)
     inputs = model_inputs(model)
@@ -157,6 +161,19 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
                 needs.setdefault("absmax", ChannelAbsMax())
         return {name: needs for name, needs in sorted(wanted.items()) if needs}
 
+    @staticmethod
+    def _offloader(model: ir.Model, collectors: dict[str, dict]) -> Callable[[set[str]], None]:
+        """Segmented runs: each finished Gram goes to a scratch .npy (deleted with the model), so memory holds
+        one segment's matrices, not every layer's."""
+        folder = model.meta.setdefault(GRAM_DIR, tempfile.TemporaryDirectory(prefix="qtc-gram-"))
+        count = itertools.count()
+
+        def offload(names: set[str]) -> None:
+            for name in sorted(names):
+                if "gram" in collectors.get(name, {}):
+                    collectors[name]["gram"].offload(Path(folder.name) / f"{next(count)}.npy")
+        return offload
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         wanted = self._wanted(model.graph)
         if not wanted:
@@ -168,8 +185,9 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
             known = {name: hit for name, needs in wanted.items() if (hit := self.cache.stats(name, needs)) is not None}
         missing = {name: needs for name, needs in wanted.items() if name not in known}
         if missing:
+            offload = self._offloader(model, missing) if self.segment_bytes is not None else None
             for produced in stream_activations(model, self.backend, self.calib, set(missing), "layer statistics",
-                                               self.quiet, self.segment_bytes):
+                                               self.quiet, self.segment_bytes, offload):
                 for name, collectors in missing.items():
                     for collector in collectors.values() if name in produced else ():
                         collector.update(produced[name])

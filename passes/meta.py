@@ -23,6 +23,7 @@ ANNOTATED = "qtc.annotated"  # int: nodes the recipe quantizes
 LAYER_STATS = "qtc.layer_stats"  # calibrate: per weight layer, streamed X^T X / channel maxima
 SMOOTHING = "qtc.smoothing"  # smooth: per smoothed activation, alpha and scale summary
 ROUNDING = "qtc.rounding"  # rounding: GPTQ / AWQ record per layer
+GRAM_DIR = "qtc.gram_dir"  # calibrate: scratch folder of offloaded Gram matrices (segmented runs), deleted with the model
 SEGMENTED = "qtc.segmented"  # calibrate: the graph ran a slice at a time (passes/segments.py)
 RANGES = "qtc.ranges"  # calibrate: activation key -> (min, max)
 OBSERVERS = "qtc.observers"  # calibrate: activation key -> observer summary

@@ -126,9 +126,11 @@ class SegmentSession:
 
 
 def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str],
-                     segment_bytes: int, label: str, quiet: bool) -> Iterator[dict[str, np.ndarray]]:
+                     segment_bytes: int, label: str, quiet: bool,
+                     finished: Callable[[set[str]], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Like passes.calibrate.stream_activations, segment by segment: yields, per segment and calibration run (in
-    sample order), the observed activations that segment produced (graph inputs with the first segment)."""
+    sample order), the observed activations that segment produced (graph inputs with the first segment).
+    `finished(names)` is called when no later segment will yield those names again."""
     inputs = model_inputs(model)
     past_to_present = {spec.name: spec.present for spec in inputs if spec.present is not None}
     runs = _graph_feeds(calib, inputs, bool(past_to_present))  # per run: graph inputs (pasts only for prefill)
@@ -162,6 +164,8 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 if starts[number + 1]:
                     advance()
             del session
+            if finished is not None:
+                finished({v.name for v in segment.outputs} & names | (names & graph_inputs if index == 0 else set()))
 
 
 def _graph_feeds(calib: CalibrationSet, inputs, kv: bool) -> list[tuple[dict[str, np.ndarray], bool]]:

@@ -67,3 +67,16 @@ def test_a_memory_limit_below_the_flat_session_segments_calibration_and_writes_t
         path = result.save(tmp_path / str(limit) / "model.onnx")
         written[limit] = (path.read_bytes(), path.with_name("model.onnx.data").read_bytes())
     assert written[64 << 30] == written[60 << 20]
+
+
+def test_segmented_gptq_offloads_finished_grams_and_rounds_the_same(kv_decoder, tmp_path):
+    import qtc
+
+    written = {}
+    for limit in (64 << 30, 60 << 20):
+        result = qtc.compile(kv_decoder, recipe="w4a8-gptq", calib="zh-news", samples=2, seq_len=48, memory_limit=limit)
+        path = result.save(tmp_path / str(limit) / "model.onnx")
+        written[limit] = path.with_name("model.onnx.data").read_bytes()
+        used = {layer["used"] for layer in result.report["rounding"]["layers"].values()}
+        assert "gptq" in used
+    assert written[64 << 30] == written[60 << 20]
