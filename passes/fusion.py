@@ -250,7 +250,8 @@ FUSIONS: tuple[Fusion, ...] = (
            after=("rotary",)),
     Fusion("gqa", gqa_rules, {"cpu": f"{MS_DOMAIN}::GroupQueryAttention"},
            "cached attention (past/present Concat, grouped K/V expansion, causal mask from attention_mask) -> "
-           "GroupQueryAttention; the Q/K/V projections stay MatMuls", infer_shapes=True),
+           "GroupQueryAttention, which takes each row's length from attention_mask (padding only at a row's end, "
+           "as onnxruntime-genai feeds it); the Q/K/V projections stay MatMuls", infer_shapes=True),
     Fusion("sdpa", sdpa.sdpa_rules, {}, "softmax(Q K^T * scale + mask) V, with GQA's K/V head expansion",
            infer_shapes=True),
     # ORT 1.32's CPU MultiHeadAttention lost to the unfused MatMul/Softmax/MatMul on every reference model
@@ -268,8 +269,10 @@ FUSIONS: tuple[Fusion, ...] = (
 )
 # Intermediate steps run for a target whenever the fusion that consumes them is legal there.
 _BY_NAME = {f.name: f for f in FUSIONS}
-# Fusions that swallow a block's residual Add: layer skipping gates exactly those Adds' branch inputs.
-RESIDUAL_FUSIONS = ("skip_rms_norm", "skip_layer_norm")
+# Fusions layer skipping leaves out: those that swallow a block's residual Add (it gates exactly those Adds' branch
+# inputs), and gqa: GroupQueryAttention also writes the present KV, so a gate could skip only the o projection of
+# its branch (q/k/v would feed the cache write); layer-skipped decoders keep the decomposed attention.
+RESIDUAL_FUSIONS = ("skip_rms_norm", "skip_layer_norm", "gqa")
 _CONSUMERS = {f.name: [g for g in FUSIONS if f.name in g.after] for f in FUSIONS}
 
 
