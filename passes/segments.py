@@ -24,6 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -87,6 +88,11 @@ def _value_info(value: ir.Value) -> onnx.ValueInfoProto:
     return ir.serde.serialize_value(value)
 
 
+def _inline(weight: ir.Value) -> onnx.TensorProto:
+    """A small initializer with its bytes (serializing an external tensor would keep only its file reference)."""
+    return onnx.numpy_helper.from_array(np.asarray(weight.const_value.numpy()), weight.name)
+
+
 def _placeholder(weight: ir.Value) -> onnx.TensorProto:
     """An initializer entry without its bytes: `add_external_initializers` supplies them when the session loads."""
     tensor = onnx.TensorProto(name=weight.name, data_type=int(weight.const_value.dtype),
@@ -107,7 +113,7 @@ class SegmentSession:
         graph = onnx.helper.make_graph(
             [ir.serde.serialize_node(node) for node in segment.nodes], "qtc_segment",
             [_value_info(v) for v in segment.inputs], [_value_info(v) for v in segment.outputs],
-            [ir.serde.serialize_tensor(w.const_value) for w in small] + [_placeholder(w) for w in large])
+            [_inline(w) for w in small] + [_placeholder(w) for w in large])
         proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(domain, version)
                                                              for domain, version in sorted(model.opset_imports.items())])
         proto.ir_version = model.ir_version
