@@ -31,6 +31,7 @@ import onnxruntime as ort
 from qtc.backends.base import Backend
 from qtc.calibration.data import CalibrationSet, decode_steps, model_inputs
 from qtc.util.progress import progress_bar
+from qtc.util.spill import release
 
 _INLINE_BYTES = 1 << 16  # smaller initializers travel inside the segment's proto
 
@@ -170,6 +171,8 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 if starts[number + 1]:
                     advance()
             del session
+            for weight in segment.weights:  # drop the mappings too: RSS stays near one segment, not the model
+                release(weight.const_value)
             if finished is not None:
                 finished({v.name for v in segment.outputs} & names | (names & graph_inputs if index == 0 else set()))
 
