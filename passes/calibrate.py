@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
@@ -167,6 +168,13 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
         one segment's matrices, not every layer's."""
         folder = model.meta.setdefault(GRAM_DIR, tempfile.TemporaryDirectory(prefix="qtc-gram-"))
         count = itertools.count()
+        values = [v for node in model.graph for v in node.outputs] + list(model.graph.inputs)
+        widths = {v.name: v.shape[-1] for v in values if v.name in collectors and v.shape is not None and v.shape.rank()}
+        need = sum(widths[n] ** 2 * 8 for n, c in collectors.items() if "gram" in c and isinstance(widths.get(n), int))
+        free = shutil.disk_usage(folder.name).free
+        if need > free:  # say so now, not after the calibration run fills the disk
+            raise QtcError(f"segmented calibration needs {need / 1e9:.1f} GB of scratch space for its X^T X matrices "
+                           f"in {Path(folder.name).parent} but {free / 1e9:.1f} GB are free: set TMPDIR to a larger disk")
 
         def offload(names: set[str]) -> None:
             for name in sorted(names):

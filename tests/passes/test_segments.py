@@ -80,3 +80,16 @@ def test_segmented_gptq_offloads_finished_grams_and_rounds_the_same(kv_decoder, 
         used = {layer["used"] for layer in result.report["rounding"]["layers"].values()}
         assert "gptq" in used
     assert written[64 << 30] == written[60 << 20]
+
+
+def test_segmented_gptq_refuses_up_front_when_the_scratch_disk_is_too_small(kv_decoder, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import qtc
+    from qtc.errors import QtcError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))  # a full disk
+    with pytest.raises(QtcError, match="scratch space for its X\\^T X matrices .* set TMPDIR"):
+        qtc.compile(kv_decoder, recipe="w4a8-gptq", calib="zh-news", samples=1, seq_len=32, memory_limit=60 << 20)
