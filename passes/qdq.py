@@ -94,6 +94,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         tensor = note.weight.const_value
         if note.precomputed is not None:
             q, scale, zero_point = note.precomputed
+            q = q.numpy()  # an ir tensor, possibly spilled (rounding.to_initializer)
         else:
             q, scale, zero_point = weight_qparams(tensor.numpy(), note.weight_spec, note.axis)
         release(tensor)  # drop the float mapping now: peak memory stays near one tensor, not the model
