@@ -120,12 +120,13 @@ class RotateResidualPass(ir.passes.InPlacePass):
         hidden = table.shape[1]
         norms = [n for n in (_rms_norm(node) for node in graph) if n is not None]
         stream, writers, readers = self._walk(graph, embed, norms, hidden)
-        q = residual_rotation(hidden, self.seed)
+        plan = [(norm, [(node, self._tied(node, norm, embed)) for node, _ in norm.output.uses()]) for norm in readers]
+        q = residual_rotation(hidden, self.seed)  # every check passed: from here on the weights change
         _set(embed.inputs[0], (table.astype(np.float64) @ q).astype(np.float32))
-        for norm in readers:
+        for norm, nodes in plan:
             gamma = _const(norm.scale_node.inputs[norm.gamma_input]).astype(np.float64)
-            for node in list(u for u, _ in norm.output.uses()):
-                self._rotate_reader(model, node, norm, gamma, q, embed)
+            for node, tied in nodes:
+                self._rotate_reader(model, node, tied, gamma, q, embed)
             ones = ir.Value(name=f"{norm.scale_node.name or norm.output.name}.gamma_folded",
                             const_value=ir.tensor(np.ones(hidden, np.float32)), shape=ir.Shape([hidden]),
                             type=ir.TensorType(ir.DataType.FLOAT))
@@ -189,24 +190,28 @@ class RotateResidualPass(ir.passes.InPlacePass):
                            "as in Gemma 3, does not commute with a rotation)")
         return node, bias
 
-    def _rotate_reader(self, model, node, norm, gamma, q, embed):
-        w = _weight_matmul(node, norm.output)
-        transpose = None
-        if w is None and node.op_type == "MatMul" and node.inputs[1].producer() is not None:
-            transpose = node.inputs[1].producer()  # a tied head: MatMul(x, Transpose(table))
-            if transpose.op_type != "Transpose" or transpose.inputs[0] is not embed.inputs[0]:
-                transpose = None
-        if w is None and transpose is None:
-            raise QtcError(f"rotate: the norm output {norm.output.name!r} is read by {node.op_type} node {node.name!r}, "
-                           "not a weight MatMul")
-        if transpose is not None:  # untie: the head gets its own copy, diag(gamma) Q^T E^T of the original table
+    @staticmethod
+    def _tied(node: ir.Node, norm: _Norm, embed: ir.Node) -> bool:
+        """Whether `node` reads the norm through a weight MatMul (False) or the tied head MatMul(x, Transpose(table))
+        (True); anything else is refused, before any weight is changed."""
+        if _weight_matmul(node, norm.output) is not None:
+            if not _only_use(node.inputs[1]):
+                raise QtcError(f"rotate: weight {node.inputs[1].name!r} is shared by several nodes")
+            return False
+        transpose = node.inputs[1].producer() if node.op_type == "MatMul" and node.inputs[0] is norm.output else None
+        if transpose is not None and transpose.op_type == "Transpose" and transpose.inputs[0] is embed.inputs[0]:
+            return True
+        raise QtcError(f"rotate: the norm output {norm.output.name!r} is read by {node.op_type} node {node.name!r}, "
+                       "not a weight MatMul")
+
+    def _rotate_reader(self, model, node, tied, gamma, q, embed):
+        if tied:  # untie: the head gets its own copy, diag(gamma) Q^T E^T of the original table
             rotated = _const(embed.inputs[0]).astype(np.float64)  # already E Q
             head = (gamma[:, None] * rotated.T).astype(np.float32)
             _set_input(model.graph, node, 1, head, name=f"{node.name or 'lm_head'}.untied_weight")
             return
-        if not _only_use(node.inputs[1]):
-            raise QtcError(f"rotate: weight {node.inputs[1].name!r} is shared by several nodes")
-        _set_input(model.graph, node, 1, (q.T @ (gamma[:, None] * w.astype(np.float64))).astype(np.float32))
+        w = _const(node.inputs[1]).astype(np.float64)
+        _set_input(model.graph, node, 1, (q.T @ (gamma[:, None] * w)).astype(np.float32))
 
     def _online_hadamard(self, graph, node, w):
         width = w.shape[0]
