@@ -23,42 +23,51 @@ class ChannelAbsMax:
 
 
 class Gram:
-    """H = X^T X summed over tokens (float64), and the token count: the second moment GPTQ and AWQ use.
+    """H = E[x x^T] over tokens: the second moment GPTQ and AWQ use (E||X D||^2 = tr(D^T H D) for any weight
+    error D, so candidate roundings can be scored without keeping X).
 
-    E||X D||^2 = tr(D^T H D) / n for any weight error D, so candidate roundings can be scored without keeping X.
-    A finished Gram can be `offload`ed to a .npy file (segmented calibration of big models: one K x K float64
-    matrix per layer input adds up to more than the model, 19.6 GB for qwen2.5-coder-1.5b); it is then read back,
-    memory-mapped, whenever used, and replaced on disk when a smoothing scale rewrites it.
+    Summed in float64 while samples stream in; `finish()` turns the sum into the float32 mean every reader uses
+    (a flat and a segmented compile then read the same numbers). A finished Gram can be `offload`ed to a .npy file
+    (segmented calibration of big models: one K x K matrix per layer input adds up to more than the model, 9.8 GB
+    at float32 for qwen2.5-coder-1.5b); it is then read back memory-mapped whenever used, and replaced on disk when
+    a smoothing scale rewrites it.
     """
 
     def __init__(self) -> None:
-        self._matrix: np.ndarray | None = None
+        self._sum: np.ndarray | None = None
+        self._mean: np.ndarray | None = None
         self._file: Path | None = None
         self.tokens = 0
 
-    @property
-    def matrix(self) -> np.ndarray | None:
-        return np.load(self._file, mmap_mode="r") if self._file is not None else self._matrix
-
-    @matrix.setter
-    def matrix(self, value: np.ndarray) -> None:
-        if self._file is None:
-            self._matrix = value
-            return
-        staging = self._file.with_suffix(".tmp.npy")
-        np.save(staging, value)
-        os.replace(staging, self._file)
-
     def update(self, x: np.ndarray) -> None:
+        if self._sum is None and (self._mean is not None or self._file is not None):
+            raise RuntimeError("Gram.update after finish()")
         flat = x.reshape(-1, x.shape[-1]).astype(np.float64)
-        self._matrix = flat.T @ flat if self._matrix is None else self._matrix + flat.T @ flat
+        self._sum = flat.T @ flat if self._sum is None else self._sum + flat.T @ flat
         self.tokens += flat.shape[0]
 
+    def finish(self) -> None:
+        if self._sum is not None:
+            self._mean, self._sum = (self._sum / max(self.tokens, 1)).astype(np.float32), None
+
     def offload(self, path: Path) -> None:
-        if self._matrix is not None:
-            np.save(path, self._matrix)
-            self._file, self._matrix = Path(path), None
+        self.finish()
+        if self._mean is not None:
+            np.save(path, self._mean)
+            self._file, self._mean = Path(path), None
 
     @property
-    def mean(self) -> np.ndarray:
-        return self.matrix / max(self.tokens, 1)
+    def mean(self) -> np.ndarray | None:
+        """The float32 mean (memory-mapped when offloaded)."""
+        self.finish()
+        return np.load(self._file, mmap_mode="r") if self._file is not None else self._mean
+
+    def rescale(self, s: np.ndarray) -> None:
+        """The Gram of X / s (smoothing and AWQ divide an activation's channels by s)."""
+        scaled = (self.mean / np.outer(s, s)).astype(np.float32)
+        if self._file is None:
+            self._mean = scaled
+            return
+        staging = self._file.with_suffix(".tmp.npy")
+        np.save(staging, scaled)
+        os.replace(staging, self._file)

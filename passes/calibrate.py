@@ -170,7 +170,7 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
         count = itertools.count()
         values = [v for node in model.graph for v in node.outputs] + list(model.graph.inputs)
         widths = {v.name: v.shape[-1] for v in values if v.name in collectors and v.shape is not None and v.shape.rank()}
-        need = sum(widths[n] ** 2 * 8 for n, c in collectors.items() if "gram" in c and isinstance(widths.get(n), int))
+        need = sum(widths[n] ** 2 * 4 for n, c in collectors.items() if "gram" in c and isinstance(widths.get(n), int))
         free = shutil.disk_usage(folder.name).free
         if need > free:  # say so now, not after the calibration run fills the disk
             raise QtcError(f"segmented calibration needs {need / 1e9:.1f} GB of scratch space for its X^T X matrices "
@@ -199,6 +199,9 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
                 for name, collectors in missing.items():
                     for collector in collectors.values() if name in produced else ():
                         collector.update(produced[name])
+            for collectors in missing.values():
+                if "gram" in collectors:
+                    collectors["gram"].finish()
             if self.cache is not None:
                 self.cache.layer_stats.update(copy.deepcopy(missing))
         model.meta[LAYER_STATS] = dict(sorted((known | missing).items()))

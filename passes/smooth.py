@@ -45,8 +45,8 @@ def rounding_error(note: QuantAnnotation, w: np.ndarray, h: np.ndarray, scale: n
     restored = node_layout(note, dequantize_weight(q, qs, zp, note.axis, note.weight_spec.block_size)).astype(np.float64)
     if scale is not None:
         restored = restored / scale[:, None]
-    d = restored - w
-    return float(np.sum((h @ d) * d))
+    d = (restored - w).astype(h.dtype)  # in H's float32: no float64 copy of a wide H per call
+    return float(np.sum((h @ d) * d, dtype=np.float64))
 
 
 def _scalable(graph: ir.Graph, members: list[Member]) -> bool:
@@ -122,7 +122,7 @@ def update_statistics(stats: dict, s: np.ndarray) -> None:
     if "absmax" in stats:
         stats["absmax"].value = stats["absmax"].value / s
     if "gram" in stats:
-        stats["gram"].matrix = stats["gram"].matrix / np.outer(s, s)
+        stats["gram"].rescale(s)
 
 
 def smooth_scale(absmax: np.ndarray, members: list[Member], alpha: float) -> np.ndarray:
@@ -133,7 +133,7 @@ def smooth_scale(absmax: np.ndarray, members: list[Member], alpha: float) -> np.
 
 def predicted_error(members: list[Member], stats: dict, s: np.ndarray) -> float:
     """Weight rounding error plus per-tensor activation rounding noise, per token, for scale s."""
-    h = stats["gram"].mean / np.outer(s, s)
+    h = (stats["gram"].mean / np.outer(s, s)).astype(np.float32)
     total = 0.0
     step = 2 * float(np.max(stats["absmax"].value / s)) / 255
     for _, note in members:

@@ -1,0 +1,46 @@
+"""Streaming second moments: one float32 mean whether kept in memory or offloaded, and closed once finished."""
+
+import numpy as np
+import pytest
+
+from qtc.calibration.moments import Gram
+from qtc.passes.rounding import inverse_cholesky
+
+RNG = np.random.default_rng(0)
+
+
+def _gram(chunks):
+    gram = Gram()
+    for x in chunks:
+        gram.update(x)
+    return gram
+
+
+def test_offloaded_gram_reads_and_rescales_bit_for_bit_like_the_in_memory_one(tmp_path):
+    chunks = [RNG.normal(size=(2, 7, 24)) * 3 for _ in range(4)]
+    kept, offloaded = _gram(chunks), _gram(chunks)
+    offloaded.offload(tmp_path / "0.npy")
+    assert kept.mean.dtype == np.float32 and isinstance(offloaded.mean, np.memmap)
+    assert np.array_equal(kept.mean, offloaded.mean)
+    flat = np.concatenate([x.reshape(-1, 24) for x in chunks])
+    np.testing.assert_allclose(kept.mean, flat.T @ flat / len(flat), rtol=1e-6)
+    s = RNG.uniform(0.5, 2.0, size=24)
+    kept.rescale(s)
+    offloaded.rescale(s)
+    assert np.array_equal(kept.mean, offloaded.mean)
+    assert (tmp_path / "0.npy").stat().st_size < 24 * 24 * 4 + 256  # float32 on disk: half the float64 scratch
+
+
+def test_a_finished_gram_takes_no_more_samples():
+    gram = _gram([RNG.normal(size=(5, 8))])
+    gram.finish()
+    with pytest.raises(RuntimeError, match="after finish"):
+        gram.update(RNG.normal(size=(5, 8)))
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_inverse_in_float32():
+    x = RNG.normal(size=(400, 64)).astype(np.float32)
+    h = x.T @ x / 400 + 0.01 * np.eye(64, dtype=np.float32)
+    upper = inverse_cholesky(h)
+    assert upper.dtype == np.float32 and np.allclose(np.triu(upper), upper)
+    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(h.astype(np.float64)), rtol=1e-3, atol=1e-4)
