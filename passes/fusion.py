@@ -65,6 +65,44 @@ class SiluFusion(pattern.RewriteRuleClassBase):
         return op.QuickGelu(x, alpha=1.0, _domain=MS_DOMAIN)
 
 
+class SkipRmsNormKeepingShapes(skip_normalization.SkipRmsNormFusion):
+    """onnxscript's residual Add + RMSNorm rule with two differences, each of which kept half of a pre-norm
+    decoder's residuals as Add + SimplifiedLayerNormalization (qwen2.5-coder-0.5b: 24 of 48):
+    - its check wants input and skip to share symbolic [B, S, D] names, but shape inference names the sequence
+      axis of an attention output afresh (`unk__7` beside `sequence_length`); here rank 3 and equal hidden sizes
+      are what must agree (the Add itself already requires the rest to broadcast);
+    - the fused node's outputs keep the shapes of the values they replace, so the next residual reading the sum
+      is still recognised."""
+
+    def check(self, op, input, skip, gamma, bias, simplified_layer_norm, **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        shapes = [v.shape for v in (input, skip)]
+        if any(shape is None or shape.rank() != 3 for shape in shapes):
+            return result.fail("input or skip is not known to be [batch, sequence, hidden]", [input, skip])
+        hidden = shapes[0][2]
+        if not isinstance(hidden, int) or shapes[1][2] != hidden:
+            return result.fail(f"hidden sizes differ or are unknown: {shapes[0]} vs {shapes[1]}", [input, skip])
+        for vector in (gamma, bias) if self._has_bias else (gamma,):
+            if vector.shape is None or list(vector.shape) != [hidden]:
+                return result.fail(f"{vector.name} is not a [{hidden}] vector", vector)
+        if simplified_layer_norm.producer().attributes.get_int("stash_type", 1) != 1:
+            return result.fail("stash_type other than float32 is not supported by the fused kernel")
+        return result
+
+    def rewrite(self, op, input, skip, gamma, bias, simplified_layer_norm, skip_sum, **rest):
+        normalized, total = super().rewrite(op, input, skip, gamma, bias, simplified_layer_norm, **rest)
+        for new, old in ((normalized, simplified_layer_norm), (total, skip_sum)):
+            new.shape, new.type = old.shape, old.type
+        return normalized, total
+
+
+_SKIP_RMS_RULES = pattern.RewriteRuleSet([
+    SkipRmsNormKeepingShapes.rule("SkipRmsNormPreBias", has_bias=True, bias_pre_add=True),
+    SkipRmsNormKeepingShapes.rule("SkipRmsNormBias", has_bias=True, bias_pre_add=False),
+    SkipRmsNormKeepingShapes.rule("SkipRmsNorm", has_bias=False),
+])
+
+
 class CosSinCacheByMulFusion(cos_sin_cache.CosSinCacheFusion):
     """onnxscript's cos/sin cache fusion, with the run-time table computed by a broadcast Mul instead of a MatMul
     against the constant inverse frequencies: the quantization policy would take that MatMul for a weighted
@@ -226,7 +264,7 @@ FUSIONS: tuple[Fusion, ...] = (
            "x * rsqrt(mean(x^2) + eps) * w (Gemma's (1 + w) is folded into w by canonicalization)"),
     Fusion("layer_norm", _layer_norm.layer_normalization_ruleset, _each(_ORT, "LayerNormalization"),
            "decomposed mean/variance normalization -> ONNX LayerNormalization (opset 17)"),
-    Fusion("skip_rms_norm", skip_normalization.skip_rms_normalization_ruleset,
+    Fusion("skip_rms_norm", _SKIP_RMS_RULES,
            _each(_ORT, f"{MS_DOMAIN}::SkipSimplifiedLayerNormalization"), "residual Add + RMSNorm", after=("rms_norm",)),
     Fusion("skip_layer_norm", skip_normalization.skip_layer_normalization_ruleset,
            _each(_ORT, f"{MS_DOMAIN}::SkipLayerNormalization"), "residual Add (+ bias) + LayerNorm",

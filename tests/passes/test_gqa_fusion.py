@@ -61,6 +61,9 @@ def test_gqa_matches_the_standard_graph_through_prefill_and_decode(window):
     # the exporter's rotary (Slice on axis 3 with steps, Cast(Unsqueeze(position_ids))) and RMSNorm forms fuse too
     assert sum(n.op_type == "RotaryEmbedding" for n in fused.graph) == 2 * cfg.layers
     assert not [n for n in fused.graph if n.op_type in ("ReduceMean", "Neg", "Slice")]
+    # both residual Adds of every layer and the final norm's fuse (only the first layer's input norm has no skip)
+    ops = [n.op_type for n in fused.graph]
+    assert ops.count("SkipSimplifiedLayerNormalization") == 2 * cfg.layers and ops.count("SimplifiedLayerNormalization") == 1
     prompt = np.array([5, 17, 42, 8, 61, 3, 29], np.int64)  # longer than the window: the window must bite
     for got, want in zip(_decode(fused, prompt, 4), _decode(plain, prompt, 4), strict=True):
         assert sorted(got) == sorted(want)
