@@ -37,7 +37,7 @@ from onnxscript.rewriter.rules.fusion import _layer_norm, _rotary_embedding
 
 from qtc.core.ops import MS_DOMAIN, op_key
 from qtc.passes.canonicalize import FoldConstantsPass, InferShapesPass
-from qtc.passes.gqa_fusion import gqa_rules
+from qtc.passes.gqa_fusion import gqa_rules, qkv_rules
 from qtc.passes.meta import FUSION_COUNTS
 
 # onnxscript's fusions go through intermediate ops in this domain (SDPA, a RotaryEmbedding function) that a
@@ -290,6 +290,10 @@ FUSIONS: tuple[Fusion, ...] = (
            "cached attention (past/present Concat, grouped K/V expansion, causal mask from attention_mask) -> "
            "GroupQueryAttention, which takes each row's length from attention_mask (padding only at a row's end, "
            "as onnxruntime-genai feeds it); the Q/K/V projections stay MatMuls", infer_shapes=True),
+    Fusion("qkv_pack", qkv_rules, {"cpu": f"{MS_DOMAIN}::GroupQueryAttention"},
+           "the Q/K/V projections of a GroupQueryAttention packed into one MatMul (one MatMulNBits per layer once "
+           "quantized), Q and K rotated inside the attention (do_rotary with the model's position_ids)",
+           after=("gqa",)),
     Fusion("sdpa", sdpa.sdpa_rules, {}, "softmax(Q K^T * scale + mask) V, with GQA's K/V head expansion",
            infer_shapes=True),
     # ORT 1.32's CPU MultiHeadAttention lost to the unfused MatMul/Softmax/MatMul on every reference model
@@ -310,7 +314,7 @@ _BY_NAME = {f.name: f for f in FUSIONS}
 # Fusions layer skipping leaves out: those that swallow a block's residual Add (it gates exactly those Adds' branch
 # inputs), and gqa: GroupQueryAttention also writes the present KV, so a gate could skip only the o projection of
 # its branch (q/k/v would feed the cache write); layer-skipped decoders keep the decomposed attention.
-RESIDUAL_FUSIONS = ("skip_rms_norm", "skip_layer_norm", "gqa")
+RESIDUAL_FUSIONS = ("skip_rms_norm", "skip_layer_norm", "gqa", "qkv_pack")
 _CONSUMERS = {f.name: [g for g in FUSIONS if f.name in g.after] for f in FUSIONS}
 
 
@@ -348,6 +352,10 @@ class FuseOperatorsPass(ir.passes.InPlacePass):
             if not _runs_on(fusion, self.target, opset):
                 continue
             applied[fusion.name] = fusion.rules_for(self.target, opset).apply_to_model(model)
+            if applied[fusion.name]:
+                # what a rule bypassed (gqa leaves the 4-D rotary form unread) still reads values a later rule
+                # must own alone (qkv_pack's projections)
+                common.RemoveUnusedNodesPass()(model)
             if fusion.infer_shapes and applied[fusion.name]:
                 InferShapesPass()(model)
         modified = any(applied.values())

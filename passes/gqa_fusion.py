@@ -22,10 +22,12 @@ GroupQueryAttention takes float16/bfloat16 only.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript.rewriter import _ir_utils, pattern
 
 from qtc.core.ops import MS_DOMAIN
+from qtc.util.spill import release, spill
 
 
 def _scalar(value: ir.Value | None) -> float | None:
@@ -170,3 +172,79 @@ def _merged_heads(op, x: ir.Value) -> ir.Value:
 
 gqa_rules = pattern.RewriteRuleSet([CachedAttentionToGqa.rule(expanded=True), CachedAttentionToGqa.rule(expanded=False)],
                                    commute=False)
+
+
+class PackQkvIntoGqa(pattern.RewriteRuleClassBase):
+    """GroupQueryAttention over three projections of one input, each of Q and K rotated by RotaryEmbedding ->
+    one MatMul over the concatenated weights (and biases) feeding GroupQueryAttention as packed QKV, which rotates
+    Q and K itself (do_rotary, the same cos/sin tables and the model's position_ids).
+
+    Why: a decode step then runs one MatMulNBits per layer for Q, K and V instead of three (with int8 activations
+    quantized once, not three times) and no RotaryEmbedding kernels: the ORT GenAI builder's form. Exact: each
+    output column of a block- or channel-quantized weight is quantized on its own, so the packed weight rounds as
+    the three did; a recipe that names q/k/v projections apart is refused packing (see `check`)."""
+
+    def __init__(self, with_bias: bool) -> None:
+        super().__init__(f"PackQkvIntoGqa{'Bias' if with_bias else ''}", remove_nodes=True)
+        self.with_bias = with_bias
+
+    def _projection(self, op, x, w, b):
+        y = op.MatMul(x, w)
+        return op.Add(y, b) if self.with_bias else y
+
+    def pattern(self, op, x, wq, wk, wv, bq, bk, bv, positions, cos, sin, past_key, past_value, lengths, total):
+        query = op.RotaryEmbedding(self._projection(op, x, wq, bq), positions, cos, sin, _domain=MS_DOMAIN,
+                                   _allow_other_attributes=True, _outputs=["rotated_query"])
+        key = op.RotaryEmbedding(self._projection(op, x, wk, bk), positions, cos, sin, _domain=MS_DOMAIN,
+                                 _allow_other_attributes=True, _outputs=["rotated_key"])
+        value = self._projection(op, x, wv, bv)
+        return op.GroupQueryAttention(query, key, value, past_key, past_value, lengths, total, _domain=MS_DOMAIN,
+                                      _allow_other_attributes=True, _outputs=["attention", "present_key", "present_value"])
+
+    def check(self, context, x, wq, wk, wv, bq, bk, bv, positions, rotated_query, rotated_key, attention,
+              **_) -> pattern.MatchResult:
+        result = pattern.MatchResult()
+        weights = [w.const_value for w in (wq, wk, wv)]
+        if any(w is None or w.shape.rank() != 2 for w in weights) or len({w.shape[0] for w in weights}) != 1:
+            return result.fail("the q/k/v weights are not constant [hidden, out] matrices of one input", [wq, wk, wv])
+        if len({w.dtype for w in weights}) != 1:
+            return result.fail("the q/k/v weights differ in type", [wq, wk, wv])
+        if self.with_bias and any(b.const_value is None or b.const_value.shape.rank() != 1 for b in (bq, bk, bv)):
+            return result.fail("a q/k/v bias is not a constant vector", [bq, bk, bv])
+        if positions not in context.model.graph.inputs:
+            return result.fail("the rotary positions are computed in the graph, not the position_ids input", positions)
+        rotaries = [v.producer() for v in (rotated_query, rotated_key)]
+        if len({(r.attributes.get_int("interleaved", 0), r.attributes.get_int("rotary_embedding_dim", 0)) for r in rotaries}) != 1 \
+                or rotaries[0].attributes.get_int("rotary_embedding_dim", 0) != 0:
+            return result.fail("Q and K are rotated differently or only partly", rotated_query)
+        gqa = attention.producer()
+        if gqa.attributes.get_int("do_rotary", 0) or gqa.attributes.get_int("local_window_size", -1) != -1:
+            return result.fail("the attention already rotates or is windowed", attention)
+        return result
+
+    def rewrite(self, op, x, wq, wk, wv, bq, bk, bv, positions, cos, sin, past_key, past_value, lengths, total,
+                rotated_query, attention, **_):
+        name = _packed_name(wq.name)
+        packed = np.concatenate([w.const_value.numpy() for w in (wq, wk, wv)], axis=1)
+        for w in (wq, wk, wv):
+            release(w.const_value)
+        qkv = op.MatMul(x, op.initializer(spill(ir.tensor(packed, name=name)), name=name))
+        if self.with_bias:
+            bias_name = _packed_name(bq.name)
+            bias = np.concatenate([b.const_value.numpy() for b in (bq, bk, bv)])
+            qkv = op.Add(qkv, op.initializer(ir.tensor(bias, name=bias_name), name=bias_name))
+        old = attention.producer().attributes
+        keep = {key: old[key].value for key in ("num_heads", "kv_num_heads", "scale") if key in old}
+        interleaved = rotated_query.producer().attributes.get_int("interleaved", 0)
+        return op.GroupQueryAttention(qkv, None, None, past_key, past_value, lengths, total, cos, sin, positions,
+                                      _domain=MS_DOMAIN, _outputs=3, do_rotary=1, rotary_interleaved=interleaved,
+                                      **keep)
+
+
+def _packed_name(q_name: str) -> str:
+    """model.layers.3.self_attn.q_proj.weight -> model.layers.3.self_attn.qkv_proj.weight (kept unique otherwise)."""
+    return q_name.replace("q_proj", "qkv_proj") if "q_proj" in q_name else f"{q_name}.qkv_packed"
+
+
+qkv_rules = pattern.RewriteRuleSet([PackQkvIntoGqa.rule(with_bias=True), PackQkvIntoGqa.rule(with_bias=False)],
+                                   commute=True)

@@ -58,8 +58,13 @@ def test_gqa_matches_the_standard_graph_through_prefill_and_decode(window):
     fused_layers = 1 if window else cfg.layers
     assert fusion_counts(fused)["fusions"]["gqa"]["in_graph"] == fused_layers
     assert sum(n.op_type == "Softmax" for n in fused.graph) == cfg.layers - fused_layers
-    # the exporter's rotary (Slice on axis 3 with steps, Cast(Unsqueeze(position_ids))) and RMSNorm forms fuse too
-    assert sum(n.op_type == "RotaryEmbedding" for n in fused.graph) == 2 * cfg.layers
+    # the exporter's rotary (Slice on axis 3 with steps, Cast(Unsqueeze(position_ids))) and RMSNorm forms fuse too;
+    # a GroupQueryAttention layer's Q/K/V become one packed MatMul and the attention rotates Q and K itself
+    assert fusion_counts(fused)["fusions"]["qkv_pack"]["applied"] == fused_layers
+    assert sum(n.op_type == "RotaryEmbedding" for n in fused.graph) == 2 * (cfg.layers - fused_layers)
+    weight_matmuls = [n for n in fused.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    assert len(weight_matmuls) == 7 * cfg.layers + 1 - 2 * fused_layers
+    assert all(n.attributes.get_int("do_rotary", 0) for n in fused.graph if n.op_type == "GroupQueryAttention")
     assert not [n for n in fused.graph if n.op_type in ("ReduceMean", "Neg", "Slice")]
     # both residual Adds of every layer and the final norm's fuse (only the first layer's input norm has no skip)
     ops = [n.op_type for n in fused.graph]
@@ -90,3 +95,21 @@ def test_float_recipe_is_the_fused_float_decoder(kv_decoder):
     assert not any(n.domain == "" and n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in result.model.graph)
     logits = result.report["heldout_comparison"]["outputs"]["logits"]
     assert logits["cosine"] > 0.99999 and logits["top1_agreement"] == 1.0
+
+
+def test_packed_attention_takes_a_chunk_after_the_prefill_like_the_standard_graph():
+    """A multi-token step on a cache (chunked prefill, `qtc eval`'s second half): the packed attention rotates at
+    the positions the model is fed, not ones it infers."""
+    cfg = dataclasses.replace(TINY, sliding_window=None, sliding_layers=())
+    results = []
+    for fuse in (True, False):
+        model = _model(cfg, fuse)
+        session, inputs = _session(model), model_inputs(model)
+        names = [o.name for o in session.get_outputs()]
+        first = dict(zip(names, session.run(None, text_feed(np.array([5, 17, 42, 8], np.int64), inputs))))
+        feed = {"input_ids": np.array([[61, 3, 29]], np.int64), "attention_mask": np.ones((1, 7), np.int64),
+                "position_ids": np.array([[4, 5, 6]], np.int64)}
+        feed |= {spec.name: first[spec.present] for spec in inputs if spec.present is not None}
+        results.append(dict(zip(names, session.run(None, feed))))
+    for name in results[1]:
+        np.testing.assert_allclose(results[0][name], results[1][name], atol=1e-5, err_msg=name)
