@@ -32,13 +32,14 @@ from qtc.util.progress import progress_bar
 
 def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str], label: str,
                        quiet: bool, segment_bytes: int | None = None,
-                       finished: Callable[[set[str]], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                       finished: Callable[[set[str]], None] | None = None,
+                       held: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield {name: activation} for each calibration sample, one sample at a time (nothing accumulates here).
     With `segment_bytes`, the graph runs a slice at a time (passes/segments.py) and each dict holds the names
     one slice produced; every name still sees its samples in order."""
     if segment_bytes is not None:
         model.meta[SEGMENTED] = {"segment_bytes": segment_bytes}
-        yield from stream_segmented(model, backend, calib, names, segment_bytes, label, quiet, finished)
+        yield from stream_segmented(model, backend, calib, names, segment_bytes, label, quiet, finished, held)
         return
     session = session_with_outputs(backend, model, names)
     inputs = model_inputs(model)
@@ -168,9 +169,7 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
         one segment's matrices, not every layer's."""
         folder = model.meta.setdefault(GRAM_DIR, tempfile.TemporaryDirectory(prefix="qtc-gram-"))
         count = itertools.count()
-        values = [v for node in model.graph for v in node.outputs] + list(model.graph.inputs)
-        widths = {v.name: v.shape[-1] for v in values if v.name in collectors and v.shape is not None and v.shape.rank()}
-        need = sum(widths[n] ** 2 * 4 for n, c in collectors.items() if "gram" in c and isinstance(widths.get(n), int))
+        need = sum(_gram_bytes(model, collectors).values())
         free = shutil.disk_usage(folder.name).free
         if need > free:  # say so now, not after the calibration run fills the disk
             raise QtcError(f"segmented calibration needs {need / 1e9:.1f} GB of scratch space for its X^T X matrices "
@@ -195,7 +194,7 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
         if missing:
             offload = self._offloader(model, missing) if self.segment_bytes is not None else None
             for produced in stream_activations(model, self.backend, self.calib, set(missing), "layer statistics",
-                                               self.quiet, self.segment_bytes, offload):
+                                               self.quiet, self.segment_bytes, offload, _gram_bytes(model, missing)):
                 for name, collectors in missing.items():
                     for collector in collectors.values() if name in produced else ():
                         collector.update(produced[name])
@@ -206,3 +205,11 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
                 self.cache.layer_stats.update(copy.deepcopy(missing))
         model.meta[LAYER_STATS] = dict(sorted((known | missing).items()))
         return ir.passes.PassResult(model, modified=False)
+
+
+def _gram_bytes(model: ir.Model, collectors: dict[str, dict]) -> dict[str, int]:
+    """Bytes of each float32 K x K Gram the collectors hold (by activation name; K from the value's last axis)."""
+    values = [v for node in model.graph for v in node.outputs] + list(model.graph.inputs)
+    widths = {v.name: v.shape[-1] for v in values if v.name in collectors and v.shape is not None and v.shape.rank()}
+    return {name: widths[name] ** 2 * 4 for name, c in sorted(collectors.items())
+            if "gram" in c and isinstance(widths.get(name), int)}

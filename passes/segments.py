@@ -50,14 +50,18 @@ def _initializer_bytes(value: ir.Value) -> int:
     return int(tensor.nbytes) if tensor is not None else 0
 
 
-def split_segments(graph: ir.Graph, segment_bytes: int, keep: set[str]) -> list[Segment]:
-    """Cut the (topologically sorted) graph into segments of at most `segment_bytes` of initializers each (a node
-    whose own weights exceed it gets a segment alone). `keep`: value names that must leave the segment producing
+def split_segments(graph: ir.Graph, segment_bytes: int, keep: set[str],
+                   held: dict[str, int] | None = None) -> list[Segment]:
+    """Cut the (topologically sorted) graph into segments of at most `segment_bytes` each (a node whose own cost
+    exceeds it gets a segment alone). A node costs its weights' bytes plus `held[name]` for each value it produces
+    that the caller keeps state for while the segment runs (a K x K Gram per observed layer input: 321 MB for an
+    8,960-wide one, more than that layer's weights). `keep`: value names that must leave the segment producing
     them even if nothing later reads them (observed activations, presents)."""
-    nodes = list(graph)
+    nodes, held = list(graph), held or {}
     groups, current, size = [], [], 0
     for node in nodes:
         own = sum(_initializer_bytes(v) for v in node.inputs if v is not None and v.is_initializer())
+        own += sum(held.get(v.name, 0) for v in node.outputs)
         if current and size + own > segment_bytes:
             groups.append(current)
             current, size = [], 0
@@ -134,14 +138,16 @@ class SegmentSession:
 
 def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str],
                      segment_bytes: int, label: str, quiet: bool,
-                     finished: Callable[[set[str]], None] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                     finished: Callable[[set[str]], None] | None = None,
+                     held: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Like passes.calibrate.stream_activations, segment by segment: yields, per segment and calibration run (in
     sample order), the observed activations that segment produced (graph inputs with the first segment).
-    `finished(names)` is called when no later segment will yield those names again."""
+    `finished(names)` is called when no later segment will yield those names again; `held`: bytes of state the
+    caller keeps per observed name until then (see split_segments)."""
     inputs = model_inputs(model)
     past_to_present = {spec.name: spec.present for spec in inputs if spec.present is not None}
     runs = _graph_feeds(calib, inputs, bool(past_to_present))  # per run: graph inputs (pasts only for prefill)
-    segments = split_segments(model.graph, segment_bytes, set(names) | set(past_to_present.values()))
+    segments = split_segments(model.graph, segment_bytes, set(names) | set(past_to_present.values()), held)
     graph_inputs = {spec.name for spec in inputs}
     carried = [dict(feed) for feed, _ in runs]
     starts = [first for _, first in runs] + [True]

@@ -44,6 +44,17 @@ def test_segments_cut_by_weight_bytes_and_read_only_what_crosses(prepared):
     assert max(len(s.inputs) for s in segments[1:]) < 40
 
 
+def test_state_held_for_an_observed_value_counts_against_its_producers_segment(prepared):
+    """A layer input's Gram (K x K) can outweigh the layer: it ends the segment producing it, whatever the weights."""
+    model, _, names = prepared
+    observed = sorted(names - {v.name for v in model.graph.inputs})[0]
+    producer = next(n for n in model.graph if any(v.name == observed for v in n.outputs))
+    plain = split_segments(model.graph, 2 << 20, names)
+    held = split_segments(model.graph, 2 << 20, names, held={observed: 2 << 20})
+    alone = next(s for s in held if producer in s.nodes)
+    assert len(held) > len(plain) and alone.nodes == [producer]
+
+
 def test_segmented_stream_equals_the_flat_stream(prepared):
     model, calib, names = prepared
     backend = compile_target("cpu")
