@@ -222,6 +222,27 @@ def text_calibration(
     )
 
 
+def served_calibration(source: str, tokenizer_path: Path, n_samples: int, seq_len: int, seed: int) -> CalibrationSet:
+    """Windows of the text a model will serve, fed like calibration windows: a workload's eval split, or a whole
+    file (what `qtc audit-calib --against` names)."""
+    texts, digest, label = served_texts(source)
+    tokenizer = load_tokenizer(tokenizer_path)
+    return CalibrationSet(source=label, kind="text", sha256=digest, seq_len=seq_len, seed=seed,
+                          tokenizer=tokenizer_path.name, tokenizer_sha256=sha256_file(tokenizer_path),
+                          vocab_size=tokenizer.get_vocab_size(),
+                          calib_samples=sample_windows(tokenize(tokenizer, texts), n_samples, seq_len,
+                                                       np.random.default_rng(seed)))
+
+
+def served_texts(source: str) -> tuple[list[str], str, str]:
+    """(texts, sha256, label) of served text: a workload's eval split, or a file."""
+    if workloads.is_workload(source):
+        workload = workloads.get_workload(source)
+        return workload.texts("eval"), workload.split_info("eval")["sha256"], f"{source}:eval"
+    texts, _, digest, label = corpus_texts(source)
+    return texts, digest, label
+
+
 def corpus_texts(source: str) -> tuple[list[str], list[str] | None, str, str]:
     """(calibration texts, held-out texts or None, sha256, label) for a file path or a workload name."""
     path = Path(source)

@@ -31,6 +31,7 @@ from qtc.frontends.onnx_file import check_writable
 from qtc.grid import cells_of, run_grid, write_table
 from qtc.measure.audit import audit_calibration, audit_tokenizer
 from qtc.measure.bench import bench
+from qtc.measure.coverage import activation_coverage, coverage_warnings
 from qtc.measure.evaluation import evaluate
 from qtc.measure.generate import Sampling, generate_text
 from qtc.measure.inspection import inspect_model
@@ -240,12 +241,26 @@ def verify_command(model, source, calib, tokenizer, as_json):
 @click.option("--calib", required=True, help="Calibration text: a file (.txt / .jsonl) or a workload (its calib split).")
 @click.option("--against", required=True, help="The text the model will serve: a file, or a workload (its eval split).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.json (default: the one beside --model).")
-@click.option("--model", type=click.Path(dir_okay=False, path_type=Path), help="The model whose tokenizer to use.")
+@click.option("--model", type=click.Path(dir_okay=False, path_type=Path),
+              help="The model: its tokenizer, and the activation ranges its calibration gives vs what it serves.")
+@click.option("--recipe", default="w8a8", show_default=True,
+              help="With --model: the recipe whose statically quantized activations are covered.")
+@click.option("--target", type=click.Choice(["cpu", "cuda", "cann"]), default="cpu", show_default=True)
+@click.option("--samples", default=8, show_default=True, help="With --model: windows of each text to run.")
+@click.option("--seq-len", default=256, show_default=True, help="With --model: tokens per window.")
+@click.option("--seed", default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def audit_calib_command(calib, against, tokenizer, model, as_json):
+def audit_calib_command(calib, against, tokenizer, model, recipe, target, samples, seq_len, seed, as_json):
     """How well calibration text covers served text, through the model's tokenizer: unseen and rare tokens,
-    unigram KL, script shares; warns when the calibration text under-covers what will be served."""
-    result = audit_calibration(calib, against, audit_tokenizer(tokenizer, model))
+    unigram KL, script shares; with --model, also the share of each quantized activation's served values outside
+    the range the calibration text gives it. Warns when the calibration text under-covers what will be served."""
+    tokenizer = audit_tokenizer(tokenizer, model)
+    result = audit_calibration(calib, against, tokenizer)
+    if model is not None:
+        coverage = activation_coverage(model, calib, against, tokenizer, recipe=recipe, target=target,
+                                       samples=samples, seq_len=seq_len, seed=seed, quiet=as_json)
+        result["activation_coverage"] = coverage
+        result["warnings"] += coverage_warnings(coverage)
     _emit(result, as_json, lambda: render.show_audit(result))
 
 

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 out = Console()
 
@@ -245,8 +245,24 @@ def show_audit(result: dict) -> None:
                      f"{result['rare_token_share']:.1%}; unigram KL(served || calibration) {result['unigram_kl_bits']:.3f} bits/token; "
                      f"most frequent unseen: {' '.join(repr(t['token']) for t in result['top_unseen'][:6]) or '-'}")
     out.print(table)
+    if "activation_coverage" in result:
+        show_coverage(result["activation_coverage"])
     for warning in result["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {warning}")
+
+
+def show_coverage(coverage: dict) -> None:
+    table = Table(Column("layer", no_wrap=True), "calibration range", "served range", "served / calib", "served values clipped",
+                  title=f"activation coverage ({coverage['recipe']} on {coverage['target']}, min/max ranges, "
+                        f"{coverage['samples']} x {coverage['seq_len']} tokens of each text)")
+    for row in coverage["worst"]:
+        table.add_row(row["layer"].split("/")[0].removeprefix("model."), "[{:.3g}, {:.3g}]".format(*row["calibration_range"]),
+                      "[{:.3g}, {:.3g}]".format(*row["served_range"]), f"{row['served_over_calibration'] or 0:.2f}",
+                      f"{row['clipped_share']:.3%}")
+    table.caption = (f"{coverage['activations_clipping']} of {coverage['activations']} activations clip more than "
+                     f"{coverage['clip_warn']:.1%} of their served values; mean clipped share "
+                     f"{coverage['clipped_share_mean']:.4%}, max {coverage['clipped_share_max']:.3%}")
+    out.print(table)
 
 
 def show_verify(result: dict) -> None:

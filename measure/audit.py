@@ -18,8 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qtc.calibration.data import corpus_texts, load_tokenizer, tokenizer_beside
-from qtc.calibration.workloads import get_workload, is_workload
+from qtc.calibration.data import corpus_texts, load_tokenizer, served_texts, tokenizer_beside
 from qtc.errors import QtcError
 
 UNSEEN_WARN = 0.05
@@ -67,12 +66,8 @@ def audit_calibration(calib: str, against: str, tokenizer_path: str | Path, rare
     tokenizer = load_tokenizer(Path(tokenizer_path))
     vocab = tokenizer.get_vocab_size()
     calib_texts, _, calib_sha, calib_label = corpus_texts(calib)
-    if is_workload(against):  # what a workload serves is its eval split
-        served_texts, served_label = get_workload(against).texts("eval"), f"{against}:eval"
-        served_sha = get_workload(against).split_info("eval")["sha256"]
-    else:
-        served_texts, _, served_sha, served_label = corpus_texts(against)
-    a, b = token_counts(tokenizer, calib_texts, vocab), token_counts(tokenizer, served_texts, vocab)
+    served, served_sha, served_label = served_texts(against)  # what a workload serves is its eval split
+    a, b = token_counts(tokenizer, calib_texts, vocab), token_counts(tokenizer, served, vocab)
     if not a.sum() or not b.sum():
         raise QtcError("audit-calib: a corpus tokenizes to no tokens")
     total = b.sum()
@@ -82,7 +77,7 @@ def audit_calibration(calib: str, against: str, tokenizer_path: str | Path, rare
     nonzero = p > 0
     top = np.argsort(-unseen, kind="stable")[:TOP_UNSEEN]
     calib_side = _side(calib_texts, calib_sha, calib_label, a)
-    served_side = _side(served_texts, served_sha, served_label, b)
+    served_side = _side(served, served_sha, served_label, b)
     result = {
         "calibration": calib_side,
         "served": served_side,

@@ -229,10 +229,13 @@ class PackQkvIntoGqa(pattern.RewriteRuleClassBase):
         for w in (wq, wk, wv):
             release(w.const_value)
         qkv = op.MatMul(x, op.initializer(spill(ir.tensor(packed, name=name)), name=name))
+        module = name.removesuffix(".weight")  # the report and the policy name layers by their module path
+        qkv.producer().name = f"{module}/MatMul"
         if self.with_bias:
             bias_name = _packed_name(bq.name)
             bias = np.concatenate([b.const_value.numpy() for b in (bq, bk, bv)])
             qkv = op.Add(qkv, op.initializer(ir.tensor(bias, name=bias_name), name=bias_name))
+            qkv.producer().name = f"{module}/Add"
         old = attention.producer().attributes
         keep = {key: old[key].value for key in ("num_heads", "kv_num_heads", "scale") if key in old}
         interleaved = rotated_query.producer().attributes.get_int("interleaved", 0)
