@@ -25,6 +25,7 @@ from qtc.calibration.observers import make_observer
 from qtc.errors import QtcError
 from qtc.passes.annotate import activations_to_observe, annotated_nodes
 from qtc.passes.meta import GRAM_DIR, LAYER_STATS, OBSERVERS, RANGES, SEGMENTED, smoothing_of
+from qtc.passes.rounding import EagerGptq
 from qtc.passes.segments import stream_segmented
 from qtc.recipes import SmoothSpec
 from qtc.util.progress import progress_bar
@@ -143,9 +144,13 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
     """
 
     def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False,
-                 every_layer: bool = False, cache: CalibrationCache | None = None, segment_bytes: int | None = None):
+                 every_layer: bool = False, cache: CalibrationCache | None = None, segment_bytes: int | None = None,
+                 eager: EagerGptq | None = None):
         super().__init__()
         self.segment_bytes = segment_bytes
+        # segmented runs: called with each segment's finished statistics before they are offloaded (it may use
+        # and drop them)
+        self.eager = eager
         self.calib, self.backend, self.smooth, self.quiet = calib, backend, smooth, quiet
         self.every_layer = every_layer  # sensitivity analysis wants both statistics for every quantized layer
         self.cache = cache
@@ -163,19 +168,25 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
                 needs.setdefault("absmax", ChannelAbsMax())
         return {name: needs for name, needs in sorted(wanted.items()) if needs}
 
-    @staticmethod
-    def _offloader(model: ir.Model, collectors: dict[str, dict]) -> Callable[[set[str]], None]:
+    def _offloader(self, model: ir.Model, collectors: dict[str, dict]) -> Callable[[set[str]], None]:
         """Segmented runs: each finished Gram goes to a scratch .npy (deleted with the model), so memory holds
-        one segment's matrices, not every layer's."""
+        one segment's matrices, not every layer's; the `eager` hook sees them first."""
         folder = model.meta.setdefault(GRAM_DIR, tempfile.TemporaryDirectory(prefix="qtc-gram-"))
         count = itertools.count()
-        need = sum(_gram_bytes(model, collectors).values())
+        eaten = self.eager.takes(model) if self.eager is not None else set()
+        need = sum(size for name, size in _gram_bytes(model, collectors).items() if name not in eaten)
         free = shutil.disk_usage(folder.name).free
         if need > free:  # say so now, not after the calibration run fills the disk
             raise QtcError(f"segmented calibration needs {need / 1e9:.1f} GB of scratch space for its X^T X matrices "
                            f"in {Path(folder.name).parent} but {free / 1e9:.1f} GB are free: set TMPDIR to a larger disk")
 
         def offload(names: set[str]) -> None:
+            if self.eager is not None:
+                finished = {name: collectors[name] for name in sorted(names) if name in collectors}
+                for stats in finished.values():
+                    if "gram" in stats:
+                        stats["gram"].finish()
+                self.eager(model, finished)
             for name in sorted(names):
                 if "gram" in collectors.get(name, {}):
                     collectors[name]["gram"].offload(Path(folder.name) / f"{next(count)}.npy")

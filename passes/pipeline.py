@@ -28,7 +28,7 @@ from qtc.passes.legalize import legalization_passes
 from qtc.passes.matmulnbits import WriteMatMulNBitsPass
 from qtc.passes.qdq import InsertQDQPass
 from qtc.passes.rotate import RotateResidualPass
-from qtc.passes.rounding import RoundWeightsPass
+from qtc.passes.rounding import EagerGptq, RoundWeightsPass
 from qtc.passes.smooth import SmoothActivationsPass
 from qtc.passes.weightonly import ExpandInt8WeightsPass
 from qtc.recipes import Recipe
@@ -65,7 +65,11 @@ def build_pipeline(
             #    activation outliers into weights; GPTQ / AWQ choose the integers. Float semantics unchanged.
             #    `cache`: what an earlier compile of this model on this data measured (--max-drop's attempts).
             #    `segment_bytes`: run the float graph a slice of weights at a time (models larger than memory).
-            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, cache=cache, segment_bytes=segment_bytes),
+            #    Segmented (big models): GPTQ rounds each group as soon as its statistics finish, so no Gram
+            #    outlives its segment (smoothing and AWQ change weights later segments read: they wait).
+            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, cache=cache, segment_bytes=segment_bytes,
+                                       eager=EagerGptq() if segment_bytes is not None and cache is None
+                                       and recipe.smooth is None else None),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
             RoundWeightsPass(),
             # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming.

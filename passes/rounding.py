@@ -128,34 +128,73 @@ def awq_scale(members: list[Member], h: np.ndarray) -> tuple[np.ndarray, float]:
     return errors[alpha][1], float(alpha)
 
 
+def round_group(graph: ir.Graph, name: str, members: list[Member], stats: dict) -> dict:
+    """GPTQ / AWQ for one layer group (the layers reading activation `name`), from its statistics; the records."""
+    chosen = [(n, note) for n, note in members if note.weight_spec.algorithm != "rtn"]
+    if not chosen or "gram" not in stats:
+        return {}
+    record = {}
+    # plain round-to-nearest error of the untouched weights: the baseline every algorithm is reported against
+    plain = {node.name: rounding_error(note, weight_matrix(note), stats["gram"].mean) for node, note in chosen
+             if note.weight.const_value.shape.rank() == 2}
+    if any(note.weight_spec.algorithm == "awq" for _, note in chosen) and _scalable(graph, members):
+        s, alpha = awq_scale(members, stats["gram"].mean)
+        record[f"{name} (awq scale)"] = {"alpha": alpha, "applied": apply_channel_scale(graph, graph_value(members), members, s)}
+        update_statistics(stats, s)
+    h = stats["gram"].mean
+    for node, note in chosen:
+        if note.weight.const_value.shape.rank() != 2:
+            record[node.name] = {"algorithm": "rtn", "why": "weight is not 2-D"}
+            continue
+        record[node.name] = RoundWeightsPass._round(note, h) | {"error_rtn": plain[node.name]}
+        release(note.weight.const_value)  # a memory-mapped source weight: its pages leave the process
+    return record
+
+
+def _record(model: ir.Model, layers: dict) -> None:
+    # In-sample figures: errors are tr(D^T H D) on the calibration statistics the algorithms optimised.
+    model.meta[ROUNDING] = {"measured_on": "calibration statistics (in-sample)",
+                            "layers": dict(sorted(layers.items()))} if layers else {}
+
+
+def rounded_layers(model: ir.Model) -> dict:
+    return dict(model.meta.get(ROUNDING, {}).get("layers", {}))
+
+
+class EagerGptq:
+    """Segmented calibration's hook: GPTQ for each group whose statistics just finished, then its Gram is dropped
+    (not kept in memory or written to scratch for later): a big model needs one segment's Grams at a time, not
+    every layer's (a 7B decoder's float32 Grams are ~45 GB). GPTQ leaves the float weights as they are, so the
+    segments still to run compute what they would have; groups with AWQ (which rescales weights and the norm
+    before them) wait for RoundWeightsPass like everything else."""
+
+    @staticmethod
+    def takes(model: ir.Model) -> set[str]:
+        """The activations whose groups it rounds: GPTQ is the only data-driven algorithm among their layers."""
+        return {name for name, members in layer_groups(model.graph).items()
+                if {note.weight_spec.algorithm for _, note in members} - {"rtn"} == {"gptq"}}
+
+    def __call__(self, model: ir.Model, finished: dict[str, dict]) -> None:
+        groups, takes = layer_groups(model.graph), self.takes(model)
+        layers = rounded_layers(model)
+        for name, collectors in sorted(finished.items()):
+            if name in takes and "gram" in collectors and "absmax" not in collectors:
+                layers |= round_group(model.graph, name, groups[name], collectors)
+                del collectors["gram"]
+        _record(model, layers)
+
+
 class RoundWeightsPass(ir.passes.InPlacePass):
-    """GPTQ and AWQ for the layers whose recipe asks for them (before range calibration: AWQ rescales X)."""
+    """GPTQ and AWQ for the layers whose recipe asks for them (before range calibration: AWQ rescales X). Groups
+    segmented calibration already rounded (`EagerGptq`) have no Gram left and are passed over."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph, all_stats = model.graph, model.meta.get(LAYER_STATS, {})
-        record = {}
+        layers = rounded_layers(model)
         for name, members in sorted(layer_groups(graph).items()):
-            chosen = [(n, note) for n, note in members if note.weight_spec.algorithm != "rtn"]
-            stats = all_stats.get(name, {})
-            if not chosen or "gram" not in stats:
-                continue
-            # plain round-to-nearest error of the untouched weights: the baseline every algorithm is reported against
-            plain = {node.name: rounding_error(note, weight_matrix(note), stats["gram"].mean) for node, note in chosen
-                     if note.weight.const_value.shape.rank() == 2}
-            if any(note.weight_spec.algorithm == "awq" for _, note in chosen) and _scalable(graph, members):
-                s, alpha = awq_scale(members, stats["gram"].mean)
-                record[f"{name} (awq scale)"] = {"alpha": alpha, "applied": apply_channel_scale(graph, graph_value(members), members, s)}
-                update_statistics(stats, s)
-            h = stats["gram"].mean
-            for node, note in chosen:
-                if note.weight.const_value.shape.rank() != 2:
-                    record[node.name] = {"algorithm": "rtn", "why": "weight is not 2-D"}
-                    continue
-                record[node.name] = self._round(note, h) | {"error_rtn": plain[node.name]}
-                release(note.weight.const_value)  # a memory-mapped source weight: its pages leave the process
-        # In-sample figures: errors are tr(D^T H D) on the calibration statistics the algorithms optimised.
-        model.meta[ROUNDING] = {"measured_on": "calibration statistics (in-sample)", "layers": record} if record else {}
-        return ir.passes.PassResult(model, modified=bool(record))
+            layers |= round_group(graph, name, members, all_stats.get(name, {}))
+        _record(model, layers)
+        return ir.passes.PassResult(model, modified=bool(layers))
 
     @staticmethod
     def _round(note: QuantAnnotation, h: np.ndarray) -> dict:

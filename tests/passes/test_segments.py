@@ -2,6 +2,8 @@
 flat run (a KV decoder's prefill and decode steps included), while no segment holds more than its share of the
 weights."""
 
+from pathlib import Path
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -80,16 +82,23 @@ def test_a_memory_limit_below_the_flat_session_segments_calibration_and_writes_t
     assert written[64 << 30] == written[60 << 20]
 
 
-def test_segmented_gptq_offloads_finished_grams_and_rounds_the_same(kv_decoder, tmp_path):
+@pytest.mark.parametrize("recipe", ["w4a8-gptq", "w4a16-mlp8-awq"])
+def test_segmented_gptq_and_awq_round_the_same_as_flat(kv_decoder, tmp_path, recipe):
+    """GPTQ rounds each segment's groups as their statistics finish and writes no Gram to scratch; AWQ (which
+    rescales weights later segments read) offloads its Grams and rounds after calibration. Same bytes as flat."""
     import qtc
+    from qtc.passes.meta import GRAM_DIR
 
     written = {}
     for limit in (64 << 30, 60 << 20):
-        result = qtc.compile(kv_decoder, recipe="w4a8-gptq", calib="zh-news", samples=2, seq_len=48, memory_limit=limit)
+        result = qtc.compile(kv_decoder, recipe=recipe, calib="zh-news", samples=2, seq_len=48, memory_limit=limit)
         path = result.save(tmp_path / str(limit) / "model.onnx")
         written[limit] = path.with_name("model.onnx.data").read_bytes()
-        used = {layer["used"] for layer in result.report["rounding"]["layers"].values()}
-        assert "gptq" in used
+        used = {layer.get("used") for layer in result.report["rounding"]["layers"].values()}
+        assert recipe.split("-")[-1] in used
+        if limit == 60 << 20:
+            scratch = list(Path(result.model.meta[GRAM_DIR].name).glob("*.npy"))
+            assert (scratch == []) == (recipe == "w4a8-gptq")
     assert written[64 << 30] == written[60 << 20]
 
 
@@ -103,4 +112,4 @@ def test_segmented_gptq_refuses_up_front_when_the_scratch_disk_is_too_small(kv_d
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))  # a full disk
     with pytest.raises(QtcError, match="scratch space for its X\\^T X matrices .* set TMPDIR"):
-        qtc.compile(kv_decoder, recipe="w4a8-gptq", calib="zh-news", samples=1, seq_len=32, memory_limit=60 << 20)
+        qtc.compile(kv_decoder, recipe="w4a16-mlp8-awq", calib="zh-news", samples=1, seq_len=32, memory_limit=60 << 20)
