@@ -51,7 +51,7 @@ from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline
 from qtc.recipes import Recipe, load_recipe
 from qtc.util.cache import sha256_file
 from qtc.util.files import write_json_atomic, write_text_atomic
-from qtc.util.spill import SpillStore, available_memory, peak_rss, spilling
+from qtc.util.spill import PeakTracker, SpillStore, available_memory, peak_rss, spilling
 from qtc.util.version import __version__
 
 DEFAULT_SAMPLES = 64
@@ -190,10 +190,11 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     limit = memory_limit or available_memory()
     store = SpillStore() if before["tensor_bytes"] > limit / 3 else None
     segment_bytes = calibration_segment_bytes(before["tensor_bytes"], limit)
+    peaks = PeakTracker()
     with spilling(store):
         _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
                             keep_residual_adds, calibration_cache, int(level) if level is not None else None,
-                            segment_bytes), graph_model)
+                            segment_bytes), graph_model, peaks)
     measure = job.measure
     # Before anything is handed back: the compiled model must run where its source runs, and agree with it.
     if before["tensor_bytes"] > limit / 2:  # the float source would not fit beside the compiled model
@@ -224,12 +225,22 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         report["runtime_ops"] = _runtime_ops(measure, graph_model, job.session_entries)
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
     report["memory"] = {"limit_bytes": limit, "spilled": store.summary() if store else None,
-                        "process_peak_rss_bytes": peak_rss()}  # this process's, since it started
+                        # this process's, since it started; and per pass (the largest first)
+                        "process_peak_rss_bytes": max(peaks.overall, peak_rss() or 0),
+                        "pass_peak_rss_bytes": dict(sorted(_merge_steps(peaks.steps).items(), key=lambda kv: -kv[1]))}
     # A model that came with external data leaves with it (and saving stays streaming, not one huge protobuf).
     result = CompileResult(graph_model, report, source, external_data=source_external or None)
     if store is not None:  # the scratch file lives as long as the model that reads it
         weakref.finalize(result, store.close)
     return result
+
+
+def _merge_steps(steps: list[tuple[str, int]]) -> dict[str, int]:
+    """A pass that runs twice (RemoveUnusedNodesPass) is reported once, with its larger peak."""
+    merged: dict[str, int] = {}
+    for name, peak in steps:
+        merged[name] = max(merged.get(name, 0), peak)
+    return merged
 
 
 def calibration_segment_bytes(tensor_bytes: int, limit: int) -> int | None:
@@ -273,9 +284,14 @@ def _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrat
     return _Job(source, graph_model, resolved, calib_set, backend, measure, target_notes, session_entries, requested)
 
 
-def _run(pipeline: ir.passes.PassManager, model: ir.Model) -> None:
+def _run(pipeline: ir.passes.PassManager, model: ir.Model, peaks: PeakTracker | None = None) -> None:
+    """Run the pipeline (pass by pass under `peaks`, which records each pass's peak RSS)."""
     try:
-        pipeline(model)
+        if peaks is None:
+            pipeline(model)
+        else:
+            for step in pipeline.passes:
+                peaks.step(type(step).__name__, lambda step=step: step(model))
     except ir.passes.PassError as exc:
         # The pass manager wraps what a pass raises; a user error inside a pass is still a user error.
         cause = exc.__cause__

@@ -99,3 +99,29 @@ def peak_rss() -> int | None:
     """This process's peak resident set size so far: VmHWM of /proc/self/status (not ru_maxrss, which Linux carries
     across fork + execve from the parent), None where there is none."""
     return _proc_bytes("/proc/self/status", "VmHWM")
+
+
+class PeakTracker:
+    """Peak RSS per step of a long job (which pass held the memory), and over the whole process. Linux resets a
+    process's VmHWM when "5" is written to /proc/self/clear_refs; where that is not possible the per-step
+    figures are the process peak so far (still an upper bound)."""
+
+    def __init__(self) -> None:
+        self.overall = peak_rss() or 0
+        self.steps: list[tuple[str, int]] = []
+
+    def step(self, name: str, run) -> None:
+        resettable = _reset_peak_rss()
+        run()
+        peak = peak_rss() or 0
+        self.overall = max(self.overall, peak)
+        self.steps.append((name, peak if resettable else self.overall))
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
