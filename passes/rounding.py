@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qtc.core.linalg import inverse_cholesky_upper
 from qtc.core.quant_math import INT_RANGES, expand_scale, weight_qparams
 from qtc.passes.annotate import QuantAnnotation, layer_groups
 from qtc.passes.meta import LAYER_STATS, ROUNDING
@@ -43,16 +44,16 @@ def quantize_with(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec
     return np.clip(np.rint(w / s) + z, qmin, qmax)
 
 
-def inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """The upper Cholesky factor U of H^-1 (H^-1 = U^T U). float32, as GPTQ's reference runs it, which halves the
-    working set of a wide layer (an 8,960-wide input: three 321 MB matrices at the peak, not three of 642 MB);
-    float64 only where float32 loses positive definiteness."""
+def inverse_cholesky(flipped: np.ndarray) -> np.ndarray:
+    """GPTQ's upper factor U of H^-1 (H^-1 = U^T U) from `flipped` = J H J, a private float32 copy of H with rows
+    and columns in reverse order (consumed): blocked and in place in float32 (core/linalg.py; an 8,960-wide H
+    needs 0.4 GB beside it, where numpy.linalg's float64 inv + cholesky needed 2.5 GB); float64 only where float32
+    loses positive definiteness."""
     try:
-        return np.linalg.cholesky(np.linalg.inv(h)).T
+        return inverse_cholesky_upper(flipped)
     except np.linalg.LinAlgError:
-        if h.dtype == np.float64:
-            raise
-        return inverse_cholesky(h.astype(np.float64)).astype(np.float32)
+        h = flipped[::-1, ::-1].astype(np.float64)
+        return np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
 
 
 def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -66,13 +67,14 @@ def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.
     qmin, qmax = INT_RANGES[spec.dtype]
     dead = np.diag(h) == 0
     order = np.argsort(-np.diag(h), kind="stable") if spec.act_order else np.arange(len(h))
-    h = np.asarray(h[np.ix_(order, order)], dtype=np.float32)  # one private copy, already permuted
+    # one private float32 copy of H, permuted and (for the in-place factorization) reversed
+    flipped = np.asarray(h[np.ix_(order[::-1], order[::-1])], dtype=np.float32)
     work, s, z, dead = w.astype(np.float32)[order], s[order], z[order], dead[order]
-    h[dead, dead] = 1.0
+    flipped[dead[::-1], dead[::-1]] = 1.0
     work[dead] = 0.0
-    h[np.diag_indices_from(h)] += spec.damping * np.mean(np.diag(h))
-    upper = inverse_cholesky(h)
-    del h
+    flipped[np.diag_indices_from(flipped)] += spec.damping * np.mean(np.diag(flipped))
+    upper = inverse_cholesky(flipped)
+    del flipped
     q = np.zeros_like(work)
     for start in range(0, len(work), GPTQ_BLOCK):
         end = min(start + GPTQ_BLOCK, len(work))

@@ -1,9 +1,11 @@
-"""Streaming second moments: one float32 mean whether kept in memory or offloaded, and closed once finished."""
+"""Streaming second moments (one float32 mean whether kept in memory or offloaded, closed once finished) and the
+blocked float32 factorizations GPTQ runs on them."""
 
 import numpy as np
 import pytest
 
 from qtc.calibration.moments import Gram
+from qtc.core.linalg import cholesky_lower_, invert_lower_
 from qtc.passes.rounding import inverse_cholesky
 
 RNG = np.random.default_rng(0)
@@ -38,9 +40,35 @@ def test_a_finished_gram_takes_no_more_samples():
         gram.update(RNG.normal(size=(5, 8)))
 
 
+@pytest.mark.parametrize("n, block", [(7, 3), (300, 64), (600, 256)])
+def test_blocked_factors_match_float64_lapack(n, block):
+    x = RNG.normal(size=(3 * n, n)).astype(np.float32)
+    h = x.T @ x / (3 * n) + 0.01 * np.eye(n, dtype=np.float32)
+    lower = cholesky_lower_(h.copy(), block)
+    reference = np.linalg.cholesky(h.astype(np.float64))
+    np.testing.assert_allclose(lower, reference, atol=1e-5)
+    np.testing.assert_allclose(invert_lower_(lower.copy(), block), np.linalg.inv(reference), atol=1e-5)
+
+
 def test_inverse_cholesky_is_the_upper_factor_of_the_inverse_in_float32():
     x = RNG.normal(size=(400, 64)).astype(np.float32)
     h = x.T @ x / 400 + 0.01 * np.eye(64, dtype=np.float32)
-    upper = inverse_cholesky(h)
+    upper = inverse_cholesky(np.ascontiguousarray(h[::-1, ::-1]))
     assert upper.dtype == np.float32 and np.allclose(np.triu(upper), upper)
     np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(h.astype(np.float64)), rtol=1e-3, atol=1e-4)
+
+
+def test_a_float32_factorization_that_breaks_down_falls_back_to_float64(monkeypatch):
+    import qtc.passes.rounding as rounding
+
+    x = RNG.normal(size=(200, 16)).astype(np.float32)
+    h = x.T @ x / 200 + 0.01 * np.eye(16, dtype=np.float32)
+    blocked = inverse_cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+
+    def breaks_down(flipped):
+        raise np.linalg.LinAlgError("Matrix is not positive definite")
+
+    monkeypatch.setattr(rounding, "inverse_cholesky_upper", breaks_down)
+    fallback = inverse_cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    assert fallback.dtype == np.float32
+    np.testing.assert_allclose(fallback, blocked, atol=1e-5)
