@@ -44,16 +44,26 @@ def quantize_with(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec
     return np.clip(np.rint(w / s) + z, qmin, qmax)
 
 
-def inverse_cholesky(flipped: np.ndarray) -> np.ndarray:
-    """GPTQ's upper factor U of H^-1 (H^-1 = U^T U) from `flipped` = J H J, a private float32 copy of H with rows
-    and columns in reverse order (consumed): blocked and in place in float32 (core/linalg.py; an 8,960-wide H
-    needs 0.4 GB beside it, where numpy.linalg's float64 inv + cholesky needed 2.5 GB); float64 only where float32
-    loses positive definiteness."""
+def _damped(h: np.ndarray, order: np.ndarray, dead: np.ndarray, damping: float, dtype, reverse: bool) -> np.ndarray:
+    """A private copy of H in `order` (reversed for the in-place factorization), dead inputs given a unit
+    diagonal, damped by `damping` times the mean diagonal."""
+    rows = order[::-1] if reverse else order
+    m = np.asarray(h[np.ix_(rows, rows)], dtype=dtype)
+    flags = dead[rows]
+    m[flags, flags] = 1.0
+    m[np.diag_indices_from(m)] += damping * np.mean(np.diag(m))
+    return m
+
+
+def inverse_cholesky(h: np.ndarray, order: np.ndarray, dead: np.ndarray, damping: float) -> np.ndarray:
+    """GPTQ's upper factor U of H^-1 (H^-1 = U^T U), H permuted by `order`: blocked and in place in float32
+    (core/linalg.py; an 8,960-wide H needs 0.4 GB beside its copy, where numpy.linalg's float64 inv + cholesky
+    needed 2.5 GB); float64 LAPACK from a fresh copy only where float32 loses positive definiteness."""
     try:
-        return inverse_cholesky_upper(flipped)
+        return inverse_cholesky_upper(_damped(h, order, dead, damping, np.float32, reverse=True))
     except np.linalg.LinAlgError:
-        h = flipped[::-1, ::-1].astype(np.float64)
-        return np.linalg.cholesky(np.linalg.inv(h)).T.astype(np.float32)
+        m = _damped(h, order, dead, damping, np.float64, reverse=False)
+        return np.linalg.cholesky(np.linalg.inv(m)).T.astype(np.float32)
 
 
 def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,14 +77,9 @@ def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.
     qmin, qmax = INT_RANGES[spec.dtype]
     dead = np.diag(h) == 0
     order = np.argsort(-np.diag(h), kind="stable") if spec.act_order else np.arange(len(h))
-    # one private float32 copy of H, permuted and (for the in-place factorization) reversed
-    flipped = np.asarray(h[np.ix_(order[::-1], order[::-1])], dtype=np.float32)
-    work, s, z, dead = w.astype(np.float32)[order], s[order], z[order], dead[order]
-    flipped[dead[::-1], dead[::-1]] = 1.0
-    work[dead] = 0.0
-    flipped[np.diag_indices_from(flipped)] += spec.damping * np.mean(np.diag(flipped))
-    upper = inverse_cholesky(flipped)
-    del flipped
+    upper = inverse_cholesky(h, order, dead, spec.damping)
+    work, s, z = w.astype(np.float32)[order], s[order], z[order]
+    work[dead[order]] = 0.0
     q = np.zeros_like(work)
     for start in range(0, len(work), GPTQ_BLOCK):
         end = min(start + GPTQ_BLOCK, len(work))

@@ -50,25 +50,34 @@ def test_blocked_factors_match_float64_lapack(n, block):
     np.testing.assert_allclose(invert_lower_(lower.copy(), block), np.linalg.inv(reference), atol=1e-5)
 
 
-def test_inverse_cholesky_is_the_upper_factor_of_the_inverse_in_float32():
-    x = RNG.normal(size=(400, 64)).astype(np.float32)
-    h = x.T @ x / 400 + 0.01 * np.eye(64, dtype=np.float32)
-    upper = inverse_cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+def _h(n=64, seed=0):
+    x = np.random.default_rng(seed).normal(size=(6 * n, n)).astype(np.float32)
+    return x.T @ x / (6 * n)
+
+
+def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse_in_float32():
+    h = _h()
+    order, dead = np.argsort(-np.diag(h), kind="stable"), np.zeros(64, bool)
+    upper = inverse_cholesky(h, order, dead, 0.01)
     assert upper.dtype == np.float32 and np.allclose(np.triu(upper), upper)
-    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(h.astype(np.float64)), rtol=1e-3, atol=1e-4)
+    damped = h[np.ix_(order, order)].astype(np.float64) + 0.01 * np.mean(np.diag(h)) * np.eye(64)
+    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(damped), rtol=1e-3, atol=1e-4)
 
 
-def test_a_float32_factorization_that_breaks_down_falls_back_to_float64(monkeypatch):
+def test_a_float32_factorization_that_breaks_down_falls_back_to_float64_from_h(monkeypatch):
+    """The in-place factorization may fail half way through its buffer: the fallback starts again from H."""
     import qtc.passes.rounding as rounding
 
-    x = RNG.normal(size=(200, 16)).astype(np.float32)
-    h = x.T @ x / 200 + 0.01 * np.eye(16, dtype=np.float32)
-    blocked = inverse_cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    h = _h()
+    order, dead = np.arange(64), np.zeros(64, bool)
+    dead[5] = True
+    blocked = inverse_cholesky(h, order, dead, 0.01)
 
     def breaks_down(flipped):
+        flipped[:] = np.nan  # what a half-done in-place factorization leaves
         raise np.linalg.LinAlgError("Matrix is not positive definite")
 
     monkeypatch.setattr(rounding, "inverse_cholesky_upper", breaks_down)
-    fallback = inverse_cholesky(np.ascontiguousarray(h[::-1, ::-1]))
+    fallback = inverse_cholesky(h, order, dead, 0.01)
     assert fallback.dtype == np.float32
     np.testing.assert_allclose(fallback, blocked, atol=1e-5)
