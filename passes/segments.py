@@ -151,12 +151,13 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
     graph_inputs = {spec.name for spec in inputs}
     carried = [dict(feed) for feed, _ in runs]
     starts = [first for _, first in runs] + [True]
-    with progress_bar(f"{label} ({len(segments)} segments)", total=len(segments) * calib.n_samples, quiet=quiet) as advance:
+    with progress_bar(label, total=len(segments) * calib.n_samples, quiet=quiet) as advance:
         for index, segment in enumerate(segments):
             later = {v.name for s in segments[index + 1:] for v in s.inputs}
+            where = f"segment {index + 1}/{len(segments)}"
             if not segment.outputs:  # e.g. the LM head: nothing observed, nothing read later
                 for _ in range(calib.n_samples):
-                    advance()
+                    advance(where)
                 continue
             session = SegmentSession(model, segment, backend.session_options, backend.providers())
             previous: dict[str, np.ndarray] = {}
@@ -175,7 +176,7 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 for name in [k for k in values if k not in later]:
                     del values[name]  # what no later segment reads (pasts this segment used, logits, ...)
                 if starts[number + 1]:
-                    advance()
+                    advance(where)
             del session
             for weight in segment.weights:  # drop the mappings too: RSS stays near one segment, not the model
                 release(weight.const_value)

@@ -20,10 +20,11 @@ _console = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[Callable[[], None]]:
-    """Yields `advance()`; shows samples done, elapsed time and ETA unless quiet or stderr is not a terminal."""
+def progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[Callable[..., None]]:
+    """Yields `advance(note=None)`; shows samples done, elapsed time and ETA unless quiet or stderr is not a
+    terminal. A `note` is shown after the description from then on (segmented calibration: which segment)."""
     if quiet or not sys.stderr.isatty():
-        yield lambda: None
+        yield lambda note=None: None
         return
     columns = (
         TextColumn("{task.description}"),
@@ -35,4 +36,10 @@ def progress_bar(description: str, total: int, quiet: bool = False) -> Iterator[
     )
     with Progress(*columns, console=_console, transient=False) as progress:
         task = progress.add_task(description, total=total)
-        yield lambda: progress.advance(task)
+
+        def advance(note: str | None = None) -> None:
+            if note is not None:
+                progress.update(task, description=f"{description} {note}")
+            progress.advance(task)
+
+        yield advance
