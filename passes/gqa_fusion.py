@@ -182,7 +182,8 @@ class PackQkvIntoGqa(pattern.RewriteRuleClassBase):
     Why: a decode step then runs one MatMulNBits per layer for Q, K and V instead of three (with int8 activations
     quantized once, not three times) and no RotaryEmbedding kernels: the ORT GenAI builder's form. Exact: each
     output column of a block- or channel-quantized weight is quantized on its own, so the packed weight rounds as
-    the three did; a recipe that names q/k/v projections apart is refused packing (see `check`)."""
+    the three did; the compile pipeline leaves the projections apart for recipes where that does not hold
+    (per-tensor weights) or that name q/k/v projections in an override (passes/pipeline.py `_unpackable`)."""
 
     def __init__(self, with_bias: bool) -> None:
         super().__init__(f"PackQkvIntoGqa{'Bias' if with_bias else ''}", remove_nodes=True)

@@ -31,7 +31,7 @@ from qtc.passes.rotate import RotateResidualPass
 from qtc.passes.rounding import EagerGptq, RoundWeightsPass
 from qtc.passes.smooth import SmoothActivationsPass
 from qtc.passes.weightonly import ExpandInt8WeightsPass
-from qtc.recipes import Recipe
+from qtc.recipes import QuantSpec, Recipe
 
 
 def build_pipeline(
@@ -58,7 +58,8 @@ def build_pipeline(
             # 1b. The float graph the target runs fastest (contrib ops for cpu/cuda; nothing for cann). Weight
             #     MatMuls stay standalone, so the policy below still sees every projection. Layer skipping
             #     needs the residual Adds it gates left unfused.
-            FuseOperatorsPass(backend.name, exclude=RESIDUAL_FUSIONS if keep_residual_adds or layer_skip is not None else ()),
+            FuseOperatorsPass(backend.name, exclude=(RESIDUAL_FUSIONS if keep_residual_adds or layer_skip is not None
+                                                     else ()) + _unpackable(recipe)),
             # 2. Policy: which nodes the recipe quantizes, and how (no graph change).
             AnnotateQuantizationPass(recipe),
             # 3. Outliers and rounding from streamed layer statistics (X^T X, channel max): SmoothQuant moves
@@ -107,7 +108,7 @@ def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, 
         [
             *canonicalize_passes(recipe.opset),
             *([RotateResidualPass()] if recipe.rotate else []),
-            FuseOperatorsPass(backend.name),
+            FuseOperatorsPass(backend.name, exclude=_unpackable(recipe)),
             AnnotateQuantizationPass(recipe),
             CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, every_layer=True),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
@@ -123,3 +124,13 @@ def _layer_skip_passes(spec: LayerSkipSpec, calib: CalibrationSet | None, backen
         ScoreBranchesPass(spec, calib, backend, quiet=quiet),
         InsertLayerSkipPass(),
     ]
+
+
+def _unpackable(recipe: Recipe) -> tuple[str, ...]:
+    """("qkv_pack",) where packing Q/K/V into one MatMul would change what the recipe says: an override that names
+    a q/k/v projection (it would no longer match a layer of its own), or per-tensor weights (one scale for the
+    three would replace three)."""
+    named = any(rule.selector in ("name", "node") and any(p in rule.pattern for p in ("q_proj", "k_proj", "v_proj"))
+                for rule in recipe.rules)
+    specs = [recipe.weight] + [rule.weight for rule in recipe.rules if isinstance(rule.weight, QuantSpec)]
+    return ("qkv_pack",) if named or any(spec.granularity == "tensor" for spec in specs) else ()

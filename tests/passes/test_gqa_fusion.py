@@ -113,3 +113,17 @@ def test_packed_attention_takes_a_chunk_after_the_prefill_like_the_standard_grap
         results.append(dict(zip(names, session.run(None, feed))))
     for name in results[1]:
         np.testing.assert_allclose(results[0][name], results[1][name], atol=1e-5, err_msg=name)
+
+
+def test_a_recipe_naming_a_projection_keeps_q_k_v_apart(kv_decoder):
+    import qtc
+    from qtc.recipes import parse_recipe
+
+    packed = qtc.compile(kv_decoder, recipe="w8a16")
+    apart = qtc.compile(kv_decoder, recipe=parse_recipe({"base": "w8a16", "name": "k-float",
+                                                         "overrides": [{"name": "*k_proj*", "quantize": False}]}))
+    assert packed.report["fusions"]["fusions"]["qkv_pack"]["in_graph"] == 4
+    assert apart.report["fusions"]["fusions"]["qkv_pack"]["applied"] == 0
+    assert apart.report["fusions"]["fusions"]["gqa"]["in_graph"] == 4
+    float_k = [n for n in apart.model.graph if n.op_type == "MatMul" and "k_proj" in n.name]
+    assert len(float_k) == 4  # the override still finds its layers, and keeps them float
