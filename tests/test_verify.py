@@ -33,7 +33,7 @@ def test_verify_rebuilds_identical_bytes_and_names_a_changed_scale(kv_decoder, t
     different = qtc_in(tmp_path / "b", "verify", out, "--source", kv_decoder, "--json")
     assert different.returncode == 3, different.stderr
     rows = json.loads(different.stdout)["differences"]
-    assert [row["tensor"] for row in rows] == [scale.name] and "1 of 256 values" in rows[0]["difference"]
+    assert [row["tensor"] for row in rows] == [scale.name] and f"1 of {changed.size} values" in rows[0]["difference"]
 
 
 def test_verify_refuses_what_it_cannot_rebuild(kv_decoder, tmp_path):
