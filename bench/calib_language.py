@@ -6,7 +6,7 @@
 Steps, each the CLI a user runs (this script only tabulates):
 1. `qtc table MODEL --recipes R --calib zh-news,en-pydoc -o WORK/NAME`: every recipe compiled on each calibration
    text and scored on the first --limit zh-news-ppl eval paragraphs against the float model (paired intervals);
-   finished cells are kept, so a rerun resumes;
+   finished cells are kept, so a rerun resumes (the evaluations and audits below are kept beside them too);
 2. `qtc eval EN_CELL --baseline ZH_CELL`: the English-calibrated model against its Chinese-calibrated twin on the
    same paragraphs, the paired delta the question is about;
 3. `qtc audit-calib --calib C --against zh-news --model MODEL --samples 8` per calibration text: token coverage
@@ -29,10 +29,16 @@ from _util import RESULTS_DIR, machine  # noqa: E402
 CALIBS = ("zh-news", "en-pydoc")
 
 
-def qtc(*args: str) -> dict:
+def qtc(*args: str, keep: Path | None = None) -> dict:
+    """Run a qtc command for its JSON; with `keep`, the result is kept there and a rerun reads it back."""
+    if keep is not None and keep.is_file():
+        return json.loads(keep.read_text())
     done = subprocess.run([sys.executable, "-m", "qtc.cli.main", *args, "--json"], capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"qtc {' '.join(args)}: {done.stderr.strip()}")
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(done.stdout)
     return json.loads(done.stdout)
 
 
@@ -86,9 +92,10 @@ def main() -> None:
             pairs[recipe] = {"identical_bytes": True}  # the recipe reads no calibration data (w8a8-dynamic)
             continue
         pairs[recipe] = qtc("eval", str(folder / f"{recipe}@en-pydoc" / "model.onnx"), "--task", "zh-news-ppl",
-                            "--baseline", str(folder / f"{recipe}@zh-news" / "model.onnx"), "--limit", str(args.limit))
+                            "--baseline", str(folder / f"{recipe}@zh-news" / "model.onnx"), "--limit", str(args.limit),
+                            keep=Path(f"{prefix}.pairs") / f"{recipe}.json")
     audits = {calib: qtc("audit-calib", "--calib", calib, "--against", "zh-news", "--model", str(args.model),
-                         "--samples", "8") for calib in CALIBS}
+                         "--samples", "8", keep=Path(f"{prefix}.audits") / f"{calib}.json") for calib in CALIBS}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     protocol = {"samples": args.samples, "seq_len": args.seq_len, "limit": args.limit, "machine": machine()}
     (RESULTS_DIR / f"calib_language_{args.name}.json").write_text(json.dumps(
