@@ -27,7 +27,7 @@ from qtc.passes.embedding_tables import (
     INT8_GEMM_LEVEL,
     carry_annotation,
     check_blocks,
-    pack_blocks,
+    pack_rows,
 )
 from qtc.passes.meta import WRITTEN_MATMULNBITS
 from qtc.util.spill import release, spill
@@ -52,13 +52,14 @@ class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
     def rewrite(self, op, x, weight, scale, dq, product, **_):
         block = dq.producer().attributes.get_int("block_size")
         bits = BITS[weight.const_value.dtype]
-        q = weight.const_value.numpy().astype(np.int8)
-        release(weight.const_value)
+        q = weight.const_value.numpy()
         k, n = q.shape
-        q = np.pad(q, ((0, -k % block), (0, 0)))  # a last partial block: zeros, which the kernel never reads
         name = weight.name.removesuffix("_quantized")
-        packed = op.initializer(spill(ir.tensor(pack_blocks(np.ascontiguousarray(q.T), bits, block), name=f"{name}_nbits")),
-                                name=f"{name}_nbits")
+        # B as [N, K / B, B * bits / 8], transposed and packed a slab of rows at a time (a last partial block is
+        # padded with zeros, which the kernel never reads)
+        blob = pack_rows(q, bits, block, transpose=True)
+        release(weight.const_value)
+        packed = op.initializer(spill(ir.tensor(blob, name=f"{name}_nbits")), name=f"{name}_nbits")
         scales_t = np.ascontiguousarray(scale.const_value.numpy().T)
         scales = op.initializer(spill(ir.tensor(scales_t, name=f"{name}_nbits_scale")), name=f"{name}_nbits_scale")
         level = self.accuracy_level

@@ -250,3 +250,16 @@ def test_asymmetric_hand_built_table_is_left_in_the_portable_form():
     result = FuseQuantizedTablesPass()(model)
     assert not result.modified and model.meta[FUSED_TABLES] == 0
     assert graphs.ops(model) == before and "com.microsoft" not in model.opset_imports
+
+
+@pytest.mark.parametrize("bits, transpose", [(4, False), (8, False), (4, True), (8, True)])
+def test_packing_slab_by_slab_writes_what_packing_at_once_does(monkeypatch, bits, transpose):
+    import qtc.passes.embedding_tables as tables
+
+    rng = np.random.default_rng(0)
+    limit = 7 if bits == 4 else 127
+    q = rng.integers(-limit, limit + 1, size=(70, 40), dtype=np.int8)
+    monkeypatch.setattr(tables, "PACK_ROWS", 16)  # several slabs, the last one short
+    rows = q.T if transpose else q  # K = 40 or 70: a partial last block either way
+    whole = pack_blocks(np.pad(rows, ((0, 0), (0, -rows.shape[1] % 32))), bits, 32)
+    assert np.array_equal(tables.pack_rows(q, bits, 32, transpose=transpose), whole)
