@@ -58,6 +58,7 @@ class BlockWeightMatMulNBitsRule(pattern.RewriteRuleClassBase):
         # B as [N, K / B, B * bits / 8], transposed and packed a slab of rows at a time (a last partial block is
         # padded with zeros, which the kernel never reads)
         blob = pack_rows(q, bits, block, transpose=True)
+        del q  # a view of a memory-mapped (spilled) tensor: the mapping cannot close while it lives
         release(weight.const_value)
         packed = op.initializer(spill(ir.tensor(blob, name=f"{name}_nbits")), name=f"{name}_nbits")
         scales_t = np.ascontiguousarray(scale.const_value.numpy().T)

@@ -39,3 +39,20 @@ def test_a_memory_limited_compile_spills_and_writes_the_same_model(tiny_llama, t
     assert check["compiled_outputs"]["logits"][-1] == 4096
     limited.save(tmp_path / "limited" / "m.onnx")
     assert _files(tmp_path / "limited" / "m.onnx") == _files(tmp_path / "plain" / "m.onnx")
+
+
+def test_a_spilled_int8_block_weight_is_packed_and_unmapped(tiny_llama, tmp_path):
+    """An int8 block weight (an LM head kept at 8 bits) comes back from the scratch file as a view of its mapping;
+    MatMulNBits packing must let go of it before unmapping (it raised BufferError on qwen2.5-coder-1.5b)."""
+    from qtc.recipes import parse_recipe
+
+    recipe = parse_recipe({"base": "w4a16", "name": "w4a16-h8", "overrides": [
+        {"name": "*lm_head*", "quantize": True,
+         "weight": {"dtype": "int8", "granularity": "block", "block_size": 32, "symmetric": True}}]})
+    plain = qtc.compile(tiny_llama, recipe=recipe, quiet=True)
+    plain.save(tmp_path / "plain" / "m.onnx")
+    limited = qtc.compile(tiny_llama, recipe=recipe, quiet=True, memory_limit=12 << 20)
+    assert limited.report["memory"]["spilled"]["tensors"] > 0
+    assert any(n.op_type == "MatMulNBits" and n.attributes.get_int("bits", 4) == 8 for n in limited.model.graph)
+    limited.save(tmp_path / "limited" / "m.onnx")
+    assert _files(tmp_path / "limited" / "m.onnx") == _files(tmp_path / "plain" / "m.onnx")
