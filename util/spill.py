@@ -95,10 +95,15 @@ def available_memory() -> int:
     return _proc_bytes("/proc/meminfo", "MemAvailable") or 8 << 30
 
 
+_peak_before_reset = 0  # the highest VmHWM seen before a PeakTracker reset it (peak_rss stays "since start")
+
+
 def peak_rss() -> int | None:
     """This process's peak resident set size so far: VmHWM of /proc/self/status (not ru_maxrss, which Linux carries
-    across fork + execve from the parent), None where there is none."""
-    return _proc_bytes("/proc/self/status", "VmHWM")
+    across fork + execve from the parent), and no less than it was before a PeakTracker reset it; None where
+    there is none."""
+    current = _proc_bytes("/proc/self/status", "VmHWM")
+    return None if current is None else max(current, _peak_before_reset)
 
 
 class PeakTracker:
@@ -113,12 +118,14 @@ class PeakTracker:
     def step(self, name: str, run) -> None:
         resettable = _reset_peak_rss()
         run()
-        peak = peak_rss() or 0
+        peak = _proc_bytes("/proc/self/status", "VmHWM") or 0
         self.overall = max(self.overall, peak)
         self.steps.append((name, peak if resettable else self.overall))
 
 
 def _reset_peak_rss() -> bool:
+    global _peak_before_reset
+    _peak_before_reset = peak_rss() or 0
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -56,3 +56,17 @@ def test_a_spilled_int8_block_weight_is_packed_and_unmapped(tiny_llama, tmp_path
     assert any(n.op_type == "MatMulNBits" and n.attributes.get_int("bits", 4) == 8 for n in limited.model.graph)
     limited.save(tmp_path / "limited" / "m.onnx")
     assert _files(tmp_path / "limited" / "m.onnx") == _files(tmp_path / "plain" / "m.onnx")
+
+
+def test_per_pass_peaks_leave_the_process_peak_intact():
+    import numpy as np
+
+    from qtc.util.spill import PeakTracker, peak_rss
+
+    tracker = PeakTracker()
+    tracker.step("big", lambda: np.ones(64 << 20, np.uint8).sum())  # 64 MB touched, then freed
+    before = peak_rss()
+    tracker.step("small", lambda: None)
+    steps = dict(tracker.steps)
+    assert steps["big"] > steps["small"] + (32 << 20)  # the reset gives each step its own peak
+    assert peak_rss() >= before >= steps["big"]  # and the process's peak since start is not lost
