@@ -66,12 +66,30 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-def empty_past(spec: InputSpec, batch: int = 1) -> np.ndarray:
-    """A KV-cache input for a prefill: [batch, kv_heads, 0, head_size] (its static dims from the graph); a zero
-    buffer of `spec.capacity` rows where the kernel wants a preallocated one (its valid length is 0 either way)."""
+def empty_past(spec: InputSpec, new: int, batch: int = 1) -> np.ndarray:
+    """A KV-cache input for a prefill of `new` tokens: [batch, kv_heads, rows, head_size] (its static dims from the
+    graph), no rows, or a zero buffer where the kernel wants one (see fit_past; its valid length is 0 either way)."""
     if len(spec.shape) != 4 or spec.shape[1] is None or spec.shape[3] is None:
         raise QtcError(f"KV-cache input {spec.name!r} needs static kv_heads and head_size dims (has {spec.shape})")
-    return np.zeros((batch, spec.shape[1], spec.capacity, spec.shape[3]), dtype=spec.dtype)
+    rows = spec.capacity if 0 < new <= spec.capacity else 0
+    return np.zeros((batch, spec.shape[1], rows, spec.shape[3]), dtype=spec.dtype)
+
+
+def fit_past(spec: InputSpec, present: np.ndarray, valid: int, new: int) -> np.ndarray:
+    """The past to feed with `new` tokens after `valid` cached ones, from the present the run before returned.
+    ORT 1.32's GroupQueryAttention with a sliding window (capacity W > 0) takes a cache in one of two forms: a
+    preallocated buffer at least as long as the total (what onnxruntime-genai's shared buffer is), or exactly the
+    valid rows, and then only when those rows plus the new ones are at least W ("KV cache capacity must be at least
+    local_window_size"). So: a W-row buffer while the total fits in W, the valid rows after."""
+    if not spec.capacity:
+        return present
+    if valid + new > spec.capacity:
+        return present[:, :, :valid]
+    rows = spec.capacity
+    if present.shape[2] >= rows:
+        return present[:, :, :rows]
+    pad = np.zeros((*present.shape[:2], rows - present.shape[2], present.shape[3]), dtype=present.dtype)
+    return np.concatenate([present, pad], axis=2)
 
 
 @dataclass
@@ -264,7 +282,7 @@ def text_feed(tokens: np.ndarray, inputs: list[InputSpec]) -> dict[str, np.ndarr
     feed = {}
     for spec in inputs:
         if spec.present is not None:
-            feed[spec.name] = empty_past(spec)
+            feed[spec.name] = empty_past(spec, ids.shape[1])
         elif spec.name == token_spec.name:
             feed[spec.name] = ids.astype(spec.dtype)
         elif "mask" in spec.name:
@@ -299,7 +317,7 @@ def next_step_feed(feed: dict, outputs: dict, tokens: np.ndarray, position: int,
     step, token_name, count = {}, token_input(inputs).name, tokens.shape[1]
     for spec in inputs:
         if spec.present is not None:
-            step[spec.name] = outputs[spec.present]
+            step[spec.name] = fit_past(spec, outputs[spec.present], position, count)
         elif spec.name == token_name:
             step[spec.name] = tokens.astype(spec.dtype)
         elif "mask" in spec.name:  # attention masks cover past + new tokens

@@ -88,12 +88,18 @@ def cache_dims(graph: ir.Graph, past: str) -> tuple[int | None, int | None]:
 
 
 def cache_capacity(graph: ir.Graph, past: str) -> int:
-    """The shortest past buffer the kernel reading `past` accepts: ORT's GroupQueryAttention with a sliding window
-    (`local_window_size` W > 0, the GenAI builder's Gemma 3) refuses a cache buffer shorter than W ("KV cache
-    capacity (0) must be at least local_window_size"), because onnxruntime-genai always hands it a preallocated
-    buffer. The valid length comes from `seqlens_k`, not from the buffer, so a zero buffer of W rows is an empty
-    cache. 0 for every other reader."""
+    """The preallocated buffer the kernel reading `past` wants while a sequence fits in it: ORT's
+    GroupQueryAttention with a sliding window (`local_window_size` W > 0: the GenAI builder's Gemma 3, qtc's fused
+    one) refuses a cache shorter than W ("KV cache capacity (0) must be at least local_window_size"), because
+    onnxruntime-genai hands it a preallocated buffer. The valid length comes from `seqlens_k`, not from the buffer,
+    so a zero buffer of W rows is an empty cache (calibration/data.fit_past). 0 for every other reader."""
     value = next(v for v in graph.inputs if v.name == past)
     windows = [node.attributes.get_int("local_window_size", -1) for node, _ in value.uses()
                if node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN]
     return max([0, *windows])
+
+
+def needs_shared_buffer(graph: ir.Graph) -> bool:
+    """Whether onnxruntime-genai must run this decoder with `past_present_share_buffer` (a preallocated cache):
+    some past is read by a kernel with a capacity (cache_capacity)."""
+    return any(cache_capacity(graph, past) for past in cache_pairs(graph))

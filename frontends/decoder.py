@@ -346,9 +346,10 @@ def read_genai_config(folder: Path) -> dict | None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def servable_folder_files(source: Path, out: Path) -> dict[str, dict | Path]:
-    """What makes `out` servable like `source`'s folder: genai_config.json naming `out` (as a dict) and the
-    tokenizer files to copy. Refuses to overwrite another model's genai_config.json in `out`'s folder."""
+def servable_folder_files(source: Path, out: Path, shared_buffer: bool = False) -> dict[str, dict | Path]:
+    """What makes `out` servable like `source`'s folder: genai_config.json naming `out` (as a dict; with a
+    preallocated, shared KV buffer where `out`'s attention needs one) and the tokenizer files to copy. Refuses to
+    overwrite another model's genai_config.json in `out`'s folder."""
     config = read_genai_config(source.parent)
     files: dict[str, dict | Path] = {name: source.parent / name for name in TOKENIZER_FILES
                                      if (source.parent / name).is_file() and not (out.parent / name).exists()}
@@ -358,5 +359,7 @@ def servable_folder_files(source: Path, out: Path) -> dict[str, dict | Path]:
     if existing is not None and existing.get("model", {}).get("decoder", {}).get("filename") != out.name:
         raise QtcError(f"{out.parent / GENAI_CONFIG} belongs to another model: write {out.name} into its own folder")
     config.setdefault("model", {}).setdefault("decoder", {})["filename"] = out.name
+    if shared_buffer:
+        config.setdefault("search", {})["past_present_share_buffer"] = True
     files[GENAI_CONFIG] = config
     return files

@@ -13,7 +13,8 @@ Why: on ORT 1.32 CPU the decomposed form costs ~15 small kernels per layer and a
 per step (qwen2.5-coder-0.5b w4a8: 9.8 ms of a 32 ms decode step outside the MatMulNBits, against 2.4 ms in the
 ORT GenAI builder's GroupQueryAttention graph). GroupQueryAttention reads the grouped K/V heads in place.
 
-Layers with a sliding-window mask (Gemma 3's local layers) stay in the standard form: see `check`.
+Layers with a sliding-window mask (Gemma 3's local layers) get the kernel's `local_window_size`; its cache then
+takes one of two forms (calibration/data.fit_past), and onnxruntime-genai must preallocate it (shared buffer).
 GroupQueryAttention takes each row's length from `seqlens_k` (= sum(attention_mask) - 1) and assumes padding only
 at the end of a row, the way onnxruntime-genai feeds it; a left-padded batch row would differ from the source
 graph, which masks any padding. qtc's own feed loops run batch 1 without padding. cuda is left out: ORT's CUDA
@@ -114,13 +115,10 @@ class CachedAttentionToGqa(pattern.RewriteRuleClassBase):
         causal, window, why = causal_mask_window(bias, context.model)
         if not causal:
             return result.fail(why, bias)
-        if window is not None:
-            # ORT 1.32's kernel takes local_window_size only over a preallocated cache buffer at least that long
-            # ("KV cache capacity (0) must be at least local_window_size"), so a prefill longer than the window
-            # on a growing cache fails: windowed layers keep the standard form.
-            return result.fail(f"sliding window {window}: GroupQueryAttention takes a window only with a "
-                               "preallocated (shared) KV buffer", bias)
+        if window is not None and window < 1:
+            return result.fail(f"sliding window {window} is not a positive number of keys", bias)
         self._mask = _graph_input(context.model, "attention_mask")
+        self._window = window
         return result
 
     def rewrite(self, op, query, key, value, past_key, past_value, scale, **_):
@@ -133,8 +131,10 @@ class CachedAttentionToGqa(pattern.RewriteRuleClassBase):
                                      to=ir.DataType.INT32))
         lengths, total = self._lengths
         flat = [_merged_heads(op, x) for x in (query, key, value)]
+        # the kernel's window W attends keys past + i - W < j <= past + i, the mask's (tests: W - 1 and W + 1 differ)
+        window = {} if self._window is None else {"local_window_size": self._window}
         return op.GroupQueryAttention(*flat, past_key, past_value, lengths, total, _domain=MS_DOMAIN, _outputs=3,
-                                      num_heads=heads, kv_num_heads=kv_heads, scale=_scalar(scale))
+                                      num_heads=heads, kv_num_heads=kv_heads, scale=_scalar(scale), **window)
 
 
 def _split_heads_source(x: ir.Value) -> tuple[ir.Value, int] | None:
@@ -219,8 +219,8 @@ class PackQkvIntoGqa(pattern.RewriteRuleClassBase):
                 or rotaries[0].attributes.get_int("rotary_embedding_dim", 0) != 0:
             return result.fail("Q and K are rotated differently or only partly", rotated_query)
         gqa = attention.producer()
-        if gqa.attributes.get_int("do_rotary", 0) or gqa.attributes.get_int("local_window_size", -1) != -1:
-            return result.fail("the attention already rotates or is windowed", attention)
+        if gqa.attributes.get_int("do_rotary", 0):
+            return result.fail("the attention already rotates", attention)
         return result
 
     def rewrite(self, op, x, wq, wk, wv, bq, bk, bv, positions, cos, sin, past_key, past_value, lengths, total,
@@ -238,7 +238,7 @@ class PackQkvIntoGqa(pattern.RewriteRuleClassBase):
             qkv = op.Add(qkv, op.initializer(ir.tensor(bias, name=bias_name), name=bias_name))
             qkv.producer().name = f"{module}/Add"
         old = attention.producer().attributes
-        keep = {key: old[key].value for key in ("num_heads", "kv_num_heads", "scale") if key in old}
+        keep = {key: old[key].value for key in ("num_heads", "kv_num_heads", "scale", "local_window_size") if key in old}
         interleaved = rotated_query.producer().attributes.get_int("interleaved", 0)
         return op.GroupQueryAttention(qkv, None, None, past_key, past_value, lengths, total, cos, sin, positions,
                                       _domain=MS_DOMAIN, _outputs=3, do_rotary=1, rotary_interleaved=interleaved,

@@ -29,7 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qtc.backends.base import Backend
-from qtc.calibration.data import CalibrationSet, decode_steps, model_inputs
+from qtc.calibration.data import CalibrationSet, decode_steps, fit_past, model_inputs, token_input
 from qtc.util.progress import progress_bar
 from qtc.util.spill import release
 
@@ -163,8 +163,7 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
             previous: dict[str, np.ndarray] = {}
             for number, values in enumerate(carried):
                 if not starts[number]:  # a decode step: the pasts are this segment's presents from the run before
-                    values.update({past: previous[present] for past, present in past_to_present.items()
-                                   if present in previous})
+                    values.update(_carried_pasts(previous, runs[number][0], inputs))
                 produced = session.run(values)
                 previous = {k: v for k, v in produced.items() if k in past_to_present.values()}
                 seen = {k: v for k, v in produced.items() if k in names}
@@ -182,6 +181,16 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 release(weight.const_value)
             if finished is not None:
                 finished({v.name for v in segment.outputs} & names | (names & graph_inputs if index == 0 else set()))
+
+
+def _carried_pasts(previous: dict[str, np.ndarray], feed: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:
+    """A decode step's pasts: this segment's presents from the run before, in the form their kernel takes (the
+    valid length is what the attention mask covers before the new tokens)."""
+    new = feed[token_input(inputs).name].shape[1]
+    mask = next((feed[spec.name] for spec in inputs if "mask" in spec.name and spec.name in feed), None)
+    valid = mask.shape[1] - new if mask is not None else 0  # without a mask no kernel has a capacity (gqa_fusion)
+    return {spec.name: fit_past(spec, previous[spec.present], valid, new)
+            for spec in inputs if spec.present is not None and spec.present in previous}
 
 
 def _graph_feeds(calib: CalibrationSet, inputs, kv: bool) -> list[tuple[dict[str, np.ndarray], bool]]:

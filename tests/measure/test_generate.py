@@ -166,3 +166,31 @@ def test_a_genai_builder_export_compiles_and_still_serves(builder_fp32, chinese_
     assert result.report["heldout_comparison"]["outputs"]["logits"]["cosine"] > 0.999
     ours = Decoder(out).generate(PROMPT, 12).tokens
     assert _genai_tokens(out.parent, PROMPT, len(PROMPT) + 12) == ours
+
+
+def test_a_sliding_window_decoder_serves_with_a_shared_buffer(tmp_path):
+    """Gemma 3's local layers fuse into GroupQueryAttention with local_window_size, whose cache onnxruntime-genai
+    must preallocate: the compiled folder says so, and og generates what qtc's feed loop does with prompts shorter
+    and longer than the window, decoding across it."""
+    import onnx
+
+    from qtc.frontends.decoder import DecoderConfig, build_decoder, genai_config
+    from qtc.models.synthetic import RandomWeights
+
+    cfg = DecoderConfig(family="llama", vocab_size=96, hidden=64, layers=3, heads=4, kv_heads=2, intermediate=96,
+                        head_size=16, sliding_window=5, sliding_layers=(0, 2))
+    source = tmp_path / "source" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(build_decoder(cfg, RandomWeights(cfg, seed=3)), source)
+    (source.parent / "genai_config.json").write_text(json.dumps(genai_config(cfg, source.name)))
+    result = qtc.compile(source, recipe="w4a16", quiet=True)
+    out = result.save(tmp_path / "w4a16" / "model.onnx")
+    windows = [n.attributes.get_int("local_window_size", -1) for n in result.model.graph
+               if n.op_type == "GroupQueryAttention"]
+    assert windows == [5, -1, 5]
+    assert json.loads((out.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    assert json.loads((source.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
+    for prompt in ([5, 17, 42, 8, 61, 3, 29], [5, 17, 42]):
+        ours = Decoder(out).generate(prompt, 10).tokens
+        assert len(ours) == 10
+        assert _genai_tokens(out.parent, prompt, len(prompt) + 10) == ours
