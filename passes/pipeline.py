@@ -78,7 +78,7 @@ def build_pipeline(
             # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),
             # 5b. Target kernels the runtime does not fuse itself: quantized embedding tables (and tied heads).
-            *([FuseQuantizedTablesPass()] if backend.block_table_kernels else []),
+            *([FuseQuantizedTablesPass(accuracy_level)] if backend.block_table_kernels else []),
             #     Block-int4 weight MatMuls as MatMulNBits with the recipe's accuracy level in the node (a server
             #     reads no qtc session config; ORT's own fusion would default to int8 activations).
             *([WriteMatMulNBitsPass(accuracy_level)] if backend.block_table_kernels and accuracy_level is not None else []),

@@ -16,6 +16,7 @@ from qtc.measure.inspection import inspect_model
 from qtc.models.reference import build_reference
 from qtc.passes.annotate import AnnotateQuantizationPass
 from qtc.passes.embedding_tables import FuseQuantizedTablesPass, check_table, pack_blocks
+from qtc.passes import meta
 from qtc.passes.meta import FUSED_TABLES, quantized_counts
 from qtc.passes.qdq import InsertQDQPass
 from qtc.recipes import builtin_recipe, parse_recipe
@@ -98,15 +99,21 @@ def test_tied_table_is_stored_once_and_matches_dequantized_float(tied_lm, tmp_pa
     assert np.abs(got - expected).max() <= (1e-4 if bits == 4 else 3e-2) * np.abs(expected).max()
 
 
-def test_asymmetric_table_keeps_the_portable_form_and_the_same_numbers(tied_lm, tmp_path):
-    """The kernels' default zero point only fits symmetric grids: an asymmetric table must not be fused."""
-    recipe = _table_only(symmetric=False)
+@pytest.mark.parametrize("dtype", ["int4", "uint4"])
+def test_asymmetric_table_is_fused_with_its_zero_points_and_the_same_numbers(tied_lm, tmp_path, dtype):
+    """A zero point per block (what a 4-bit LM head needs, see embedding_tables): both kernels get them in their
+    own layouts, and compute what the float model computes with the dequantized table."""
+    recipe = _table_only(symmetric=False, dtype=dtype)
     result = qtc.compile(tied_lm, recipe=recipe, quiet=True)
     path = result.save(tmp_path / "asym.onnx")
     ops = result.report["runtime_ops"]["ops"]
-    # (ORT gives each reader its own DequantizeLinear of the one table)
-    assert "com.microsoft::GatherBlockQuantized" not in ops and "com.microsoft::MatMulNBits" not in ops
-    assert ops.get("DequantizeLinear") == 2
+    assert ops.get("com.microsoft::GatherBlockQuantized") == 1 and ops.get("com.microsoft::MatMulNBits") == 1
+    assert "DequantizeLinear" not in ops
+    graph = ir.load(path).graph
+    gather = next(n for n in graph if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in graph if n.op_type == "MatMulNBits")
+    assert gather.inputs[3].const_value.shape.numpy() == (4096, 256 // 32, 1)  # like its [vocab, blocks, 1] scales
+    assert head.inputs[3].const_value.shape.numpy() == (4096, 256 // 32 // 2)  # two 4-bit zero points a byte
     reference = _dequantized_reference(tied_lm, recipe.embedding, tmp_path / "reference.onnx")
     ids = _ids(4096)
     got, expected = _logits(path, ids), _logits(reference, ids)
@@ -191,16 +198,17 @@ def _dequantize(table: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | N
 
 @pytest.mark.parametrize("change, reason", [
     ({}, None),
-    ({"zero_point": np.zeros((8, 2), np.int8)}, "zero point"),
+    ({"zero_point": np.zeros((8, 2), np.int8)}, None),
+    ({"table": np.zeros((8, 64), np.uint8), "zero_point": np.zeros((8, 2), np.uint8)}, None),
     ({"block_size": 8}, "power-of-two size >= 16"),
     ({"block_size": 24}, "power-of-two size >= 16"),
     ({"axis": 0}, "along axis 1"),
     ({"table": np.zeros((8, 48), np.int8), "scale": np.ones((8, 2), np.float32)}, "not a whole number of blocks"),
     ({"scale": np.ones((8, 1), np.float32)}, "scales are not float32"),
-    ({"table": np.zeros((2, 8, 64), np.int8)}, "not 2-D int4 / int8"),
-    ({"table": np.zeros((8, 64), np.uint8)}, "not 2-D int4 / int8"),
+    ({"table": np.zeros((2, 8, 64), np.int8)}, "not 2-D (u)int4 / (u)int8"),
+    ({"table": np.zeros((8, 64), np.int16)}, "not 2-D (u)int4 / (u)int8"),
 ])
-def test_check_table_accepts_only_symmetric_power_of_two_blocks_along_hidden(change, reason):
+def test_check_table_accepts_power_of_two_blocks_along_hidden(change, reason):
     table = change.get("table", np.zeros((8, 64), np.int8))
     scale = change.get("scale", np.ones((8, 2), np.float32))
     attributes = {"axis": change.get("axis", 1), "block_size": change.get("block_size", 32)}
@@ -244,12 +252,27 @@ def test_fuse_tables_on_a_hand_built_tied_model(table):
     assert np.abs(got - hidden @ dequantized.T).max() <= tolerance * np.abs(got).max()
 
 
-def test_asymmetric_hand_built_table_is_left_in_the_portable_form():
+@pytest.mark.parametrize("level", [None, 0, 4])
+def test_a_4_bit_tied_head_runs_at_the_recipes_block_level(level):
+    """w4a16 (level 0): the head in float (level 1); w4a8 (level 4): int8 activations per block like its layers,
+    the ORT GenAI builder's head (twice as fast at decode on gemma-3-270m), and the report says so."""
+    model, _ = _portable_tied_lm()
+    FuseQuantizedTablesPass(level)(model)
+    head = next(n for n in model.graph if n.op_type == "MatMulNBits")
+    assert head.attributes.get_int("accuracy_level") == (4 if level == 4 else 1)
+    notes = [w for w in model.meta.get(meta.WARNINGS, []) if "tied LM head (4-bit table)" in w]
+    assert len(notes) == (1 if level == 4 else 0)
+
+
+def test_asymmetric_hand_built_table_fuses_and_computes_what_the_portable_form_does():
     model, _ = _portable_tied_lm(symmetric=False)
-    before = graphs.ops(model)
+    feed = graphs.random_feed(model)
+    portable = graphs.run(model, feed)[0]
     result = FuseQuantizedTablesPass()(model)
-    assert not result.modified and model.meta[FUSED_TABLES] == 0
-    assert graphs.ops(model) == before and "com.microsoft" not in model.opset_imports
+    RemoveUnusedNodesPass()(model)
+    assert result.modified and model.meta[FUSED_TABLES] == 2 and "DequantizeLinear" not in graphs.ops(model)
+    got = graphs.run(model, feed)[0]
+    assert np.abs(got - portable).max() <= 1e-4 * np.abs(portable).max()
 
 
 @pytest.mark.parametrize("bits, transpose", [(4, False), (8, False), (4, True), (8, True)])
