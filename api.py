@@ -23,7 +23,6 @@ from qtc.calibration.data import (
     model_inputs,
     tokenizer_beside,
 )
-from qtc.core.decoder import needs_shared_buffer
 from qtc.errors import QtcError
 from qtc.frontends.decoder import servable_folder_files
 from qtc.frontends.onnx_file import (
@@ -73,8 +72,7 @@ class CompileResult:
         """Write the model (external data beside it when large) and the sidecar `OUT.qtc.json`, atomically."""
         path = Path(path)
         _refuse_overwriting_source(path, self.source, self.model)
-        companions = servable_folder_files(self.source, path, needs_shared_buffer(self.model.graph)) \
-            if self.source is not None else {}
+        companions = servable_folder_files(self.source, path, self.model.graph) if self.source is not None else {}
         self.written = save_model(self.model, path, external_data=self.external_data)
         self.report["output"] = {
             "path": path.name,

@@ -76,13 +76,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("out/decoders"))
     parser.add_argument("--no-float-row", action="store_true", help="skip float's own row (measured in another run)")
+    parser.add_argument("--reuse", action="store_true", help="keep a row's model already compiled under --work")
     args = parser.parse_args()
     rows = [] if args.no_float_row else [row("float", args.float_model, args.float_model, args)]
     for recipe in [r for r in args.rows.split(",") if r]:
         label = Path(recipe).stem  # a built-in name, or a recipe YAML such as bench/recipes/w4a8-gptq-h4.yaml
         out = args.work / args.name / label / "model.onnx"
-        report = qtc("compile", str(args.float_model), "--recipe", recipe, "--calib", "zh-news", "--samples",
-                     str(args.samples), "--seq-len", str(args.seq_len), "-o", str(out))
+        sidecar = out.with_name(out.stem + ".qtc.json")
+        if args.reuse and sidecar.is_file():  # compiled by an earlier run of the same rows: its report
+            report = json.loads(sidecar.read_text())
+        else:
+            report = qtc("compile", str(args.float_model), "--recipe", recipe, "--calib", "zh-news", "--samples",
+                         str(args.samples), "--seq-len", str(args.seq_len), "-o", str(out))
         rows.append(row(f"qtc {label}", out, args.float_model, args, report))
         print(markdown(rows, args.name), flush=True)
     if args.builder:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from tokenizers import Tokenizer
 
 from qtc.calibration import workloads
-from qtc.core.decoder import cache_capacity, cache_dims, cache_pairs
+from qtc.core.decoder import cache_capacity, cache_dims, cache_pairs, windowed_cache
 from qtc.errors import QtcError
 from qtc.util.cache import sha256_file
 
@@ -47,6 +47,7 @@ class InputSpec:
     shape: tuple = ()  # static dims as ints, the others as None
     present: str | None = None  # a KV-cache input: the output its next value comes from (core/decoder.py)
     capacity: int = 0  # a KV-cache input: the shortest buffer its kernel takes (core/decoder.cache_capacity)
+    windowed: bool = False  # ... a window-sized buffer the kernel evicts from (core/decoder.windowed_cache)
 
 
 def model_inputs(model: ir.Model) -> list[InputSpec]:
@@ -62,7 +63,8 @@ def model_inputs(model: ir.Model) -> list[InputSpec]:
             kv_heads, head_size = cache_dims(model.graph, value.name)
             shape = (shape[0], kv_heads, shape[2], head_size)
         capacity = cache_capacity(model.graph, value.name) if value.name in cache else 0
-        specs.append(InputSpec(value.name, np.dtype(dtype), rank, shape, cache.get(value.name), capacity))
+        windowed = bool(capacity) and windowed_cache(model.graph, value.name)
+        specs.append(InputSpec(value.name, np.dtype(dtype), rank, shape, cache.get(value.name), capacity, windowed))
     return specs
 
 
@@ -71,7 +73,7 @@ def empty_past(spec: InputSpec, new: int, batch: int = 1) -> np.ndarray:
     graph), no rows, or a zero buffer where the kernel wants one (see fit_past; its valid length is 0 either way)."""
     if len(spec.shape) != 4 or spec.shape[1] is None or spec.shape[3] is None:
         raise QtcError(f"KV-cache input {spec.name!r} needs static kv_heads and head_size dims (has {spec.shape})")
-    rows = spec.capacity if 0 < new <= spec.capacity else 0
+    rows = spec.capacity if spec.windowed or 0 < new <= spec.capacity else 0
     return np.zeros((batch, spec.shape[1], rows, spec.shape[3]), dtype=spec.dtype)
 
 
@@ -80,8 +82,9 @@ def fit_past(spec: InputSpec, present: np.ndarray, valid: int, new: int) -> np.n
     ORT 1.32's GroupQueryAttention with a sliding window (capacity W > 0) takes a cache in one of two forms: a
     preallocated buffer at least as long as the total (what onnxruntime-genai's shared buffer is), or exactly the
     valid rows, and then only when those rows plus the new ones are at least W ("KV cache capacity must be at least
-    local_window_size"). So: a W-row buffer while the total fits in W, the valid rows after."""
-    if not spec.capacity:
+    local_window_size"). So: a W-row buffer while the total fits in W, the valid rows after. A windowed cache
+    (`sliding_window_cache`) is its W-row buffer at every step, the most recent positions first: as it came out."""
+    if not spec.capacity or spec.windowed:
         return present
     if valid + new > spec.capacity:
         return present[:, :, :valid]
@@ -90,6 +93,25 @@ def fit_past(spec: InputSpec, present: np.ndarray, valid: int, new: int) -> np.n
         return present[:, :, :rows]
     pad = np.zeros((*present.shape[:2], rows - present.shape[2], present.shape[3]), dtype=present.dtype)
     return np.concatenate([present, pad], axis=2)
+
+
+def prefill_for(inputs: list[InputSpec], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A prefill feed built for another form of the same model (empty pasts of 0 rows) with each empty past as
+    `inputs`' kernels take it (empty_past): a compiled model's windowed caches want their W-row buffers."""
+    token = token_input(inputs).name
+    adapted = dict(feed)
+    for spec in inputs:
+        past = feed.get(spec.name)
+        if spec.capacity and past is not None and past.shape[2] == 0 and token in feed:
+            adapted[spec.name] = empty_past(spec, feed[token].shape[1], batch=past.shape[0])
+    return adapted
+
+
+def resident_rows(spec: InputSpec, present: np.ndarray, history: int) -> np.ndarray:
+    """The rows of a windowed cache's present that hold positions (the most recent min(T, W) of a sequence of
+    `history` = T tokens, at rows [0, L): ORT's layout for capacity W), to compare with the last rows of a
+    full-length cache; the present as it is for any other cache."""
+    return present[:, :, : min(history, spec.capacity)] if spec.windowed else present
 
 
 @dataclass

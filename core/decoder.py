@@ -14,6 +14,7 @@ import re
 import onnx_ir as ir
 
 from qtc.core.ops import MS_DOMAIN
+from qtc.errors import QtcError
 
 _PAST_NAME = re.compile(r"^past(?:_key_values)?[._](?P<layer>\d+)[._](?P<kind>key|value)$")
 _GQA_CACHE = {3: 1, 4: 2}  # GroupQueryAttention: past_key -> present_key, past_value -> present_value
@@ -103,3 +104,29 @@ def needs_shared_buffer(graph: ir.Graph) -> bool:
     """Whether onnxruntime-genai must run this decoder with `past_present_share_buffer` (a preallocated cache):
     some past is read by a kernel with a capacity (cache_capacity)."""
     return any(cache_capacity(graph, past) for past in cache_pairs(graph))
+
+
+def windowed_cache(graph: ir.Graph, past: str) -> bool:
+    """Whether the kernel reading `past` keeps a window-sized cache it evicts from itself (GroupQueryAttention
+    `sliding_window_cache` = 1): its buffer is always `cache_capacity` rows, fed back as it comes out."""
+    value = next(v for v in graph.inputs if v.name == past)
+    return any(node.op_type == "GroupQueryAttention" and node.domain == MS_DOMAIN
+               and node.attributes.get_int("sliding_window_cache", 0) for node, _ in value.uses())
+
+
+def sliding_window_layers(graph: ir.Graph, past_key_names: str) -> dict | None:
+    """onnxruntime-genai's `sliding_window` entry for a decoder with windowed caches: the window and the layer
+    numbers (read from past names like `past_key_values.%d.key`), or None when it has none."""
+    pattern = re.compile(re.escape(past_key_names).replace("%d", r"(\d+)") + "$")
+    layers, windows = [], set()
+    for past in cache_pairs(graph):
+        match = pattern.match(past)
+        if match and windowed_cache(graph, past):
+            layers.append(int(match.group(1)))
+            windows.add(cache_capacity(graph, past))
+    if not layers:
+        return None
+    if len(windows) != 1:
+        raise QtcError(f"windowed KV caches of different sizes {sorted(windows)}: onnxruntime-genai takes one")
+    return {"window_size": windows.pop(), "slide_key_value_cache": False, "slide_inputs": False,
+            "layers": sorted(layers), "cache_slack": 0}

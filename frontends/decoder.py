@@ -25,8 +25,10 @@ from typing import Mapping
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
+from qtc.core.decoder import needs_shared_buffer, sliding_window_layers
 from qtc.errors import QtcError
 
 OPSET = 21
@@ -332,6 +334,18 @@ def genai_config(cfg: DecoderConfig, model_file: str, *, provider: str = "cpu") 
     }
 
 
+def _fit_cache_entries(config: dict, graph: ir.Graph) -> None:
+    decoder = config.setdefault("model", {}).setdefault("decoder", {})
+    if needs_shared_buffer(graph):
+        config.setdefault("search", {})["past_present_share_buffer"] = True
+    pattern = decoder.get("inputs", {}).get("past_key_names", PAST.replace("%s", "key"))
+    window = sliding_window_layers(graph, pattern)
+    if window is not None:
+        decoder["sliding_window"] = window
+    else:
+        decoder.pop("sliding_window", None)  # the source's windowed caches are full-length in `out`
+
+
 def read_genai_config(folder: Path) -> dict | None:
     path = Path(folder) / GENAI_CONFIG
     if not path.is_file():
@@ -346,10 +360,11 @@ def read_genai_config(folder: Path) -> dict | None:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def servable_folder_files(source: Path, out: Path, shared_buffer: bool = False) -> dict[str, dict | Path]:
-    """What makes `out` servable like `source`'s folder: genai_config.json naming `out` (as a dict; with a
-    preallocated, shared KV buffer where `out`'s attention needs one) and the tokenizer files to copy. Refuses to
-    overwrite another model's genai_config.json in `out`'s folder."""
+def servable_folder_files(source: Path, out: Path, graph: ir.Graph | None = None) -> dict[str, dict | Path]:
+    """What makes `out` servable like `source`'s folder: genai_config.json naming `out` (as a dict) and the
+    tokenizer files to copy. Where `out`'s `graph` has attention kernels that need them, the config asks for a
+    preallocated, shared KV buffer and lists the window-sized caches under `sliding_window` (see
+    core/decoder.py). Refuses to overwrite another model's genai_config.json in `out`'s folder."""
     config = read_genai_config(source.parent)
     files: dict[str, dict | Path] = {name: source.parent / name for name in TOKENIZER_FILES
                                      if (source.parent / name).is_file() and not (out.parent / name).exists()}
@@ -359,7 +374,7 @@ def servable_folder_files(source: Path, out: Path, shared_buffer: bool = False) 
     if existing is not None and existing.get("model", {}).get("decoder", {}).get("filename") != out.name:
         raise QtcError(f"{out.parent / GENAI_CONFIG} belongs to another model: write {out.name} into its own folder")
     config.setdefault("model", {}).setdefault("decoder", {})["filename"] = out.name
-    if shared_buffer:
-        config.setdefault("search", {})["past_present_share_buffer"] = True
+    if graph is not None:
+        _fit_cache_entries(config, graph)
     files[GENAI_CONFIG] = config
     return files

@@ -27,7 +27,7 @@ from onnx.reference import ReferenceEvaluator
 from qtc.backends import get_backend
 from qtc.backends.base import Backend
 from qtc.backends.compare import OutputStats, compare_models, cosine, session_with_outputs
-from qtc.calibration.data import InputSpec, embedding_rows, model_inputs, text_feed, token_input
+from qtc.calibration.data import InputSpec, embedding_rows, model_inputs, prefill_for, text_feed, token_input
 from qtc.errors import QtcError
 from qtc.frontends.onnx_file import load_model, tensor_bytes
 from qtc.util.spill import peak_rss
@@ -70,6 +70,7 @@ def check_large(backend: Backend, compiled: ir.Model, feed: dict[str, np.ndarray
     not fit beside the compiled model); the compiled model is, in a child process (its ORT session is as large as
     its weights, which are not in this process's budget), on the same derived feed, and must return every output
     finite, with the shapes it declares. QtcError otherwise."""
+    feed = prefill_for(model_inputs(compiled), feed)  # windowed caches take their W-row buffers
     with tempfile.TemporaryDirectory(prefix="qtc-check-") as folder:
         model_path, feed_path, out_path = Path(folder) / "model.onnx", Path(folder) / "feed.npz", Path(folder) / "out.npz"
         ir.save(compiled, model_path, external_data="model.onnx.data")

@@ -169,9 +169,10 @@ def test_a_genai_builder_export_compiles_and_still_serves(builder_fp32, chinese_
 
 
 def test_a_sliding_window_decoder_serves_with_a_shared_buffer(tmp_path):
-    """Gemma 3's local layers fuse into GroupQueryAttention with local_window_size, whose cache onnxruntime-genai
-    must preallocate: the compiled folder says so, and og generates what qtc's feed loop does with prompts shorter
-    and longer than the window, decoding across it."""
+    """Gemma 3's local layers fuse into GroupQueryAttention with local_window_size and a window-sized cache, which
+    onnxruntime-genai must preallocate: the compiled folder says so (as the GenAI builder's Gemma 3 folder does),
+    and og generates what qtc's feed loop does with prompts shorter and longer than the window, decoding across
+    it."""
     import onnx
 
     from qtc.frontends.decoder import DecoderConfig, build_decoder, genai_config
@@ -188,7 +189,10 @@ def test_a_sliding_window_decoder_serves_with_a_shared_buffer(tmp_path):
     windows = [n.attributes.get_int("local_window_size", -1) for n in result.model.graph
                if n.op_type == "GroupQueryAttention"]
     assert windows == [5, -1, 5]
-    assert json.loads((out.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    config = json.loads((out.parent / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is True
+    assert config["model"]["decoder"]["sliding_window"] == {"window_size": 5, "slide_key_value_cache": False,
+                                                            "slide_inputs": False, "layers": [0, 2], "cache_slack": 0}
     assert json.loads((source.parent / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is False
     for prompt in ([5, 17, 42, 8, 61, 3, 29], [5, 17, 42]):
         ours = Decoder(out).generate(prompt, 10).tokens
