@@ -48,8 +48,8 @@ class RandomWeights(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         shape = self.shapes[name]
-        if "norm" in name:
-            return np.ones(shape, np.float32)
+        if "norm" in name:  # 1 for a norm scaled by w, 0 for Gemma's (1 + w)
+            return np.full(shape, 1.0 - self.cfg.norm_offset, np.float32)
         rng = np.random.default_rng([self.seed, zlib.crc32(name.encode())])
         values = rng.standard_normal(shape, dtype=np.float32)
         values *= np.float32(INIT_STD)  # in place: the embedding alone is 2.2 GB
@@ -78,6 +78,10 @@ def _shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
                 shapes[f"{p}.{name}.bias"] = (shape[0],)
         shapes[f"{p}.input_layernorm.weight"] = (h,)
         shapes[f"{p}.post_attention_layernorm.weight"] = (h,)
+        if cfg.qk_norm:  # Gemma 3's per-head norms
+            shapes[f"{p}.self_attn.q_norm.weight"] = shapes[f"{p}.self_attn.k_norm.weight"] = (cfg.head_size,)
+        if cfg.sandwich_norms:
+            shapes[f"{p}.pre_feedforward_layernorm.weight"] = shapes[f"{p}.post_feedforward_layernorm.weight"] = (h,)
     return shapes
 
 

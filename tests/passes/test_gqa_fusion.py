@@ -88,6 +88,30 @@ def test_gqa_matches_the_standard_graph_through_prefill_and_decode(window, promp
             np.testing.assert_allclose(got[name], expected, atol=1e-4, err_msg=name)
 
 
+GEMMA_LIKE = dataclasses.replace(TINY, norm_offset=1.0, qk_norm=True, embed_scale=8.0, mlp_act="gelu_tanh",
+                                 sandwich_norms=True, tied=True, rope_local_theta=10000.0, rope_theta=1e6,
+                                 sliding_window=4, sliding_layers=(0, 2))
+
+
+@pytest.mark.parametrize("prompt_length", [3, 7])
+def test_per_head_norms_keep_no_transposes_and_rotate_inside_the_attention(prompt_length):
+    """Gemma 3's q_norm / k_norm between the projections and the rotation: the norms run on the [batch, seq,
+    heads, head_size] view and GroupQueryAttention rotates (the GenAI builder's form); same logits and caches."""
+    fused, plain = _model(GEMMA_LIKE, fuse=True), _model(GEMMA_LIKE, fuse=False)
+    assert fusion_counts(fused)["fusions"]["gqa_normed_rotary"]["applied"] == GEMMA_LIKE.layers
+    attentions = [n for n in fused.graph if n.op_type == "GroupQueryAttention"]
+    assert all(n.attributes.get_int("do_rotary", 0) for n in attentions)
+    assert not [n for n in fused.graph if n.op_type in ("Transpose", "RotaryEmbedding")]
+    prompt = np.array([5, 17, 42, 8, 61, 3, 29], np.int64)[:prompt_length]
+    for got, want in zip(_decode(fused, prompt, 4), _decode(plain, prompt, 4), strict=True):
+        np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-4)
+        for layer in range(GEMMA_LIKE.layers):  # the full-attention layer's cache is the source's, bit for bit
+            name = f"present.{layer}.key"
+            rows = min(want[name].shape[2], 4) if layer in GEMMA_LIKE.sliding_layers else want[name].shape[2]
+            np.testing.assert_allclose(got[name][:, :, :rows], want[name][:, :, want[name].shape[2] - rows:],
+                                       atol=1e-4, err_msg=name)
+
+
 def test_a_bias_not_from_attention_mask_is_refused_with_the_reason():
     model = _model(TINY, fuse=False)
     softmax = next(n for n in model.graph if n.op_type == "Softmax")
