@@ -37,7 +37,7 @@ from onnxscript.rewriter.rules.fusion import _layer_norm, _rotary_embedding
 
 from qtc.core.ops import MS_DOMAIN, op_key
 from qtc.passes.canonicalize import FoldConstantsPass, InferShapesPass
-from qtc.passes.gqa_fusion import gqa_rules, normed_rotary_rules, qkv_rules
+from qtc.passes.gqa_fusion import gqa_rules, normed_qkv_rules, normed_rotary_rules, qkv_rules
 from qtc.passes.meta import FUSION_COUNTS
 
 # onnxscript's fusions go through intermediate ops in this domain (SDPA, a RotaryEmbedding function) that a
@@ -297,6 +297,9 @@ FUSIONS: tuple[Fusion, ...] = (
     Fusion("gqa_normed_rotary", normed_rotary_rules, {"cpu": f"{MS_DOMAIN}::GroupQueryAttention"},
            "per-head Q/K norms (Gemma 3) on the [batch, seq, heads, head_size] view, Q and K rotated inside the "
            "attention (do_rotary with the model's position_ids): no head transposes", after=("gqa",)),
+    Fusion("qkv_pack_normed", normed_qkv_rules, {"cpu": f"{MS_DOMAIN}::GroupQueryAttention"},
+           "the Q/K/V projections of such an attention packed into one MatMul and a Split before the per-head "
+           "norms (one MatMulNBits per layer once quantized)", after=("gqa_normed_rotary",)),
     Fusion("sdpa", sdpa.sdpa_rules, {}, "softmax(Q K^T * scale + mask) V, with GQA's K/V head expansion",
            infer_shapes=True),
     # ORT 1.32's CPU MultiHeadAttention lost to the unfused MatMul/Softmax/MatMul on every reference model

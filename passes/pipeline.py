@@ -127,10 +127,10 @@ def _layer_skip_passes(spec: LayerSkipSpec, calib: CalibrationSet | None, backen
 
 
 def _unpackable(recipe: Recipe) -> tuple[str, ...]:
-    """("qkv_pack",) where packing Q/K/V into one MatMul would change what the recipe says: an override that names
+    """The Q/K/V packing fusions where packing Q/K/V into one MatMul would change what the recipe says: an override that names
     a q/k/v projection (it would no longer match a layer of its own), or per-tensor weights (one scale for the
     three would replace three)."""
     named = any(rule.selector in ("name", "node") and any(p in rule.pattern for p in ("q_proj", "k_proj", "v_proj"))
                 for rule in recipe.rules)
     specs = [recipe.weight] + [rule.weight for rule in recipe.rules if isinstance(rule.weight, QuantSpec)]
-    return ("qkv_pack",) if named or any(spec.granularity == "tensor" for spec in specs) else ()
+    return ("qkv_pack", "qkv_pack_normed") if named or any(spec.granularity == "tensor" for spec in specs) else ()

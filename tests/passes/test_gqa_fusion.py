@@ -96,9 +96,14 @@ GEMMA_LIKE = dataclasses.replace(TINY, norm_offset=1.0, qk_norm=True, embed_scal
 @pytest.mark.parametrize("prompt_length", [3, 7])
 def test_per_head_norms_keep_no_transposes_and_rotate_inside_the_attention(prompt_length):
     """Gemma 3's q_norm / k_norm between the projections and the rotation: the norms run on the [batch, seq,
-    heads, head_size] view and GroupQueryAttention rotates (the GenAI builder's form); same logits and caches."""
+    heads, head_size] view, GroupQueryAttention rotates and Q/K/V are one packed MatMul (the GenAI builder's
+    form); same logits and caches."""
     fused, plain = _model(GEMMA_LIKE, fuse=True), _model(GEMMA_LIKE, fuse=False)
     assert fusion_counts(fused)["fusions"]["gqa_normed_rotary"]["applied"] == GEMMA_LIKE.layers
+    assert fusion_counts(fused)["fusions"]["qkv_pack_normed"]["applied"] == GEMMA_LIKE.layers
+    weight_matmuls = [n for n in fused.graph if n.op_type == "MatMul" and n.inputs[1].const_value is not None]
+    assert len(weight_matmuls) == 5 * GEMMA_LIKE.layers + 1  # q/k/v packed: one MatMul and a Split
+    assert sum(n.op_type == "Split" for n in fused.graph) == GEMMA_LIKE.layers
     attentions = [n for n in fused.graph if n.op_type == "GroupQueryAttention"]
     assert all(n.attributes.get_int("do_rotary", 0) for n in attentions)
     assert not [n for n in fused.graph if n.op_type in ("Transpose", "RotaryEmbedding")]
