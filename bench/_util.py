@@ -123,3 +123,20 @@ def machine() -> dict:
         except Exception:  # noqa: BLE001 - informational only
             pass
     return info
+
+
+def qtc_json(*args: str, keep: Path | None = None) -> dict:
+    """Run a qtc CLI command for its JSON (a failure stops the script with qtc's own message), adding the wall
+    seconds it took as `_seconds`; with `keep`, the result is kept there and a rerun reads it back."""
+    if keep is not None and keep.is_file():
+        return json.loads(keep.read_text())
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "qtc.cli.main", *args, "--json"], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"qtc {' '.join(args)}: {done.stderr.strip()}")
+    if keep is not None:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        keep.write_text(done.stdout)
+    result = json.loads(done.stdout)
+    result["_seconds"] = round(time.perf_counter() - started, 1)
+    return result

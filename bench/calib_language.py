@@ -19,27 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS_DIR, machine  # noqa: E402
+from _util import RESULTS_DIR, machine, qtc_json  # noqa: E402
 
 CALIBS = ("zh-news", "en-pydoc")
-
-
-def qtc(*args: str, keep: Path | None = None) -> dict:
-    """Run a qtc command for its JSON; with `keep`, the result is kept there and a rerun reads it back."""
-    if keep is not None and keep.is_file():
-        return json.loads(keep.read_text())
-    done = subprocess.run([sys.executable, "-m", "qtc.cli.main", *args, "--json"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"qtc {' '.join(args)}: {done.stderr.strip()}")
-    if keep is not None:
-        keep.parent.mkdir(parents=True, exist_ok=True)
-        keep.write_text(done.stdout)
-    return json.loads(done.stdout)
 
 
 def _ci(metric: dict, digits: int = 3) -> str:
@@ -82,7 +68,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("out/calib_language"))
     args = parser.parse_args()
     prefix = args.work / args.name
-    grid = qtc("table", str(args.model), "--recipes", args.recipes, "--calib", ",".join(CALIBS), "--samples",
+    grid = qtc_json("table", str(args.model), "--recipes", args.recipes, "--calib", ",".join(CALIBS), "--samples",
                str(args.samples), "--seq-len", str(args.seq_len), "--limit", str(args.limit), "-o", str(prefix))
     cells = {(c["recipe"], c["calib"]): c for c in grid["cells"]}
     folder = Path(f"{prefix}.cells")
@@ -91,10 +77,10 @@ def main() -> None:
         if cells[(recipe, "en-pydoc")]["data_sha256"] == cells[(recipe, "zh-news")]["data_sha256"]:
             pairs[recipe] = {"identical_bytes": True}  # the recipe reads no calibration data (w8a8-dynamic)
             continue
-        pairs[recipe] = qtc("eval", str(folder / f"{recipe}@en-pydoc" / "model.onnx"), "--task", "zh-news-ppl",
+        pairs[recipe] = qtc_json("eval", str(folder / f"{recipe}@en-pydoc" / "model.onnx"), "--task", "zh-news-ppl",
                             "--baseline", str(folder / f"{recipe}@zh-news" / "model.onnx"), "--limit", str(args.limit),
                             keep=Path(f"{prefix}.pairs") / f"{recipe}.json")
-    audits = {calib: qtc("audit-calib", "--calib", calib, "--against", "zh-news", "--model", str(args.model),
+    audits = {calib: qtc_json("audit-calib", "--calib", calib, "--against", "zh-news", "--model", str(args.model),
                          "--samples", "8", keep=Path(f"{prefix}.audits") / f"{calib}.json") for calib in CALIBS}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     protocol = {"samples": args.samples, "seq_len": args.seq_len, "limit": args.limit, "machine": machine()}

@@ -13,28 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS_DIR, machine  # noqa: E402
-
-
-def qtc(*args: str) -> dict:
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "qtc.cli.main", *args, "--json"], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"qtc {' '.join(args)}: {done.stderr.strip()}")
-    result = json.loads(done.stdout)
-    result["_seconds"] = round(time.perf_counter() - started, 1)
-    return result
+from _util import RESULTS_DIR, machine, qtc_json  # noqa: E402
 
 
 def row(label: str, model: Path, float_model: Path, args, compile_report: dict | None = None) -> dict:
-    scored = qtc("eval", str(model), "--task", "zh-news-ppl", "--baseline", str(float_model), "--limit", str(args.limit))
-    timed = qtc("bench", str(model), "--baseline", str(float_model), "--prompts", str(args.prompts),
+    scored = qtc_json("eval", str(model), "--task", "zh-news-ppl", "--baseline", str(float_model), "--limit", str(args.limit))
+    timed = qtc_json("bench", str(model), "--baseline", str(float_model), "--prompts", str(args.prompts),
                 "--rounds", str(args.rounds))
     return {"row": label, "model": str(model), "eval": scored, "bench": timed,
             "compile_seconds": compile_report.get("compile_seconds") if compile_report else None}
@@ -86,7 +74,7 @@ def main() -> None:
         if args.reuse and sidecar.is_file():  # compiled by an earlier run of the same rows: its report
             report = json.loads(sidecar.read_text())
         else:
-            report = qtc("compile", str(args.float_model), "--recipe", recipe, "--calib", "zh-news", "--samples",
+            report = qtc_json("compile", str(args.float_model), "--recipe", recipe, "--calib", "zh-news", "--samples",
                          str(args.samples), "--seq-len", str(args.seq_len), "-o", str(out))
         rows.append(row(f"qtc {label}", out, args.float_model, args, report))
         print(markdown(rows, args.name), flush=True)

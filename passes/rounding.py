@@ -175,14 +175,20 @@ class EagerGptq:
     segments still to run compute what they would have; groups with AWQ (which rescales weights and the norm
     before them) wait for RoundWeightsPass like everything else."""
 
+    def __init__(self) -> None:
+        self._groups: dict | None = None  # one compile's layer groups: found once, not at every segment
+
     @staticmethod
-    def takes(model: ir.Model) -> set[str]:
+    def takes(model: ir.Model, groups: dict | None = None) -> set[str]:
         """The activations whose groups it rounds: GPTQ is the only data-driven algorithm among their layers."""
-        return {name for name, members in layer_groups(model.graph).items()
+        return {name for name, members in (groups or layer_groups(model.graph)).items()
                 if {note.weight_spec.algorithm for _, note in members} - {"rtn"} == {"gptq"}}
 
     def __call__(self, model: ir.Model, finished: dict[str, dict]) -> None:
-        groups, takes = layer_groups(model.graph), self.takes(model)
+        if self._groups is None:
+            self._groups = layer_groups(model.graph)
+            self._takes = self.takes(model, self._groups)
+        groups, takes = self._groups, self._takes
         layers = rounded_layers(model)
         for name, collectors in sorted(finished.items()):
             if name in takes and "gram" in collectors and "absmax" not in collectors:
