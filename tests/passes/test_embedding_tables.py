@@ -14,9 +14,9 @@ from qtc.core.quant_math import dequantize_weight, weight_qparams
 from qtc.errors import QtcError
 from qtc.measure.inspection import inspect_model
 from qtc.models.reference import build_reference
+from qtc.passes import meta
 from qtc.passes.annotate import AnnotateQuantizationPass
 from qtc.passes.embedding_tables import FuseQuantizedTablesPass, check_table, pack_blocks
-from qtc.passes import meta
 from qtc.passes.meta import FUSED_TABLES, quantized_counts
 from qtc.passes.qdq import InsertQDQPass
 from qtc.recipes import builtin_recipe, parse_recipe
