@@ -69,10 +69,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
         weight_dq: dict[tuple, ir.Value] = {}
         activation_dq: dict[tuple, ir.Value] = {}
         quantized_weights = set()
+        # one weight read by several nodes (a tied table: the lookup and the head) is quantized once, with the
+        # integers a rounding algorithm chose for any of its readers (GPTQ runs on the head, which has an input)
+        chosen = {(note.weight.name, note.weight_spec, note.axis): note.precomputed
+                  for _, note in annotated_nodes(graph) if note.precomputed is not None}
         for node, note in annotated_nodes(graph):
             key = (note.weight.name, note.weight_spec, note.axis)
             if key not in weight_dq:
-                weight_dq[key] = self._quantize_weight(graph, node, note)
+                weight_dq[key] = self._quantize_weight(graph, node, note, chosen.get(key))
                 quantized_weights.add(note.weight.name)
             self._rewire_weight(node, note, weight_dq[key])
             if note.activation_spec is not None:
@@ -90,10 +94,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 graph.initializers.pop(name)  # no float copy kept
         return ir.passes.PassResult(model, modified=bool(weight_dq))
 
-    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, note: QuantAnnotation) -> ir.Value:
+    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, note: QuantAnnotation, precomputed: tuple | None) -> ir.Value:
         tensor = note.weight.const_value
-        if note.precomputed is not None:
-            q, scale, zero_point = note.precomputed
+        if precomputed is not None:
+            q, scale, zero_point = precomputed
             q = q.numpy()  # an ir tensor, possibly spilled (rounding.to_initializer)
         else:
             q, scale, zero_point = weight_qparams(tensor.numpy(), note.weight_spec, note.axis)

@@ -275,8 +275,9 @@ def _check_table(recipe: str, spec: QuantSpec, keep_float: tuple[str, ...]) -> N
     where = f"recipe '{recipe}': embedding"
     if spec.granularity not in TABLE_GRANULARITIES:
         raise QtcError(f"{where}: granularity must be {' or '.join(TABLE_GRANULARITIES)}, got {spec.granularity!r}")
-    if spec.algorithm != "rtn" or spec.calibrator is not None:
-        raise QtcError(f"{where}: the table is rounded to nearest and weight-only (no algorithm or calibrator)")
+    if spec.algorithm not in ("rtn", "gptq") or spec.calibrator is not None:
+        raise QtcError(f"{where}: the table is weight-only (no calibrator), rounded to nearest (rtn) or by GPTQ "
+                       "against a tied head's input statistics (gptq)")
     if "embedding" in keep_float:
         raise QtcError(f"{where}: is set, but keep_float lists embedding (drop one of the two)")
 

@@ -13,7 +13,7 @@ import qtc
 from qtc.core.quant_math import dequantize_weight, weight_qparams
 from qtc.errors import QtcError
 from qtc.measure.inspection import inspect_model
-from qtc.models.reference import build_reference
+from qtc.models.reference import TOKENIZER_FILE, build_reference
 from qtc.passes import meta
 from qtc.passes.annotate import AnnotateQuantizationPass
 from qtc.passes.embedding_tables import FuseQuantizedTablesPass, check_table, pack_blocks
@@ -120,6 +120,27 @@ def test_asymmetric_table_is_fused_with_its_zero_points_and_the_same_numbers(tie
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+def test_a_tied_table_rounded_by_gptq_on_the_heads_statistics(tied_lm, chinese_corpus, tmp_path):
+    """`algorithm: gptq` on a tied table: GPTQ runs on the head (the reader with an input to take statistics from)
+    and the lookup reads the same integers: one packed table, a lower in-sample error than round-to-nearest, and
+    logits closer to float."""
+    cosines = {}
+    for algorithm in ("rtn", "gptq"):
+        recipe = _table_only(symmetric=False, algorithm=algorithm)
+        result = qtc.compile(tied_lm, recipe=recipe, calib=chinese_corpus, tokenizer=TOKENIZER_FILE, samples=8, seq_len=64,
+                             quiet=True)
+        ops = result.report["runtime_ops"]["ops"]
+        assert ops.get("com.microsoft::GatherBlockQuantized") == 1 and ops.get("com.microsoft::MatMulNBits") == 1
+        cosines[algorithm] = result.report["heldout_comparison"]["outputs"]["logits"]["cosine"]
+        layers = result.report["rounding"]["layers"] if result.report.get("rounding") else {}
+        if algorithm == "gptq":
+            (record,) = layers.values()  # the head: its input has statistics, the lookup's does not
+            assert record["used"] == "gptq" and record["error_algorithm"] < 0.5 * record["error_rtn"]
+        else:
+            assert not layers
+    assert 1 - cosines["gptq"] < 0.5 * (1 - cosines["rtn"])
+
+
 def test_untied_head_follows_keep_float(zh_tiny_lm, tmp_path):
     recipe = parse_recipe({"base": "w4a16", "name": "w4a16-table", "embedding": TABLE})
     assert "embedding" not in recipe.keep_float and "lm_head" in recipe.keep_float
@@ -135,7 +156,7 @@ def test_untied_head_follows_keep_float(zh_tiny_lm, tmp_path):
     [
         ({"embedding": TABLE, "keep_float": ["embedding"]}, "keep_float lists embedding"),
         ({"embedding": {"dtype": "int4", "granularity": "tensor"}}, "granularity must be block or channel"),
-        ({"embedding": TABLE | {"algorithm": "gptq"}}, "rounded to nearest"),
+        ({"embedding": TABLE | {"algorithm": "awq"}}, r"rounded to nearest \(rtn\) or by GPTQ"),
         ({"embedding": {"bits": 4}}, "unknown key 'bits'"),
     ],
 )
