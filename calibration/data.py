@@ -84,15 +84,9 @@ def fit_past(spec: InputSpec, present: np.ndarray, valid: int, new: int) -> np.n
     valid rows, and then only when those rows plus the new ones are at least W ("KV cache capacity must be at least
     local_window_size"). So: a W-row buffer while the total fits in W, the valid rows after. A windowed cache
     (`sliding_window_cache`) is its W-row buffer at every step, the most recent positions first: as it came out."""
-    if not spec.capacity or spec.windowed:
-        return present
-    if valid + new > spec.capacity:
-        return present[:, :, :valid]
-    rows = spec.capacity
-    if present.shape[2] >= rows:
-        return present[:, :, :rows]
-    pad = np.zeros((*present.shape[:2], rows - present.shape[2], present.shape[3]), dtype=present.dtype)
-    return np.concatenate([present, pad], axis=2)
+    if spec.capacity and not spec.windowed and valid + new > spec.capacity:
+        return present[:, :, :valid]  # a W-row buffer only partly valid, then a chunk that runs past W
+    return present  # a step within W returned its W-row buffer; one past W, exactly its valid rows
 
 
 def prefill_for(inputs: list[InputSpec], feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -210,45 +210,26 @@ class PackQkvIntoGqa(pattern.RewriteRuleClassBase):
     def check(self, context, x, wq, wk, wv, bq, bk, bv, positions, rotated_query, rotated_key, attention,
               **_) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        weights = [w.const_value for w in (wq, wk, wv)]
-        if any(w is None or w.shape.rank() != 2 for w in weights) or len({w.shape[0] for w in weights}) != 1:
-            return result.fail("the q/k/v weights are not constant [hidden, out] matrices of one input", [wq, wk, wv])
-        if len({w.dtype for w in weights}) != 1:
-            return result.fail("the q/k/v weights differ in type", [wq, wk, wv])
+        why = _qkv_weights_why_not(wq, wk, wv)
+        if why is not None:
+            return result.fail(why, [wq, wk, wv])
         if self.with_bias and any(b.const_value is None or b.const_value.shape.rank() != 1 for b in (bq, bk, bv)):
             return result.fail("a q/k/v bias is not a constant vector", [bq, bk, bv])
-        if positions not in context.model.graph.inputs:
-            return result.fail("the rotary positions are computed in the graph, not the position_ids input", positions)
-        rotaries = [v.producer() for v in (rotated_query, rotated_key)]
-        if len({(r.attributes.get_int("interleaved", 0), r.attributes.get_int("rotary_embedding_dim", 0)) for r in rotaries}) != 1 \
-                or rotaries[0].attributes.get_int("rotary_embedding_dim", 0) != 0:
-            return result.fail("Q and K are rotated differently or only partly", rotated_query)
-        gqa = attention.producer()
-        if gqa.attributes.get_int("do_rotary", 0):
-            return result.fail("the attention already rotates", attention)
-        return result
+        why = _rotation_why_not(context.model, positions, rotated_query, rotated_key, attention)
+        return result.fail(*why) if why is not None else result
 
     def rewrite(self, op, x, wq, wk, wv, bq, bk, bv, positions, cos, sin, past_key, past_value, lengths, total,
                 rotated_query, attention, **_):
-        name = _packed_name(wq.name)
-        packed = np.concatenate([w.const_value.numpy() for w in (wq, wk, wv)], axis=1)
-        for w in (wq, wk, wv):
-            release(w.const_value)
-        qkv = op.MatMul(x, op.initializer(spill(ir.tensor(packed, name=name)), name=name))
-        module = name.removesuffix(".weight")  # the report and the policy name layers by their module path
-        qkv.producer().name = f"{module}/MatMul"
+        qkv, module = _packed_matmul(op, x, wq, wk, wv)
         if self.with_bias:
             bias_name = _packed_name(bq.name)
             bias = np.concatenate([b.const_value.numpy() for b in (bq, bk, bv)])
             qkv = op.Add(qkv, op.initializer(ir.tensor(bias, name=bias_name), name=bias_name))
             qkv.producer().name = f"{module}/Add"
-        old = attention.producer().attributes
-        keep = {key: old[key].value for key in ("num_heads", "kv_num_heads", "scale", "local_window_size", "sliding_window_cache")
-                if key in old}
         interleaved = rotated_query.producer().attributes.get_int("interleaved", 0)
         return op.GroupQueryAttention(qkv, None, None, past_key, past_value, lengths, total, cos, sin, positions,
                                       _domain=MS_DOMAIN, _outputs=3, do_rotary=1, rotary_interleaved=interleaved,
-                                      **keep)
+                                      **_kept_attributes(attention))
 
 
 class RotateNormedHeadsInGqa(pattern.RewriteRuleClassBase):
@@ -289,15 +270,8 @@ class RotateNormedHeadsInGqa(pattern.RewriteRuleClassBase):
             return result.fail("the heads are not split from / merged into [batch, seq, hidden] in place", q_shape)
         if any(n.producer().attributes.get_int("axis", -1) not in (-1, 3) for n in (q_norm, k_norm)):
             return result.fail("the Q/K norm is not over head_size", q_norm)
-        rotaries = [v.producer() for v in (q_rotary, k_rotary)]
-        if len({(r.attributes.get_int("interleaved", 0), r.attributes.get_int("rotary_embedding_dim", 0)) for r in rotaries}) != 1 \
-                or rotaries[0].attributes.get_int("rotary_embedding_dim", 0) != 0:
-            return result.fail("Q and K are rotated differently or only partly", q_rotary)
-        if positions not in context.model.graph.inputs:
-            return result.fail("the rotary positions are computed in the graph, not the position_ids input", positions)
-        if attention.producer().attributes.get_int("do_rotary", 0):
-            return result.fail("the attention already rotates", attention)
-        return result
+        why = _rotation_why_not(context.model, positions, q_rotary, k_rotary, attention)
+        return result.fail(*why) if why is not None else result
 
     def rewrite(self, op, xq, xk, value, q_shape, k_shape, q_gamma, k_gamma, positions, cos, sin, past_key,
                 past_value, lengths, total, q_norm, k_norm, q_rotary, attention, **_):
@@ -306,13 +280,11 @@ class RotateNormedHeadsInGqa(pattern.RewriteRuleClassBase):
             heads = op.SimplifiedLayerNormalization(op.Reshape(x, shape), gamma, **attributes)
             return op.Reshape(heads, op.Constant(value_ints=[0, 0, -1]))
 
-        old = attention.producer().attributes
-        keep = {key: old[key].value for key in ("num_heads", "kv_num_heads", "scale", "local_window_size", "sliding_window_cache")
-                if key in old}
         return op.GroupQueryAttention(normed(xq, q_shape, q_gamma, q_norm), normed(xk, k_shape, k_gamma, k_norm), value,
                                       past_key, past_value, lengths, total, cos, sin, positions, _domain=MS_DOMAIN,
                                       _outputs=3, do_rotary=1,
-                                      rotary_interleaved=q_rotary.producer().attributes.get_int("interleaved", 0), **keep)
+                                      rotary_interleaved=q_rotary.producer().attributes.get_int("interleaved", 0),
+                                      **_kept_attributes(attention))
 
 
 class PackNormedQkv(pattern.RewriteRuleClassBase):
@@ -338,23 +310,13 @@ class PackNormedQkv(pattern.RewriteRuleClassBase):
                                       _outputs=["attention", "present_key", "present_value"])
 
     def check(self, context, wq, wk, wv, **_) -> pattern.MatchResult:
-        result = pattern.MatchResult()
-        weights = [w.const_value for w in (wq, wk, wv)]
-        if any(w is None or w.shape.rank() != 2 for w in weights) or len({w.shape[0] for w in weights}) != 1:
-            return result.fail("the q/k/v weights are not constant [hidden, out] matrices of one input", [wq, wk, wv])
-        if len({w.dtype for w in weights}) != 1:
-            return result.fail("the q/k/v weights differ in type", [wq, wk, wv])
-        return result
+        why = _qkv_weights_why_not(wq, wk, wv)
+        return pattern.MatchResult().fail(why, [wq, wk, wv]) if why is not None else pattern.MatchResult()
 
     def rewrite(self, op, x, wq, wk, wv, q_shape, k_shape, q_gamma, k_gamma, q_merged, k_merged, past_key, past_value,
                 lengths, total, cos, sin, positions, q_norm, k_norm, attention, **_):
-        name = _packed_name(wq.name)
         widths = [int(w.const_value.shape[1]) for w in (wq, wk, wv)]
-        packed = np.concatenate([w.const_value.numpy() for w in (wq, wk, wv)], axis=1)
-        for w in (wq, wk, wv):
-            release(w.const_value)
-        qkv = op.MatMul(x, op.initializer(spill(ir.tensor(packed, name=name)), name=name))
-        qkv.producer().name = f"{name.removesuffix('.weight')}/MatMul"  # reports name layers by module path
+        qkv, _ = _packed_matmul(op, x, wq, wk, wv)
         query, key, value = op.Split(qkv, op.Constant(value_ints=widths), axis=-1, _outputs=3)
 
         def normed(y, shape, gamma, norm, merged):
@@ -366,6 +328,52 @@ class PackNormedQkv(pattern.RewriteRuleClassBase):
                                       normed(key, k_shape, k_gamma, k_norm, k_merged), value, past_key, past_value,
                                       lengths, total, cos, sin, positions, _domain=MS_DOMAIN, _outputs=3,
                                       **{k: v.value for k, v in old.items()})
+
+
+ATTENTION_ATTRIBUTES = ("num_heads", "kv_num_heads", "scale", "local_window_size", "sliding_window_cache")
+
+
+def _kept_attributes(attention: ir.Value) -> dict:
+    """The attention's own settings a rewrite carries over (heads, scale, its window and windowed cache)."""
+    old = attention.producer().attributes
+    return {key: old[key].value for key in ATTENTION_ATTRIBUTES if key in old}
+
+
+def _qkv_weights_why_not(wq: ir.Value, wk: ir.Value, wv: ir.Value) -> str | None:
+    """Why three projections cannot be packed into one MatMul, or None."""
+    weights = [w.const_value for w in (wq, wk, wv)]
+    if any(w is None or w.shape.rank() != 2 for w in weights) or len({w.shape[0] for w in weights}) != 1:
+        return "the q/k/v weights are not constant [hidden, out] matrices of one input"
+    if len({w.dtype for w in weights}) != 1:
+        return "the q/k/v weights differ in type"
+    return None
+
+
+def _rotation_why_not(model: ir.Model, positions: ir.Value, rotated_query: ir.Value, rotated_key: ir.Value,
+                      attention: ir.Value) -> tuple[str, ir.Value] | None:
+    """Why the attention cannot rotate Q and K itself (do_rotary), with the value to blame, or None."""
+    rotaries = [v.producer() for v in (rotated_query, rotated_key)]
+    if len({(r.attributes.get_int("interleaved", 0), r.attributes.get_int("rotary_embedding_dim", 0)) for r in rotaries}) != 1 \
+            or rotaries[0].attributes.get_int("rotary_embedding_dim", 0) != 0:
+        return "Q and K are rotated differently or only partly", rotated_query
+    if positions not in model.graph.inputs:
+        return "the rotary positions are computed in the graph, not the position_ids input", positions
+    if attention.producer().attributes.get_int("do_rotary", 0):
+        return "the attention already rotates", attention
+    return None
+
+
+def _packed_matmul(op, x: ir.Value, wq: ir.Value, wk: ir.Value, wv: ir.Value) -> tuple[ir.Value, str]:
+    """MatMul(x, [wq | wk | wv]), named by its module path (the report and the policy name layers by it); the
+    three source weights' mappings are released."""
+    name = _packed_name(wq.name)
+    packed = np.concatenate([w.const_value.numpy() for w in (wq, wk, wv)], axis=1)
+    for w in (wq, wk, wv):
+        release(w.const_value)
+    qkv = op.MatMul(x, op.initializer(spill(ir.tensor(packed, name=name)), name=name))
+    module = name.removesuffix(".weight")
+    qkv.producer().name = f"{module}/MatMul"
+    return qkv, module
 
 
 def _packed_name(q_name: str) -> str:

@@ -177,6 +177,7 @@ class EagerGptq:
 
     def __init__(self) -> None:
         self._groups: dict | None = None  # one compile's layer groups: found once, not at every segment
+        self._takes: set[str] = set()
 
     @staticmethod
     def takes(model: ir.Model, groups: dict | None = None) -> set[str]:

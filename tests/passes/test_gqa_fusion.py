@@ -88,6 +88,32 @@ def test_gqa_matches_the_standard_graph_through_prefill_and_decode(window, promp
             np.testing.assert_allclose(got[name], expected, atol=1e-4, err_msg=name)
 
 
+@pytest.mark.parametrize("prompt_length", [2, 7])
+def test_a_window_without_a_windowed_cache_is_fed_both_cache_forms(prompt_length):
+    """A GroupQueryAttention window over a full-length cache (another exporter's form, no sliding_window_cache):
+    the feed loop gives it the zero buffer while the sequence fits in the window and the valid rows after
+    (calibration/data.fit_past), and it computes what the source does: a prefill, a 3-token chunk that runs past
+    the window (a partly valid buffer must shrink to its valid rows), then decode steps."""
+    cfg = dataclasses.replace(TINY, sliding_window=3)
+    fused, plain = _model(cfg, fuse=True), _model(cfg, fuse=False)
+    for node in fused.graph:
+        if node.op_type == "GroupQueryAttention":
+            node.attributes.pop("sliding_window_cache", None)
+    ids = np.array([5, 17, 42, 8, 61, 3, 29, 11, 70, 2, 33, 9], np.int64)
+    logits = []
+    for model in (fused, plain):
+        session, inputs = _session(model), model_inputs(model)
+        names = [o.name for o in session.get_outputs()]
+        feed = text_feed(ids[:prompt_length], inputs)
+        runs = [dict(zip(names, session.run(None, feed)))]
+        for start, end in ((prompt_length, prompt_length + 3), (prompt_length + 3, prompt_length + 4)):
+            feed = next_step_feed(feed, runs[-1], ids[None, start:end], start, inputs)
+            runs.append(dict(zip(names, session.run(None, feed))))
+        logits.append([run["logits"] for run in runs])
+    for got, want in zip(*logits, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
 GEMMA_LIKE = dataclasses.replace(TINY, norm_offset=1.0, qk_norm=True, embed_scale=8.0, mlp_act="gelu_tanh",
                                  sandwich_norms=True, tied=True, rope_local_theta=10000.0, rope_theta=1e6,
                                  sliding_window=4, sliding_layers=(0, 2))
