@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,7 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qtc.backends import compile_target
-from qtc.backends.base import ACCURACY_LEVEL, SESSION_PREFIX, runtime_numerics
+from qtc.backends.base import ACCURACY_LEVEL, SESSION_PREFIX, runtime_numerics, sharing_sessions
 from qtc.backends.compare import compare_models
 from qtc.calibration.data import (
     CalibrationSet,
@@ -197,11 +198,22 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
                             segment_bytes), graph_model, peaks)
     measure = job.measure
     # Before anything is handed back: the compiled model must run where its source runs, and agree with it.
-    if before["tensor_bytes"] > limit / 2:  # the float source would not fit beside the compiled model
-        check = check_large(measure, graph_model, derived, before["tensor_bytes"], limit)
-        compare = False
-    else:
-        check = check_compiled(measure, reference, graph_model, derived, tolerance_class({"qtc.recipe": resolved.to_json()}))
+    checks = PeakTracker()  # what the checks after the passes hold and take, reported beside the passes'
+    large = before["tensor_bytes"] > limit / 2  # the float source would not fit beside the compiled model
+    compare = compare and not large
+    heldout = None
+    # Sessions take about twice their weights: where both models' fit in half the limit, each loads once for
+    # the check, the held-out comparison and the source runs in between.
+    with sharing_sessions() if 4 * before["tensor_bytes"] <= limit / 2 else contextlib.nullcontext():
+        if large:
+            check = checks.step("post_compile_check", lambda: check_large(measure, graph_model, derived,
+                                                                            before["tensor_bytes"], limit))
+        else:
+            check = checks.step("post_compile_check", lambda: check_compiled(
+                measure, reference, graph_model, derived, tolerance_class({"qtc.recipe": resolved.to_json()})))
+        if compare and calib_set is not None and calib_set.heldout_samples:
+            heldout = checks.step("heldout_comparison", lambda: compare_models(
+                measure, reference, graph_model, calib_set.feeds(inputs, heldout=True)))
     report = {
         "qtc_version": __version__,
         "recipe": resolved.to_dict(),
@@ -218,16 +230,18 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
         "post_compile_check": check,
         "target_notes": job.target_notes,
     }
-    if compare and calib_set is not None and calib_set.heldout_samples:
-        report["heldout_comparison"] = compare_models(measure, reference, graph_model, calib_set.feeds(inputs, heldout=True))
-        report["heldout_comparison"]["provider"] = measure.provider
+    if heldout is not None:
+        report["heldout_comparison"] = heldout | {"provider": measure.provider}
     if compare:
-        report["runtime_ops"] = _runtime_ops(measure, graph_model, job.session_entries)
+        report["runtime_ops"] = checks.step("runtime_ops", lambda: _runtime_ops(measure, graph_model, job.session_entries))
     report["compile_seconds"] = round(time.perf_counter() - started, 3)
+    report["seconds"] = {"passes": _largest_first(_sum_steps(peaks.seconds), digits=2),
+                         "checks": _largest_first(_sum_steps(checks.seconds), digits=2)}
     report["memory"] = {"limit_bytes": limit, "spilled": store.summary() if store else None,
-                        # this process's, since it started; and per pass (the largest first)
-                        "process_peak_rss_bytes": max(peaks.overall, peak_rss() or 0),
-                        "pass_peak_rss_bytes": dict(sorted(_merge_steps(peaks.steps).items(), key=lambda kv: -kv[1]))}
+                        # this process's, since it started; and per pass and per check (the largest first)
+                        "process_peak_rss_bytes": max(peaks.overall, checks.overall, peak_rss() or 0),
+                        "pass_peak_rss_bytes": _largest_first(_merge_steps(peaks.steps)),
+                        "check_peak_rss_bytes": _largest_first(_merge_steps(checks.steps))}
     # A model that came with external data leaves with it (and saving stays streaming, not one huge protobuf).
     result = CompileResult(graph_model, report, source, external_data=source_external or None)
     if store is not None:  # the scratch file lives as long as the model that reads it
@@ -241,6 +255,19 @@ def _merge_steps(steps: list[tuple[str, int]]) -> dict[str, int]:
     for name, peak in steps:
         merged[name] = max(merged.get(name, 0), peak)
     return merged
+
+
+def _sum_steps(steps: list[tuple[str, float]]) -> dict[str, float]:
+    """A pass that runs twice is reported once, with its total time."""
+    summed: dict[str, float] = {}
+    for name, seconds in steps:
+        summed[name] = summed.get(name, 0.0) + seconds
+    return summed
+
+
+def _largest_first(values: dict, digits: int | None = None) -> dict:
+    return {name: round(value, digits) if digits is not None else value
+            for name, value in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))}
 
 
 def calibration_segment_bytes(tensor_bytes: int, limit: int) -> int | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import dataclasses
 import functools
@@ -151,7 +153,17 @@ class Backend:
         return [(self.provider, self.provider_options)] + ([] if self.provider == CPU_PROVIDER else [CPU_PROVIDER])
 
     def session(self, model: str | os.PathLike | bytes | ir.Model) -> ort.InferenceSession:
-        """A session that honours the model's `qtc.session.*` metadata (the numerics its recipe asked for)."""
+        """A session that honours the model's `qtc.session.*` metadata (the numerics its recipe asked for); inside
+        `sharing_sessions()`, the one session already opened for the same model."""
+        shared = _SHARED.get()
+        if shared is None:
+            return self._open(model)
+        key = (self.name, _model_key(model))
+        if key not in shared:
+            shared[key] = self._open(model)
+        return shared[key]
+
+    def _open(self, model: str | os.PathLike | bytes | ir.Model) -> ort.InferenceSession:
         if isinstance(model, ir.Model):
             return self._session_from_ir(model)
         if isinstance(model, os.PathLike):
@@ -171,7 +183,7 @@ class Backend:
         with tempfile.TemporaryDirectory(prefix="qtc-session-") as folder:
             path = Path(folder) / "model.onnx"
             ir.save(model, path, external_data="model.onnx.data")
-            return self.session(path)
+            return self._open(path)
 
 
 def _count_ops(graph: onnx.GraphProto, counts: dict[str, int]) -> None:
@@ -199,6 +211,35 @@ CPU_PROVIDER = "CPUExecutionProvider"
 PROVIDER_LIBRARIES = {"CANNExecutionProvider": "libonnxruntime_providers_cann.so",
                       "CUDAExecutionProvider": "libonnxruntime_providers_cuda.so"}
 ACCURACY_LEVEL = "session.qdq_matmulnbits_accuracy_level"
+
+
+_SHARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("qtc_shared_sessions", default=None)
+
+
+@contextlib.contextmanager
+def sharing_sessions():
+    """Within it, `Backend.session` opens each model once (a compile's post-compile check, held-out comparison
+    and their source runs load the source and the compiled model once each, not three times), and the sessions
+    stay open together until it ends: only for models that fit in memory side by side."""
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
+def sessions_shared() -> bool:
+    return _SHARED.get() is not None
+
+
+def _model_key(model: str | os.PathLike | bytes | ir.Model) -> tuple:
+    """One session per model as given: a file by its path, bytes and in-memory models by identity (an in-memory
+    model with outputs added for a comparison is another graph)."""
+    if isinstance(model, ir.Model):
+        return "ir", id(model), tuple(v.name for v in model.graph.outputs)
+    if isinstance(model, bytes):
+        return "bytes", id(model)
+    return "path", os.path.abspath(os.fspath(model))
 
 
 def _inference_session(model, options: ort.SessionOptions, providers: list) -> ort.InferenceSession:

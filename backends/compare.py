@@ -11,7 +11,7 @@ from typing import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from qtc.backends.base import Backend
+from qtc.backends.base import Backend, sessions_shared
 from qtc.calibration.data import model_inputs, prefill_for, resident_rows
 from qtc.util.arrays import log_softmax
 
@@ -37,6 +37,9 @@ def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     return stats.result()["cosine"]
 
 
+_SLICE = 1 << 21  # elements per step of the float64 statistics (16 MB temporaries whatever the output's size)
+
+
 class OutputStats:
     """Running agreement statistics for one output, accumulated sample by sample."""
 
@@ -52,20 +55,33 @@ class OutputStats:
             same = ref.shape == out.shape and bool(np.all(ref == out))
             self.dot, self.ref_sq, self.out_sq = self.dot + same, self.ref_sq + 1, self.out_sq + 1
             return
-        ref64, out64 = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-        self.dot += float(ref64 @ out64)
-        self.ref_sq += float(ref64 @ ref64)
-        self.out_sq += float(out64 @ out64)
-        if ref64.size:
+        ref_flat, out_flat = ref.reshape(-1), out.reshape(-1)
+        # float64 sums, taken a slice at a time: a [256, 262144] logits output would need 4 GB of float64 copies
+        rel = np.empty(ref_flat.size, np.float32)
+        for start in range(0, ref_flat.size, _SLICE):
+            ref64 = ref_flat[start:start + _SLICE].astype(np.float64)
+            out64 = out_flat[start:start + _SLICE].astype(np.float64)
+            self.dot += float(ref64 @ out64)
+            self.ref_sq += float(ref64 @ ref64)
+            self.out_sq += float(out64 @ out64)
             diff = np.abs(ref64 - out64)
             self.max_abs = max(self.max_abs, float(diff.max()))
-            # relative error, robust to near-zero references: the 99.9th percentile, worst sample
-            self.rel = max(self.rel, float(np.percentile(diff / np.maximum(np.abs(ref64), 1e-6), 99.9)))
+            rel[start:start + _SLICE] = diff / np.maximum(np.abs(ref64), 1e-6)
+        if rel.size:  # relative error, robust to near-zero references: the 99.9th percentile, worst sample
+            self.rel = max(self.rel, float(np.percentile(rel, 99.9, overwrite_input=True)))
         if logits:
-            same = np.argmax(ref, axis=-1) == np.argmax(out, axis=-1)
+            self._update_logits(ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1),
+                                out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1))
+
+    def _update_logits(self, ref_rows: np.ndarray, out_rows: np.ndarray) -> None:
+        """Top-1 agreement and KL over positions, a block of rows at a time (log-softmax is float64)."""
+        step = max(1, _SLICE // max(ref_rows.shape[1], 1))
+        for start in range(0, ref_rows.shape[0], step):
+            ref_block, out_block = ref_rows[start:start + step], out_rows[start:start + step]
+            same = np.argmax(ref_block, axis=-1) == np.argmax(out_block, axis=-1)
             self.top1_same += int(same.sum())
             self.top1_total += int(same.size)
-            ref_logp, out_logp = log_softmax(ref), log_softmax(out)
+            ref_logp, out_logp = log_softmax(ref_block), log_softmax(out_block)
             self.kl_sum += float((np.exp(ref_logp) * (ref_logp - out_logp)).sum())
 
     def result(self) -> dict:
@@ -87,34 +103,54 @@ def compare_models(
 ) -> dict:
     """Per-output cosine, max |diff| (and top-1 agreement for logits) of candidate against reference.
 
-    The two models never sit in memory together: reference outputs go to a temporary folder first.
+    The two models never sit in memory together: reference outputs go to a temporary folder first. Inside
+    `sharing_sessions()` (models that fit side by side) both sessions are open anyway, so each feed runs through
+    both and nothing is written.
     """
+    if sessions_shared():
+        reference_session = backend.session(reference)
+        return _compare_runs(backend, candidate, [(feed, reference_session) for feed in feeds], _names(reference_session))
     with tempfile.TemporaryDirectory(prefix="qtc-compare-") as folder:
         session = backend.session(reference)
-        names = [o.name for o in session.get_outputs()]
-        saved = []
+        names, saved = _names(session), []
         for i, feed in enumerate(feeds):
             path = Path(folder) / f"{i}.npz"
             np.savez(path, **dict(zip(names, session.run(names, feed))))
-            saved.append((path, feed))
+            saved.append((feed, path))
         del session
-        if not saved:
-            return {}
-        session = backend.session(candidate)
-        # a compiled decoder's sliding-window caches take W-row buffers (a windowed one returns the window only)
-        specs = model_inputs(candidate) if isinstance(candidate, ir.Model) else []
-        windowed = {spec.present: spec for spec in specs if spec.windowed}
-        buffered = any(spec.capacity for spec in specs)
-        stats = {name: OutputStats() for name in names}
-        for path, feed in saved:
-            if buffered:
-                feed = prefill_for(specs, feed)
-            outputs = dict(zip(names, session.run(names, feed)))
-            with np.load(path, allow_pickle=True) as reference_outputs:  # our own file; strings are objects
-                for name in names:
-                    expected, got = reference_outputs[name], outputs[name]
-                    if name in windowed:  # the window's rows against the same positions of the full cache
-                        got = resident_rows(windowed[name], got, expected.shape[2])
-                        expected = expected[:, :, expected.shape[2] - got.shape[2]:]
-                    stats[name].update(expected, got, logits="logit" in name)
-    return {"samples": len(saved), "outputs": {name: s.result() for name, s in stats.items()}}
+        return _compare_runs(backend, candidate, saved, names)
+
+
+def _names(session) -> list[str]:
+    return [o.name for o in session.get_outputs()]
+
+
+def _reference_outputs(source, names: list[str], feed: dict) -> dict[str, np.ndarray]:
+    """The reference's outputs for a feed: a saved .npz (ours; strings are objects) or a live session's run."""
+    if isinstance(source, Path):
+        with np.load(source, allow_pickle=True) as saved:
+            return {name: saved[name] for name in names}
+    return dict(zip(names, source.run(names, feed)))
+
+
+def _compare_runs(backend: Backend, candidate, runs: list[tuple[dict, object]], names: list[str]) -> dict:
+    """Run the candidate on each feed and accumulate its agreement with the reference's outputs (each from a
+    saved file or a live session)."""
+    if not runs:
+        return {}
+    session = backend.session(candidate)
+    # a compiled decoder's sliding-window caches take W-row buffers (a windowed one returns the window only)
+    specs = model_inputs(candidate) if isinstance(candidate, ir.Model) else []
+    windowed = {spec.present: spec for spec in specs if spec.windowed}
+    buffered = any(spec.capacity for spec in specs)
+    stats = {name: OutputStats() for name in names}
+    for feed, source in runs:
+        expected_outputs = _reference_outputs(source, names, feed)
+        outputs = dict(zip(names, session.run(names, prefill_for(specs, feed) if buffered else feed)))
+        for name in names:
+            expected, got = expected_outputs[name], outputs[name]
+            if name in windowed:  # the window's rows against the same positions of the full cache
+                got = resident_rows(windowed[name], got, expected.shape[2])
+                expected = expected[:, :, expected.shape[2] - got.shape[2]:]
+            stats[name].update(expected, got, logits="logit" in name)
+    return {"samples": len(runs), "outputs": {name: s.result() for name, s in stats.items()}}

@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import onnx_ir as ir
@@ -107,20 +108,25 @@ def peak_rss() -> int | None:
 
 
 class PeakTracker:
-    """Peak RSS per step of a long job (which pass held the memory), and over the whole process. Linux resets a
-    process's VmHWM when "5" is written to /proc/self/clear_refs; where that is not possible the per-step
-    figures are the process peak so far (still an upper bound)."""
+    """Peak RSS and wall seconds per step of a long job (which pass held the memory and the time), and peak RSS
+    over the whole process. Linux resets a process's VmHWM when "5" is written to /proc/self/clear_refs; where
+    that is not possible the per-step figures are the process peak so far (still an upper bound)."""
 
     def __init__(self) -> None:
         self.overall = peak_rss() or 0
         self.steps: list[tuple[str, int]] = []
+        self.seconds: list[tuple[str, float]] = []
 
-    def step(self, name: str, run) -> None:
+    def step(self, name: str, run):
+        """Run `run()` as the step `name` and return what it returns."""
         resettable = _reset_peak_rss()
-        run()
+        started = time.perf_counter()
+        result = run()
+        self.seconds.append((name, time.perf_counter() - started))
         peak = _proc_bytes("/proc/self/status", "VmHWM") or 0
         self.overall = max(self.overall, peak)
         self.steps.append((name, peak if resettable else self.overall))
+        return result
 
 
 def _reset_peak_rss() -> bool:

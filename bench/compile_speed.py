@@ -1,0 +1,219 @@
+"""qtc compile against its forward-pass limit and against ORT's quantize_static, side by side on one machine.
+
+    python bench/compile_speed.py MODEL.onnx [--samples 64] [--seq-len 256] [--recipes w8a8,...] [--max-drop kl=0.05]
+                                             [--eval-limit 30]
+
+Every step runs in its own fresh process, one after another, on the same calibration windows written once as .npz
+files (SAMPLES calibration windows of SEQ_LEN zh-news tokens + 8 held out, the model's own empty KV cache where it
+has one), so qtc and ORT read exactly the same tensors:
+- limit: one plain ORT CPU session runs the SAMPLES windows, all outputs fetched (session creation timed apart);
+- ort: onnxruntime.quantization.quantize_static (QDQ, per-channel, MinMax, int8/int8, default op types), reading
+  the same windows; peak RSS from os.wait4 (ORT does not reset its VmHWM);
+- each recipe: `qtc compile MODEL --recipe R --calib WINDOWS --samples SAMPLES` (post-compile check and held-out
+  comparison on, as a user runs it); peak RSS from the report (qtc resets VmHWM per pass, so wait4 under-reads);
+  the report's `seconds` split shows the passes and the checks;
+- --max-drop: the first recipe again with `--max-drop`, total time;
+- --eval-limit N: `qtc eval OUT --task zh-news-ppl --baseline MODEL --limit N` for each output (bits/char delta).
+Writes bench/results/compile_speed_NAME.{json,md}; NAME is the model folder's name up to its hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import RESULTS_DIR, machine, qtc_json, table, write_worker_result  # noqa: E402
+
+HELDOUT = 8
+RECIPES = Path(__file__).resolve().parent / "recipes"
+DEFAULT_RECIPES = f"w8a8,w8a8-sq-down16,{RECIPES / 'w4a16-gptq.yaml'},w4a16-mlp8-awq"
+
+
+def write_windows(model: Path, folder: Path, samples: int, seq_len: int) -> None:
+    """zh-news windows as npz files named in order: qtc holds out the last 10 %, so of 10 x HELDOUT files or more
+    the last HELDOUT are held out and `--samples SAMPLES` calibrates on the first SAMPLES (so does ORT here)."""
+    import numpy as np
+
+    from qtc.calibration.data import load_calibration, model_inputs
+    from qtc.frontends.onnx_file import load_model
+
+    inputs = model_inputs(load_model(model))
+    calib = load_calibration("zh-news", tokenizer=model.parent / "tokenizer.json", n_samples=max(samples + HELDOUT, 10 * HELDOUT),
+                             seq_len=seq_len, seed=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, feed in enumerate(calib.feeds(inputs)):
+        np.savez(folder / f"{i:04d}.npz", **feed)
+
+
+def run_measured(command: list[str], stdout: Path) -> tuple[float, int, str]:
+    """Wall seconds, os.wait4's peak RSS (bytes) and stderr of a command in a fresh process."""
+    started = time.perf_counter()
+    with open(stdout, "w") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        err.seek(0)
+        stderr = err.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command[:4])}: {stderr.strip()[-2000:]}")
+    return round(seconds, 1), usage.ru_maxrss * 1024, stderr
+
+
+def worker(args) -> None:
+    """The limit and ORT steps, run as `python compile_speed.py --worker limit|ort ...` in a fresh process."""
+    import numpy as np
+    import onnxruntime as ort
+
+    files = sorted(Path(args.windows).glob("*.npz"))[: args.samples]
+    feeds = [dict(np.load(path)) for path in files]
+    result = {}
+    if args.worker == "limit":
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        started = time.perf_counter()
+        session = ort.InferenceSession(args.model, options, providers=["CPUExecutionProvider"])
+        result["session_seconds"] = round(time.perf_counter() - started, 2)
+        started = time.perf_counter()
+        for feed in feeds:
+            session.run(None, feed)
+        result["forward_seconds"] = round(time.perf_counter() - started, 2)
+    else:
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.rest = iter(feeds)
+
+            def get_next(self):
+                return next(self.rest, None)
+
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        quantize_static(args.model, args.out, Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=True)
+        result["quantize_seconds"] = round(time.perf_counter() - started, 2)
+    write_worker_result(args.result, result)
+
+
+def step(args, work: Path, name: str, extra: list[str]) -> dict:
+    result = work / f"{name}.json"
+    seconds, peak, _ = run_measured([sys.executable, __file__, str(args.model), "--worker", name, "--windows",
+                                     str(work / "windows"), "--samples", str(args.samples), "--result", str(result),
+                                     *extra], work / f"{name}.out")
+    return json.loads(result.read_text()) | {"process_seconds": seconds, "peak_rss_bytes": peak}
+
+
+def compile_recipe(args, work: Path, recipe: str, extra: list[str], label: str) -> dict:
+    out = work / label / "model.onnx"
+    seconds, _, _ = run_measured([sys.executable, "-m", "qtc.cli.main", "compile", str(args.model), "--recipe", recipe,
+                                  "--calib", str(work / "windows"), "--samples", str(args.samples), "-o", str(out),
+                                  "--json", *extra], work / f"{label}.json")
+    report = json.loads((work / f"{label}.json").read_text())
+    checks = report["seconds"]["checks"]
+    return {"label": label, "recipe": recipe, "output": str(out), "process_seconds": seconds,
+            "compile_seconds": report["compile_seconds"],
+            # what the compile costs without the held-out comparison's extra forwards (`--no-compare`)
+            "without_comparison_seconds": round(report["compile_seconds"] - checks.get("heldout_comparison", 0)
+                                                - checks.get("runtime_ops", 0), 1),
+            "seconds": report["seconds"], "peak_rss_bytes": report["memory"]["process_peak_rss_bytes"],
+            "fallback": report.get("fallback")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--recipes", default=DEFAULT_RECIPES)
+    parser.add_argument("--max-drop", default="kl=0.05", help="'' to skip")
+    parser.add_argument("--eval-limit", type=int, default=30, help="0 to skip")
+    parser.add_argument("--skip-ort", action="store_true")
+    parser.add_argument("--work", type=Path, help="keep outputs here (default: a temporary folder)")
+    parser.add_argument("--worker", choices=("limit", "ort"), help=argparse.SUPPRESS)
+    parser.add_argument("--windows", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    args.model = args.model.resolve()
+    name = args.model.parent.name.rsplit("-", 1)[0]
+    with tempfile.TemporaryDirectory(prefix="qtc-speed-") as scratch:
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        write_windows(args.model, work / "windows", args.samples, args.seq_len)
+        rows = {"limit": step(args, work, "limit", [])}
+        print(f"limit: {rows['limit']}", flush=True)
+        if not args.skip_ort:
+            rows["ort"] = step(args, work, "ort", ["--out", str(work / "ort" / "model.onnx")])
+            print(f"ort: {rows['ort']}", flush=True)
+        compiles = []
+        for recipe in args.recipes.split(","):
+            compiles.append(compile_recipe(args, work, recipe, [], Path(recipe).stem))
+            print(f"{recipe}: {compiles[-1]['compile_seconds']} s", flush=True)
+        if args.max_drop:
+            first = args.recipes.split(",")[0]
+            compiles.append(compile_recipe(args, work, first, ["--max-drop", args.max_drop], f"{Path(first).stem}-max-drop"))
+            print(f"max-drop: {compiles[-1]['compile_seconds']} s", flush=True)
+        if args.eval_limit:
+            for row in compiles:
+                row["eval"] = qtc_json("eval", row["output"], "--task", "zh-news-ppl", "--baseline", str(args.model),
+                                       "--limit", str(args.eval_limit))
+        write(name, args, rows, compiles)
+
+
+def _delta(row: dict) -> str:
+    delta = ((row.get("eval") or {}).get("metrics") or {}).get("delta_bits_per_char")
+    if not delta:
+        return "-"
+    return f"{delta['value']:+.3f} [{delta['ci95'][0]:+.3f}, {delta['ci95'][1]:+.3f}]"
+
+
+def write(name: str, args, rows: dict, compiles: list[dict]) -> None:
+    limit = rows["limit"]["forward_seconds"]
+    ort_row = rows.get("ort")
+    lines = [f"# qtc compile vs its forward-pass limit and ORT quantize_static: {name}", "",
+             f"{args.samples} x {args.seq_len} zh-news windows (+{HELDOUT} held out) as .npz, read by every step; each "
+             "step a fresh process, one after another on one machine.", "",
+             f"- forward-pass limit: {args.samples} windows through one plain ORT CPU session: **{limit:.1f} s** "
+             f"(+{rows['limit']['session_seconds']:.1f} s session creation), peak RSS "
+             f"{rows['limit']['peak_rss_bytes'] / 1e9:.2f} GB"]
+    if ort_row:
+        lines.append(f"- ORT quantize_static (QDQ, per-channel, MinMax, int8/int8): **{ort_row['process_seconds']:.1f} s** "
+                     f"wall ({ort_row['quantize_seconds']:.1f} s in quantize_static), peak RSS "
+                     f"{ort_row['peak_rss_bytes'] / 1e9:.2f} GB")
+    lines += ["", table(
+        ["compile", "wall s", "x limit", "x ORT", "w/o held-out comparison s (x limit)", "calibration passes s",
+         "checks s", "peak RSS GB", "Δ bits/char [95% CI]"],
+        [[row["label"], f"{row['process_seconds']:.1f}", f"{row['process_seconds'] / limit:.2f}",
+          f"{row['process_seconds'] / ort_row['process_seconds']:.2f}" if ort_row else "-",
+          f"{row['without_comparison_seconds']:.1f} ({row['without_comparison_seconds'] / limit:.2f})",
+          f"{sum(v for k, v in row['seconds']['passes'].items() if k in _STREAMING):.1f}",
+          f"{sum(row['seconds']['checks'].values()):.1f}", f"{row['peak_rss_bytes'] / 1e9:.2f}", _delta(row)]
+         for row in compiles])]
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"compile_speed_{name}.md").write_text("\n".join(lines) + "\n")
+    (RESULTS_DIR / f"compile_speed_{name}.json").write_text(json.dumps(
+        {"machine": machine(), "samples": args.samples, "seq_len": args.seq_len, "steps": rows, "compiles": compiles},
+        indent=2, sort_keys=True, default=str) + "\n")
+    print("\n".join(lines))
+
+
+_STREAMING = ("CollectLayerStatisticsPass", "CalibrateActivationsPass", "RoundWeightsPass", "SmoothActivationsPass")
+
+if __name__ == "__main__":
+    main()
