@@ -48,7 +48,7 @@ from qtc.measure.sensitivity import layer_sensitivity
 from qtc.passes import meta
 from qtc.passes.calibrate import CalibrationCache
 from qtc.passes.layerskip import LayerSkipSpec
-from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline
+from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline, sequential_gptq
 from qtc.recipes import Recipe, load_recipe
 from qtc.util.cache import sha256_file
 from qtc.util.files import write_json_atomic, write_text_atomic
@@ -191,6 +191,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     limit = memory_limit or available_memory()
     store = SpillStore() if before["tensor_bytes"] > limit / 3 else None
     segment_bytes = calibration_segment_bytes(before["tensor_bytes"], limit)
+    if sequential_gptq(resolved):  # about a layer per segment: each layer's statistics see the layers before quantized
+        segment_bytes = min(segment_bytes or before["tensor_bytes"], layer_bytes(graph_model))
     peaks = PeakTracker()
     with spilling(store):
         _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
@@ -268,6 +270,14 @@ def _sum_steps(steps: list[tuple[str, float]]) -> dict[str, float]:
 def _largest_first(values: dict, digits: int | None = None) -> dict:
     return {name: round(value, digits) if digits is not None else value
             for name, value in sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))}
+
+
+def layer_bytes(model: ir.Model) -> int:
+    """About one layer's weights: all but the largest tensor (an embedding table) shared over the layers (a
+    decoder's, from its KV-cache inputs; 16 for other graphs)."""
+    sizes = sorted(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
+    caches = sum(spec.present is not None for spec in model_inputs(model))  # a key and a value per layer
+    return max(1 << 20, sum(sizes[:-1]) // (max(1, caches // 2) if caches else 16))
 
 
 def calibration_segment_bytes(tensor_bytes: int, limit: int) -> int | None:

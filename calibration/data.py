@@ -412,7 +412,9 @@ def npz_feed(path: Path, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     missing = [s.name for s in inputs if s.name not in arrays]
     if missing:
         raise QtcError(f"{path.name} lacks model input {missing[0]!r} (has: {', '.join(sorted(arrays))})")
-    return {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in inputs}
+    feed = {s.name: arrays[s.name].astype(s.dtype, copy=False) for s in inputs}
+    # a prefill saved for the source (empty pasts) also feeds the fused graph, whose windowed caches take buffers
+    return prefill_for(inputs, feed) if any(spec.capacity for spec in inputs) else feed
 
 
 def load_calibration(

@@ -25,8 +25,8 @@ from qtc.calibration.observers import make_observer
 from qtc.errors import QtcError
 from qtc.passes.annotate import activations_to_observe, annotated_nodes
 from qtc.passes.meta import GRAM_DIR, LAYER_STATS, OBSERVERS, RANGES, SEGMENTED, smoothing_of
-from qtc.passes.rounding import EagerGptq
-from qtc.passes.segments import stream_segmented
+from qtc.passes.rounding import EagerGptq, rounded_weights
+from qtc.passes.segments import Substitute, stream_segmented
 from qtc.recipes import SmoothSpec
 from qtc.util.progress import progress_bar
 
@@ -34,13 +34,17 @@ from qtc.util.progress import progress_bar
 def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str], label: str,
                        quiet: bool, segment_bytes: int | None = None,
                        finished: Callable[[set[str]], None] | None = None,
-                       held: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                       held: dict[str, int] | None = None,
+                       quantized: Substitute | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yield {name: activation} for each calibration sample, one sample at a time (nothing accumulates here).
     With `segment_bytes`, the graph runs a slice at a time (passes/segments.py) and each dict holds the names
-    one slice produced; every name still sees its samples in order."""
+    one slice produced; every name still sees its samples in order (`quantized`: each slice then re-runs with
+    those weights for the slices after it, see stream_segmented)."""
     if segment_bytes is not None:
-        model.meta[SEGMENTED] = {"segment_bytes": segment_bytes}
-        yield from stream_segmented(model, backend, calib, names, segment_bytes, label, quiet, finished, held)
+        model.meta[SEGMENTED] = {**model.meta.get(SEGMENTED, {}), "segment_bytes": segment_bytes,
+                                 **({"sequential_gptq": True} if quantized else {})}
+        yield from stream_segmented(model, backend, calib, names, segment_bytes, label, quiet, finished, held,
+                                    quantized)
         return
     session = session_with_outputs(backend, model, names)
     inputs = model_inputs(model)
@@ -145,12 +149,14 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
 
     def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False,
                  every_layer: bool = False, cache: CalibrationCache | None = None, segment_bytes: int | None = None,
-                 eager: EagerGptq | None = None):
+                 eager: EagerGptq | None = None, sequential: bool = False):
         super().__init__()
         self.segment_bytes = segment_bytes
         # segmented runs: called with each segment's finished statistics before they are offloaded (it may use
         # and drop them)
         self.eager = eager
+        # segmented runs with `eager`: later segments read what the rounded segments compute (sequential GPTQ)
+        self.sequential = sequential
         self.calib, self.backend, self.smooth, self.quiet = calib, backend, smooth, quiet
         self.every_layer = every_layer  # sensitivity analysis wants both statistics for every quantized layer
         self.cache = cache
@@ -204,8 +210,10 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
         missing = {name: needs for name, needs in wanted.items() if name not in known}
         if missing:
             offload = self._offloader(model, missing) if self.segment_bytes is not None else None
+            quantized = rounded_weights(model.graph) if self.sequential else None
             for produced in stream_activations(model, self.backend, self.calib, set(missing), "layer statistics",
-                                               self.quiet, self.segment_bytes, offload, _gram_bytes(model, missing)):
+                                               self.quiet, self.segment_bytes, offload, _gram_bytes(model, missing),
+                                               quantized):
                 for name, collectors in missing.items():
                     for collector in collectors.values() if name in produced else ():
                         collector.update(produced[name])

@@ -8,6 +8,7 @@ import onnx_ir.passes.common as common
 from qtc.backends import compile_target
 from qtc.backends.base import max_ir_version
 from qtc.calibration.data import CalibrationSet
+from qtc.errors import QtcError
 from qtc.passes.annotate import AnnotateQuantizationPass
 from qtc.passes.calibrate import (
     CalibrateActivationsPass,
@@ -49,6 +50,9 @@ def build_pipeline(
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
     measure = backend.measuring_backend()
+    if sequential_gptq(recipe) and (cache is not None or recipe.smooth is not None or segment_bytes is None):
+        raise QtcError(f"recipe '{recipe.name}': sequential GPTQ runs the graph segment by segment and rounds as it "
+                       "goes; it cannot be combined with smoothing or --max-drop yet")
     return ir.passes.PassManager(
         [
             # 1. One canonical graph: constants lifted and folded, dead code gone, sorted, at the QDQ opset.
@@ -68,9 +72,10 @@ def build_pipeline(
             #    `segment_bytes`: run the float graph a slice of weights at a time (models larger than memory).
             #    Segmented (big models): GPTQ rounds each group as soon as its statistics finish, so no Gram
             #    outlives its segment (smoothing and AWQ change weights later segments read: they wait).
+            #    Sequential GPTQ (a recipe's `sequential: true`): segmented, each segment re-run with its rounding.
             CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, cache=cache, segment_bytes=segment_bytes,
                                        eager=EagerGptq() if segment_bytes is not None and cache is None
-                                       and recipe.smooth is None else None),
+                                       and recipe.smooth is None else None, sequential=sequential_gptq(recipe)),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
             RoundWeightsPass(),
             # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming.
@@ -126,11 +131,20 @@ def _layer_skip_passes(spec: LayerSkipSpec, calib: CalibrationSet | None, backen
     ]
 
 
+def sequential_gptq(recipe: Recipe) -> bool:
+    """Whether some layer's GPTQ takes its statistics from the quantized layers before it."""
+    return any(spec.sequential for spec in _weight_specs(recipe))
+
+
+def _weight_specs(recipe: Recipe) -> list[QuantSpec]:
+    return [recipe.weight] + [rule.weight for rule in recipe.rules if isinstance(rule.weight, QuantSpec)]
+
+
 def _unpackable(recipe: Recipe) -> tuple[str, ...]:
     """The Q/K/V packing fusions where packing Q/K/V into one MatMul would change what the recipe says: an override that names
     a q/k/v projection (it would no longer match a layer of its own), or per-tensor weights (one scale for the
     three would replace three)."""
     named = any(rule.selector in ("name", "node") and any(p in rule.pattern for p in ("q_proj", "k_proj", "v_proj"))
                 for rule in recipe.rules)
-    specs = [recipe.weight] + [rule.weight for rule in recipe.rules if isinstance(rule.weight, QuantSpec)]
+    specs = _weight_specs(recipe)
     return ("qkv_pack", "qkv_pack_normed") if named or any(spec.granularity == "tensor" for spec in specs) else ()

@@ -11,8 +11,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qtc.core.linalg import inverse_cholesky_upper
-from qtc.core.quant_math import INT_RANGES, expand_scale, weight_qparams
-from qtc.passes.annotate import QuantAnnotation, layer_groups
+from qtc.core.quant_math import INT_RANGES, dequantize_weight, expand_scale, weight_qparams
+from qtc.passes.annotate import QuantAnnotation, annotated_nodes, layer_groups
 from qtc.passes.meta import LAYER_STATS, ROUNDING
 from qtc.passes.smooth import (
     Member,
@@ -196,6 +196,30 @@ class EagerGptq:
                 layers |= round_group(model.graph, name, groups[name], collectors)
                 del collectors["gram"]
         _record(model, layers)
+
+
+def rounded_weights(graph: ir.Graph):
+    """Sequential GPTQ's view of the weights: `dequantized(value)` is what the compiled model computes with for a
+    quantized layer's weight (GPTQ's integers where a group was already rounded, else round-to-nearest),
+    dequantized to float32 in the initializer's layout; None for weights that stay float."""
+    readers: dict[str, list[QuantAnnotation]] = {}
+    for _, note in annotated_nodes(graph):
+        readers.setdefault(note.weight.name, []).append(note)
+
+    def dequantized(value: ir.Value) -> np.ndarray | None:
+        notes = readers.get(value.name)
+        if not notes:
+            return None
+        # a weight read by several nodes (a tied table) gets the integers any of them was given (as InsertQDQPass)
+        note = next((n for n in notes if n.precomputed is not None), notes[0])
+        if note.precomputed is not None:
+            q, scale, zero_point = note.precomputed
+            q = q.numpy() if hasattr(q, "numpy") else q
+        else:
+            q, scale, zero_point = weight_qparams(value.const_value.numpy().astype(np.float32), note.weight_spec, note.axis)
+        return dequantize_weight(q, scale, zero_point, note.axis, note.weight_spec.block_size).astype(np.float32)
+
+    return dequantized
 
 
 class RoundWeightsPass(ir.passes.InPlacePass):

@@ -33,7 +33,9 @@ from qtc.calibration.data import CalibrationSet, decode_steps, fit_past, model_i
 from qtc.util.progress import progress_bar
 from qtc.util.spill import release
 
-_INLINE_BYTES = 1 << 16  # smaller initializers travel inside the segment's proto
+_INLINE_BYTES = 1 << 16  # smaller initializers travel inside the segment's proto (with their bytes: serializing
+# an external tensor would keep only its file reference)
+Substitute = Callable[[ir.Value], "np.ndarray | None"]
 
 
 @dataclass
@@ -93,11 +95,6 @@ def _value_info(value: ir.Value) -> onnx.ValueInfoProto:
     return ir.serde.serialize_value(value)
 
 
-def _inline(weight: ir.Value) -> onnx.TensorProto:
-    """A small initializer with its bytes (serializing an external tensor would keep only its file reference)."""
-    return onnx.numpy_helper.from_array(np.asarray(weight.const_value.numpy()), weight.name)
-
-
 def _placeholder(weight: ir.Value) -> onnx.TensorProto:
     """An initializer entry without its bytes: `add_external_initializers` supplies them when the session loads."""
     tensor = onnx.TensorProto(name=weight.name, data_type=int(weight.const_value.dtype),
@@ -112,18 +109,23 @@ class SegmentSession:
     """One segment as an ONNX Runtime session; big weights handed over as OrtValues, not copied into a proto."""
 
     def __init__(self, model: ir.Model, segment: Segment, make_options: Callable[[], ort.SessionOptions],
-                 providers: list) -> None:
+                 providers: list, substitute: Substitute | None = None) -> None:
+        """`substitute(weight)`: the array to run instead of a weight's own (None: its own)."""
+        def array(weight: ir.Value) -> np.ndarray:
+            replaced = substitute(weight) if substitute is not None else None
+            return np.ascontiguousarray(weight.const_value.numpy() if replaced is None else replaced)
+
         small = [w for w in segment.weights if _initializer_bytes(w) <= _INLINE_BYTES]
         large = [w for w in segment.weights if _initializer_bytes(w) > _INLINE_BYTES]
         graph = onnx.helper.make_graph(
             [ir.serde.serialize_node(node) for node in segment.nodes], "qtc_segment",
             [_value_info(v) for v in segment.inputs], [_value_info(v) for v in segment.outputs],
-            [_inline(w) for w in small] + [_placeholder(w) for w in large])
+            [onnx.numpy_helper.from_array(array(w), w.name) for w in small] + [_placeholder(w) for w in large])
         proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(domain, version)
                                                              for domain, version in sorted(model.opset_imports.items())])
         proto.ir_version = model.ir_version
         options = make_options()
-        arrays = [np.ascontiguousarray(w.const_value.numpy()) for w in large]
+        arrays = [array(w) for w in large]
         self._keep = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # must outlive the session
         if large:
             options.add_external_initializers([w.name for w in large], self._keep)
@@ -139,33 +141,35 @@ class SegmentSession:
 def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, names: set[str],
                      segment_bytes: int, label: str, quiet: bool,
                      finished: Callable[[set[str]], None] | None = None,
-                     held: dict[str, int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                     held: dict[str, int] | None = None,
+                     quantized: Substitute | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Like passes.calibrate.stream_activations, segment by segment: yields, per segment and calibration run (in
     sample order), the observed activations that segment produced (graph inputs with the first segment).
     `finished(names)` is called when no later segment will yield those names again; `held`: bytes of state the
-    caller keeps per observed name until then (see split_segments)."""
+    caller keeps per observed name until then (see split_segments). With `quantized` (sequential GPTQ), each
+    segment runs a second time after `finished`, with the weights `quantized` gives (the rounding `finished`
+    just chose), and later segments read what that run computes: every segment's statistics come from the
+    quantized segments before it."""
     inputs = model_inputs(model)
     past_to_present = {spec.name: spec.present for spec in inputs if spec.present is not None}
+    presents = set(past_to_present.values())
     runs = _graph_feeds(calib, inputs, bool(past_to_present))  # per run: graph inputs (pasts only for prefill)
-    segments = split_segments(model.graph, segment_bytes, set(names) | set(past_to_present.values()), held)
+    segments = split_segments(model.graph, segment_bytes, set(names) | presents, held)
     graph_inputs = {spec.name for spec in inputs}
     carried = [dict(feed) for feed, _ in runs]
     starts = [first for _, first in runs] + [True]
-    with progress_bar(label, total=len(segments) * calib.n_samples, quiet=quiet) as advance:
+    passes = 2 if quantized is not None else 1
+    with progress_bar(label, total=passes * len(segments) * calib.n_samples, quiet=quiet) as advance:
         for index, segment in enumerate(segments):
             later = {v.name for s in segments[index + 1:] for v in s.inputs}
             where = f"segment {index + 1}/{len(segments)}"
             if not segment.outputs:  # e.g. the LM head: nothing observed, nothing read later
-                for _ in range(calib.n_samples):
+                for _ in range(passes * calib.n_samples):
                     advance(where)
                 continue
+            fed = [dict(values) for values in carried] if quantized is not None else []  # the re-run's inputs
             session = SegmentSession(model, segment, backend.session_options, backend.providers())
-            previous: dict[str, np.ndarray] = {}
-            for number, values in enumerate(carried):
-                if not starts[number]:  # a decode step: the pasts are this segment's presents from the run before
-                    values.update(_carried_pasts(previous, runs[number][0], inputs))
-                produced = session.run(values)
-                previous = {k: v for k, v in produced.items() if k in past_to_present.values()}
+            for number, values, produced in _run_segment(session, carried, runs, starts, inputs, presents):
                 seen = {k: v for k, v in produced.items() if k in names}
                 if index == 0:
                     seen.update({k: values[k] for k in names & graph_inputs if k in values})
@@ -177,10 +181,33 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 if starts[number + 1]:
                     advance(where)
             del session
-            for weight in segment.weights:  # drop the mappings too: RSS stays near one segment, not the model
-                release(weight.const_value)
             if finished is not None:
                 finished({v.name for v in segment.outputs} & names | (names & graph_inputs if index == 0 else set()))
+            if quantized is not None and later:
+                session = SegmentSession(model, segment, backend.session_options, backend.providers(), quantized)
+                for number, _, produced in _run_segment(session, fed, runs, starts, inputs, presents):
+                    carried[number].update({k: v for k, v in produced.items() if k in later})
+                    if starts[number + 1]:
+                        advance(f"{where}, quantized")
+                del session, fed
+            elif quantized is not None:
+                for _ in range(calib.n_samples):
+                    advance(where)
+            for weight in segment.weights:  # drop the mappings too: RSS stays near one segment, not the model
+                release(weight.const_value)
+
+
+def _run_segment(session: SegmentSession, carried: list[dict], runs: list, starts: list[bool], inputs,
+                 presents: set[str]) -> Iterator[tuple[int, dict, dict]]:
+    """One segment over every calibration run, in order: yields (run number, the values it was fed, what it
+    produced). A decode step's pasts are this segment's presents from the run before."""
+    previous: dict[str, np.ndarray] = {}
+    for number, values in enumerate(carried):
+        if not starts[number]:
+            values.update(_carried_pasts(previous, runs[number][0], inputs))
+        produced = session.run(values)
+        previous = {k: v for k, v in produced.items() if k in presents}
+        yield number, values, produced
 
 
 def _carried_pasts(previous: dict[str, np.ndarray], feed: dict[str, np.ndarray], inputs) -> dict[str, np.ndarray]:

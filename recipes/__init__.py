@@ -69,6 +69,9 @@ class QuantSpec:
     algorithm: str = "rtn"  # weights: round-to-nearest, GPTQ (error feedback), or AWQ (scale + clip search)
     damping: float = 0.01  # GPTQ: fraction of mean diag(H) added to the diagonal
     act_order: bool = False  # GPTQ: quantize input channels in order of decreasing activation energy
+    # GPTQ: each layer's statistics from what the already quantized layers before it compute (the calibration
+    # graph runs segment by segment, each segment re-run with its rounded weights), not from the float model
+    sequential: bool = False
     dynamic: bool = False  # activations: quantized at run time (per block of K, by the kernel), not calibrated
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class QuantSpec:
             _check_choice("calibrator", self.calibrator, CALIBRATORS)
         if not 50.0 < self.percentile <= 100.0:
             raise QtcError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.sequential and self.algorithm != "gptq":
+            raise QtcError(f"sequential is a GPTQ option (algorithm: gptq), got algorithm: {self.algorithm}")
         if self.dtype in FLOAT_DTYPES and (not self.symmetric or self.granularity == "block" or self.algorithm != "rtn"):
             raise QtcError(f"{self.dtype} is symmetric, per tensor or per channel, rounded to nearest "
                            "(no zero point, blocks or GPTQ/AWQ)")
@@ -100,6 +105,8 @@ class QuantSpec:
         if self.algorithm != "gptq":
             data.pop("damping")
             data.pop("act_order")
+        if not self.sequential:
+            data.pop("sequential")
         if not self.dynamic:
             data.pop("dynamic")
         return data

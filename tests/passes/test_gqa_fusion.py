@@ -194,3 +194,24 @@ def test_a_recipe_naming_a_projection_keeps_q_k_v_apart(kv_decoder):
     assert apart.report["fusions"]["fusions"]["gqa"]["in_graph"] == 4
     float_k = [n for n in apart.model.graph if n.op_type == "MatMul" and "k_proj" in n.name]
     assert len(float_k) == 4  # the override still finds its layers, and keeps them float
+
+
+def test_npz_calibration_saved_for_the_source_feeds_windowed_caches(tmp_path):
+    """.npz prefills written for the source (empty pasts of 0 rows, what its own session takes) calibrate the
+    fused graph, whose windowed caches take W-row buffers: each past is adapted, as text windows are."""
+    import onnx
+
+    import qtc
+
+    source = tmp_path / "source" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save(build_decoder(TINY, RandomWeights(TINY, seed=3)), source)
+    inputs = model_inputs(ir.load(source))
+    rng = np.random.default_rng(0)
+    for i in range(11):
+        np.savez(tmp_path / f"{i:02d}.npz", **text_feed(rng.integers(0, TINY.vocab_size, 8), inputs))
+    result = qtc.compile(source, recipe="w8a8", calib=tmp_path, quiet=True)
+    assert any(n.attributes.get_int("local_window_size", -1) == 3 for n in result.model.graph
+               if n.op_type == "GroupQueryAttention")
+    assert result.report["heldout_comparison"]["samples"] == 1
+    assert result.report["heldout_comparison"]["outputs"]["logits"]["cosine"] > 0.99

@@ -113,3 +113,73 @@ def test_segmented_gptq_refuses_up_front_when_the_scratch_disk_is_too_small(kv_d
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))  # a full disk
     with pytest.raises(QtcError, match="scratch space for its X\\^T X matrices .* set TMPDIR"):
         qtc.compile(kv_decoder, recipe="w4a16-mlp8-awq", calib="zh-news", samples=1, seq_len=32, memory_limit=60 << 20)
+
+
+def test_a_quantized_rerun_feeds_later_segments_what_the_substituted_weights_compute(prepared):
+    """Sequential GPTQ's stream: a segment's own activations come from its float weights; every later segment's
+    from the segment re-run with the substituted weights (here the first large weight halved), exactly what the
+    flat graph with that weight halved computes."""
+    model, calib, names = prepared
+    backend = compile_target("cpu")
+    segments = split_segments(model.graph, 2 << 20, names)
+    weight = next(w for w in segments[1].weights if w.const_value.nbytes > 1 << 16)
+    own = {v.name for v in segments[1].outputs} & names
+    halved = lambda value: value.const_value.numpy() * 0.5 if value is weight else None  # noqa: E731
+    cut = _collect(stream_segmented(model, backend, calib, names, 2 << 20, "sequential", quiet=True,
+                                    quantized=halved), names)
+    flat = _collect(stream_activations(model, backend, calib, names, "flat", quiet=True), names)
+    original = weight.const_value
+    weight.const_value = ir.tensor(original.numpy() * 0.5, name=weight.name)
+    try:
+        changed = _collect(stream_activations(model, backend, calib, names, "changed", quiet=True), names)
+    finally:
+        weight.const_value = original
+    later = {v.name for s in segments[2:] for v in s.outputs} & names
+    assert later and own
+    for name in sorted(names):
+        expected = flat[name] if name not in later else changed[name]
+        for a, b in zip(expected, cut[name]):
+            np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4, err_msg=name)
+    moved = [name for name in later if not all(np.allclose(a, b) for a, b in zip(flat[name], changed[name]))]
+    assert moved  # the halved weight reaches later segments (or the test would not tell the two apart)
+
+
+def test_sequential_gptq_rounds_from_quantized_upstream_and_says_so(kv_decoder, tmp_path):
+    import dataclasses
+
+    import qtc
+    from qtc.recipes import load_recipe
+
+    base = load_recipe("w4a8-gptq")
+    sequential = dataclasses.replace(base, name="w4a8-gptq-seq", weight=dataclasses.replace(base.weight, sequential=True))
+    flat = qtc.compile(kv_decoder, recipe=base, calib="zh-news", samples=2, seq_len=48)
+    seq = qtc.compile(kv_decoder, recipe=sequential, calib="zh-news", samples=2, seq_len=48)
+    assert seq.report["segmented_calibration"]["sequential_gptq"] is True
+    assert "segmented_calibration" not in flat.report
+    layers = seq.report["rounding"]["layers"]
+    assert {layer.get("used") for layer in layers.values()} >= {"gptq"}
+    # the first layer's statistics are the same either way; later layers' come from a quantized upstream
+    errors = {name: (flat.report["rounding"]["layers"][name]["error_algorithm"], layer["error_algorithm"])
+              for name, layer in layers.items() if "error_algorithm" in layer}
+    assert any(abs(a - b) > 1e-6 * max(abs(a), 1e-12) for a, b in errors.values())
+    path = seq.save(tmp_path / "seq" / "model.onnx")
+    assert qtc.compile(kv_decoder, recipe=sequential, calib="zh-news", samples=2, seq_len=48).save(
+        tmp_path / "again" / "model.onnx").with_name("model.onnx.data").read_bytes() == \
+        path.with_name("model.onnx.data").read_bytes()
+
+
+def test_sequential_is_a_gptq_option_and_refuses_smoothing(kv_decoder):
+    import dataclasses
+
+    import qtc
+    from qtc.errors import QtcError
+    from qtc.recipes import QuantSpec, load_recipe
+
+    with pytest.raises(QtcError, match="sequential is a GPTQ option"):
+        QuantSpec(dtype="int4", granularity="block", block_size=32, algorithm="awq", sequential=True)
+    assert "sequential" not in QuantSpec(algorithm="gptq").to_dict()  # recipes compiled before it keep their bytes
+    assert QuantSpec(algorithm="gptq", sequential=True).to_dict()["sequential"] is True
+    smoothed = load_recipe("w8a8-sq-down16")
+    smoothed = dataclasses.replace(smoothed, weight=dataclasses.replace(smoothed.weight, algorithm="gptq", sequential=True))
+    with pytest.raises(QtcError, match="cannot be combined with smoothing"):
+        qtc.compile(kv_decoder, recipe=smoothed, calib="zh-news", samples=1, seq_len=32)
