@@ -48,7 +48,7 @@ from qtc.measure.sensitivity import layer_sensitivity
 from qtc.passes import meta
 from qtc.passes.calibrate import CalibrationCache
 from qtc.passes.layerskip import LayerSkipSpec
-from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline, sequential_gptq
+from qtc.passes.pipeline import build_analysis_pipeline, build_pipeline, sequential_gptq, weight_specs
 from qtc.recipes import Recipe, load_recipe
 from qtc.util.cache import sha256_file
 from qtc.util.files import write_json_atomic, write_text_atomic
@@ -351,12 +351,14 @@ def analyze(
     calibrator: str | None = None,
     seed: int = 0,
     quiet: bool = False,
+    cache: CalibrationCache | None = None,
 ) -> dict:
-    """Per-layer sensitivity of MODEL under RECIPE (lowest SQNR first), from one streamed calibration run."""
+    """Per-layer sensitivity of MODEL under RECIPE (lowest SQNR first), from one streamed calibration run
+    (`cache`: keeps what it streamed for compiles of the same model on the same windows)."""
     job = _prepare(model, recipe, calib, target, tokenizer, samples, seq_len, calibrator, seed)
     if job.calib is None:
         raise QtcError("analysis measures layers on real data: pass --calib")
-    _run(build_analysis_pipeline(job.recipe, target, job.calib, quiet), job.model)
+    _run(build_analysis_pipeline(job.recipe, target, job.calib, quiet, cache), job.model)
     layers = layer_sensitivity(job.model)
     return {
         "qtc_version": __version__,
@@ -379,37 +381,54 @@ def compile_within(
     within `budget` (see qtc.measure.mixed_precision). The report's `fallback` section lists each attempt and the layers kept."""
     metric, limit = budget
     base = load_recipe(recipe).with_calibrator(options.get("calibrator"))
-    analysis_options = {k: options[k] for k in ("tokenizer", "samples", "seq_len", "seed") if k in options}
-    ranking = analyze(model, base, calib, target, quiet=options.get("quiet", False), **analysis_options)["layers"]
-    # Every attempt reads the same windows; the cache lets attempts after the first stream only what changed.
+    # Every attempt and the analysis read the same windows; the cache lets each stream only what is new (the
+    # analysis streams every layer's statistics and ranges, so even the first attempt reuses them).
     calib = _calibration(calib, Path(model), options.get("tokenizer"), options.get("samples", DEFAULT_SAMPLES),
                          options.get("seq_len", DEFAULT_SEQ_LEN), options.get("seed", 0))
     cache, attempts = CalibrationCache(), []
+    analysis_options = {k: options[k] for k in ("tokenizer", "samples", "seq_len", "seed") if k in options}
+    ranking = analyze(model, base, calib, target, quiet=options.get("quiet", False), cache=cache,
+                      **analysis_options)["layers"]
 
     def attempt(k: int, reuse: bool) -> CompileResult:
         started = time.perf_counter()
         result = compile(model, with_fallback(base, [r["node"] for r in ranking[:k]]), calib, target,
                          calibration_cache=cache if reuse else None, **options)
         attempts.append({"kept_layers": k, "drop": measured_drop(result.report, metric),
-                         "calibration": "reused" if reuse and attempts else "streamed",
+                         "calibration": "reused" if reuse else "streamed",
                          "seconds": round(time.perf_counter() - started, 1)})
         return result
 
-    for k in fallback_sizes(len(ranking)):
-        result = attempt(k, reuse=True)
+    # Nothing kept; then everything (when even that misses the budget, no subset meets it: stop); then the
+    # smallest of 1, 2, 4, ... that meets it.
+    k, result = 0, attempt(0, reuse=True)
+    if attempts[-1]["drop"] > limit and ranking:
+        k, result = len(ranking), attempt(len(ranking), reuse=True)
         if attempts[-1]["drop"] <= limit:
-            break
-    if len(attempts) > 1:
-        # Reused ranges were measured on a graph smoothed for another fallback set: equal up to float rounding.
-        # The result is a fresh compile of the chosen recipe, so recompiling the report's recipe gives these bytes.
+            for size in fallback_sizes(len(ranking))[1:-1]:
+                smaller = attempt(size, reuse=True)
+                if attempts[-1]["drop"] <= limit:
+                    k, result = size, smaller
+                    break
+    if len(attempts) > 1 and _reuse_is_approximate(base):
+        # Reused ranges were measured on a graph smoothed (or AWQ-scaled) for another fallback set: equal up to
+        # float rounding. The result is then a fresh compile of the chosen recipe, so recompiling the report's
+        # recipe gives these bytes; without smoothing the reused statistics are the ones a fresh compile streams.
         result = attempt(k, reuse=False)
-    kept, drop = ranking[:k], attempts[-1]["drop"]
+    attempts_drop = next(a["drop"] for a in reversed(attempts) if a["kept_layers"] == k)
+    kept, drop = ranking[:k], attempts_drop
     result.report["fallback"] = {
         "metric": metric, "meaning": METRICS[metric][0], "budget": limit, "met": drop <= limit, "attempts": attempts,
         "kept": [{"node": r["node"], "module": r["module"], "sqnr_db": r["sqnr_db"], "dominant_noise": r["dominant_noise"]}
                  for r in kept],
     }
     return result
+
+
+def _reuse_is_approximate(recipe: Recipe) -> bool:
+    """Whether a fallback set changes the float activations the cache holds ranges of (smoothing and AWQ rescale
+    activations layer by layer, so which layers are kept changes what the others read)."""
+    return recipe.smooth is not None or any(spec.algorithm == "awq" for spec in weight_specs(recipe))
 
 
 def _runtime_ops(measure, model: ir.Model, session_entries: dict[str, str]) -> dict:

@@ -104,7 +104,8 @@ def build_pipeline(
     )
 
 
-def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, quiet: bool = False) -> ir.passes.PassManager:
+def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, quiet: bool = False,
+                            cache: CalibrationCache | None = None) -> ir.passes.PassManager:
     """The compile pipeline up to calibration, collecting every layer's statistics; nothing is materialized.
     `qtc.measure.sensitivity.layer_sensitivity` then reads the result."""
     backend = compile_target(target)
@@ -115,9 +116,9 @@ def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, 
             *([RotateResidualPass()] if recipe.rotate else []),
             FuseOperatorsPass(backend.name, exclude=_unpackable(recipe)),
             AnnotateQuantizationPass(recipe),
-            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, every_layer=True),
+            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, every_layer=True, cache=cache),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
-            CalibrateActivationsPass(calib, measure, quiet=quiet),
+            CalibrateActivationsPass(calib, measure, quiet=quiet, cache=cache),
         ]
     )
 
@@ -133,10 +134,10 @@ def _layer_skip_passes(spec: LayerSkipSpec, calib: CalibrationSet | None, backen
 
 def sequential_gptq(recipe: Recipe) -> bool:
     """Whether some layer's GPTQ takes its statistics from the quantized layers before it."""
-    return any(spec.sequential for spec in _weight_specs(recipe))
+    return any(spec.sequential for spec in weight_specs(recipe))
 
 
-def _weight_specs(recipe: Recipe) -> list[QuantSpec]:
+def weight_specs(recipe: Recipe) -> list[QuantSpec]:
     return [recipe.weight] + [rule.weight for rule in recipe.rules if isinstance(rule.weight, QuantSpec)]
 
 
@@ -146,5 +147,5 @@ def _unpackable(recipe: Recipe) -> tuple[str, ...]:
     three would replace three)."""
     named = any(rule.selector in ("name", "node") and any(p in rule.pattern for p in ("q_proj", "k_proj", "v_proj"))
                 for rule in recipe.rules)
-    specs = _weight_specs(recipe)
+    specs = weight_specs(recipe)
     return ("qkv_pack", "qkv_pack_normed") if named or any(spec.granularity == "tensor" for spec in specs) else ()

@@ -155,8 +155,35 @@ def test_max_drop_attempts_reuse_calibration_without_changing_the_result(tiny_ll
     within = qtc.compile_within(tiny_llama, ("kl", 1e-5), recipe=base, **options)
     fallback = within.report["fallback"]
     assert len(fallback["attempts"]) >= 3 and fallback["kept"]
-    # the search reuses what the first attempt streamed; the result is then compiled afresh
-    assert [a["calibration"] for a in fallback["attempts"]] == ["streamed"] + ["reused"] * (len(fallback["attempts"]) - 2) + ["streamed"]
+    # the search reuses what the analysis streamed; a smoothed result is then compiled afresh
+    assert [a["calibration"] for a in fallback["attempts"]] == ["reused"] * (len(fallback["attempts"]) - 1) + ["streamed"]
     fresh = qtc.compile(tiny_llama, with_fallback(base, [layer["node"] for layer in fallback["kept"]]), **options)
     assert fresh.report["heldout_comparison"] == within.report["heldout_comparison"]
     assert ir.to_proto(fresh.model).SerializeToString() == ir.to_proto(within.model).SerializeToString()
+
+
+def test_max_drop_without_smoothing_returns_the_attempt_a_fresh_compile_would_give(tiny_llama):
+    """Without smoothing or AWQ the reused statistics are the streamed ones: the search's own attempt is the
+    result (no final recompile), byte for byte what a fresh compile of the reported fallback recipe gives."""
+    from qtc.measure.mixed_precision import with_fallback
+
+    options = {"calib": "zh-news", "samples": 4, "seq_len": 64, "quiet": True}
+    within = qtc.compile_within(tiny_llama, ("kl", 3e-5), recipe="w8a8", **options)
+    fallback = within.report["fallback"]
+    assert fallback["met"] and fallback["kept"]
+    assert all(a["calibration"] == "reused" for a in fallback["attempts"])
+    # nothing kept misses, everything kept meets, then the doubling search finds the smallest set
+    assert [a["kept_layers"] for a in fallback["attempts"]][:2] == [0, 28]
+    assert fallback["attempts"][-1]["kept_layers"] == len(fallback["kept"]) < 28
+    fresh = qtc.compile(tiny_llama, with_fallback(qtc.load_recipe("w8a8"), [layer["node"] for layer in fallback["kept"]]),
+                        **options)
+    assert ir.to_proto(fresh.model).SerializeToString() == ir.to_proto(within.model).SerializeToString()
+
+
+def test_max_drop_stops_when_keeping_every_layer_misses_the_budget(tiny_llama):
+    within = qtc.compile_within(tiny_llama, ("kl", 0.0), recipe="w8a8", calib="zh-news", samples=2, seq_len=64,
+                                quiet=True)
+    fallback = within.report["fallback"]
+    assert not fallback["met"]
+    assert [a["kept_layers"] for a in fallback["attempts"]] == [0, 28]
+    assert len(fallback["kept"]) == 28
