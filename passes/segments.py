@@ -181,6 +181,7 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 if starts[number + 1]:
                     advance(where)
             del session
+            _release(segment)
             if finished is not None:
                 finished({v.name for v in segment.outputs} & names | (names & graph_inputs if index == 0 else set()))
             if quantized is not None and later:
@@ -190,11 +191,16 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                     if starts[number + 1]:
                         advance(f"{where}, quantized")
                 del session, fed
+                _release(segment)
             elif quantized is not None:
                 for _ in range(calib.n_samples):
                     advance(where)
-            for weight in segment.weights:  # drop the mappings too: RSS stays near one segment, not the model
-                release(weight.const_value)
+
+
+def _release(segment: Segment) -> None:
+    """Drop the weights' mappings too: RSS stays near one segment, not the model."""
+    for weight in segment.weights:
+        release(weight.const_value)
 
 
 def _run_segment(session: SegmentSession, carried: list[dict], runs: list, starts: list[bool], inputs,
