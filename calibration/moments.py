@@ -22,6 +22,41 @@ class ChannelAbsMax:
         self.value = current if self.value is None else np.maximum(self.value, current)
 
 
+class ChannelRange:
+    """Per input channel min and max of the finite values (and how many values were seen or skipped): a min/max
+    range observer's state kept per channel, so the range of X / s (SmoothQuant and AWQ divide an activation's
+    channels by s > 0) follows without running the rescaled graph again: min(X_c / s_c) = min(X_c) / s_c."""
+
+    def __init__(self) -> None:
+        self.low: np.ndarray | None = None
+        self.high: np.ndarray | None = None
+        self.count = 0
+        self.skipped = 0
+
+    def update(self, x: np.ndarray) -> None:
+        flat = x.reshape(-1, x.shape[-1])
+        finite = np.isfinite(flat)
+        if finite.all():
+            low, high = flat.min(axis=0), flat.max(axis=0)
+        else:  # as the observers do: a non-finite value is counted and ignored
+            self.skipped += flat.size - int(np.count_nonzero(finite))
+            low, high = np.where(finite, flat, np.inf).min(axis=0), np.where(finite, flat, -np.inf).max(axis=0)
+        self.count += int(np.count_nonzero(finite))
+        low, high = low.astype(np.float64), high.astype(np.float64)
+        self.low = low if self.low is None else np.minimum(self.low, low)
+        self.high = high if self.high is None else np.maximum(self.high, high)
+
+    def rescale(self, s: np.ndarray) -> None:
+        self.low, self.high = self.low / s, self.high / s
+
+    def bounds(self) -> tuple[float, float]:
+        """(min, max) over every channel's finite values; (inf, -inf) when none was seen."""
+        seen = np.isfinite(self.low) if self.low is not None else np.zeros(0, bool)
+        if not seen.any():
+            return np.inf, -np.inf
+        return float(self.low[seen].min()), float(self.high[seen].max())
+
+
 class Gram:
     """H = E[x x^T] over tokens: the second moment GPTQ and AWQ use (E||X D||^2 = tr(D^T H D) for any weight
     error D, so candidate roundings can be scored without keeping X).

@@ -20,14 +20,15 @@ import onnx_ir as ir
 from qtc.backends.base import Backend
 from qtc.backends.compare import session_with_outputs
 from qtc.calibration.data import CalibrationSet, decode_steps, model_inputs
-from qtc.calibration.moments import ChannelAbsMax, Gram
-from qtc.calibration.observers import make_observer
+from qtc.calibration.moments import ChannelAbsMax, ChannelRange, Gram
+from qtc.calibration.observers import MinMaxObserver, make_observer
 from qtc.errors import QtcError
 from qtc.passes.annotate import activations_to_observe, annotated_nodes
 from qtc.passes.meta import GRAM_DIR, LAYER_STATS, OBSERVERS, RANGES, SEGMENTED, smoothing_of
 from qtc.passes.rounding import EagerGptq, rounded_weights
 from qtc.passes.segments import Substitute, stream_segmented
-from qtc.recipes import SmoothSpec
+from qtc.passes.smooth import unscaled
+from qtc.recipes import QuantSpec, SmoothSpec
 from qtc.util.progress import progress_bar
 
 
@@ -115,6 +116,7 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         known = {}
         if self.cache is not None:
             known = {key: hit[1:] for key in wanted if (hit := self.cache.ranges.get(key)) and hit[0] == smoothing[key]}
+        known |= _derived_ranges(model, {key: hit for key, hit in wanted.items() if key not in known})
         observers = {
             key: make_observer(spec.calibrator, percentile=spec.percentile, symmetric=spec.symmetric)
             for key, (_, spec) in wanted.items() if key not in known
@@ -140,6 +142,22 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
             raise ir.passes.PostconditionError(f"no range for {len(missing)} activations")
 
 
+def _derived_ranges(model: ir.Model, wanted: dict[tuple, tuple[ir.Value, QuantSpec]]) -> dict[tuple, tuple]:
+    """(range, observer summary) of each min/max activation whose per-channel range the statistics pass kept
+    (rescaled with its channels if smoothing or AWQ divided them): what a MinMaxObserver streaming the smoothed
+    graph would report, without that second run."""
+    stats, derived = model.meta.get(LAYER_STATS, {}), {}
+    for key, (value, spec) in wanted.items():
+        channels = stats.get(unscaled(value).name, {}).get("range")
+        if spec.calibrator != "minmax" or channels is None:
+            continue
+        observer = MinMaxObserver(symmetric=spec.symmetric)
+        observer.count, observer.skipped = channels.count, channels.skipped
+        observer.min, observer.max = channels.bounds()
+        derived[key] = (observer.range(), observer.summary() | {"derived": "per-channel range from layer statistics"})
+    return derived
+
+
 class CollectLayerStatisticsPass(ir.passes.InPlacePass):
     """Second moments (X^T X) and per-channel max |x| of quantized layers' inputs, for SmoothQuant, GPTQ, AWQ.
 
@@ -149,8 +167,11 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
 
     def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False,
                  every_layer: bool = False, cache: CalibrationCache | None = None, segment_bytes: int | None = None,
-                 eager: EagerGptq | None = None, sequential: bool = False):
+                 eager: EagerGptq | None = None, sequential: bool = False, ranges: bool = False):
         super().__init__()
+        # also keep each min/max-calibrated activation's per-channel range, so CalibrateActivationsPass derives
+        # its range after smoothing / AWQ instead of running the graph again (only where this pass runs anyway)
+        self.ranges = ranges
         self.segment_bytes = segment_bytes
         # segmented runs: called with each segment's finished statistics before they are offloaded (it may use
         # and drop them)
@@ -172,7 +193,12 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
                 needs.setdefault("gram", Gram())
             if self.every_layer or self.smooth:
                 needs.setdefault("absmax", ChannelAbsMax())
-        return {name: needs for name, needs in sorted(wanted.items()) if needs}
+        wanted = {name: needs for name, needs in wanted.items() if needs}
+        if self.ranges and wanted:
+            for value, spec in activations_to_observe(graph).values():
+                if spec.calibrator == "minmax":
+                    wanted.setdefault(value.name, {}).setdefault("range", ChannelRange())
+        return dict(sorted(wanted.items()))
 
     def _offloader(self, model: ir.Model, collectors: dict[str, dict]) -> Callable[[set[str]], None]:
         """Segmented runs: each finished Gram goes to a scratch .npy (deleted with the model), so memory holds

@@ -75,10 +75,12 @@ def build_pipeline(
             #    Sequential GPTQ (a recipe's `sequential: true`): segmented, each segment re-run with its rounding.
             CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, cache=cache, segment_bytes=segment_bytes,
                                        eager=EagerGptq() if segment_bytes is not None and cache is None
-                                       and recipe.smooth is None else None, sequential=sequential_gptq(recipe)),
+                                       and recipe.smooth is None else None, sequential=sequential_gptq(recipe),
+                                       ranges=cache is None and not sequential_gptq(recipe)),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
             RoundWeightsPass(),
-            # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming.
+            # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming;
+            #    min/max ranges the statistics pass already kept per channel are derived (rescaled), not re-run.
             CalibrateActivationsPass(calib, measure, quiet=quiet, cache=cache, segment_bytes=segment_bytes),
             # 5. Materialization: integer weights + DequantizeLinear, QuantizeLinear/DequantizeLinear pairs.
             InsertQDQPass(backend.unsigned_activations, backend.unsigned_weights),

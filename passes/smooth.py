@@ -117,8 +117,18 @@ def apply_channel_scale(graph: ir.Graph, x: ir.Value, members: list[Member], s: 
     return "Mul"
 
 
+def unscaled(value: ir.Value) -> ir.Value:
+    """The activation a channel-scale Mul (apply_channel_scale) divides, or the value itself."""
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Mul" and producer.name == f"{producer.inputs[0].name}_ChannelScale":
+        return producer.inputs[0]
+    return value
+
+
 def update_statistics(stats: dict, s: np.ndarray) -> None:
     """The statistics of X' = X / s follow from those of X: no second calibration run needed for them."""
+    if "range" in stats:
+        stats["range"].rescale(s)
     if "absmax" in stats:
         stats["absmax"].value = stats["absmax"].value / s
     if "gram" in stats:

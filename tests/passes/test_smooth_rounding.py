@@ -187,3 +187,30 @@ def test_max_drop_stops_when_keeping_every_layer_misses_the_budget(tiny_llama):
     assert not fallback["met"]
     assert [a["kept_layers"] for a in fallback["attempts"]] == [0, 28]
     assert len(fallback["kept"]) == 28
+
+
+def test_smoothing_derives_min_max_ranges_from_the_statistics_pass(kv_decoder, monkeypatch):
+    """SmoothQuant divides an activation's channels by s: the min/max range of X / s follows from X's per-channel
+    range kept by the statistics pass, so the smoothed graph is not run again. Same ranges (to float rounding)
+    and one calibration session instead of two."""
+    from qtc.backends import base
+    from qtc.passes import calibrate
+
+    options = {"recipe": "w8a8-sq-down16", "calib": "zh-news", "samples": 2, "seq_len": 32, "quiet": True,
+               "compare": False}
+    opened = []
+    original = base._inference_session
+    monkeypatch.setattr(base, "_inference_session", lambda *args: opened.append(1) or original(*args))
+    derived = qtc.compile(kv_decoder, **options)
+    sessions = len(opened)
+    opened.clear()
+    monkeypatch.setattr(calibrate, "_derived_ranges", lambda model, wanted: {})
+    streamed = qtc.compile(kv_decoder, **options)
+    assert sessions == len(opened) - 1
+    ours, theirs = derived.report["activation_ranges"], streamed.report["activation_ranges"]
+    assert ours.keys() == theirs.keys() and derived.report["smoothing"]
+    assert all(summary.get("derived") for summary in ours.values())
+    for key, summary in theirs.items():
+        assert ours[key]["count"] == summary["count"], key
+        for bound in ("lo", "hi"):
+            assert ours[key][bound] == pytest.approx(summary[bound], rel=1e-5, abs=1e-6), key
