@@ -116,7 +116,8 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
         known = {}
         if self.cache is not None:
             known = {key: hit[1:] for key in wanted if (hit := self.cache.ranges.get(key)) and hit[0] == smoothing[key]}
-        known |= _derived_ranges(model, {key: hit for key, hit in wanted.items() if key not in known})
+        derived = _derived_ranges(model, {key: hit for key, hit in wanted.items() if key not in known})
+        known |= derived
         observers = {
             key: make_observer(spec.calibrator, percentile=spec.percentile, symmetric=spec.symmetric)
             for key, (_, spec) in wanted.items() if key not in known
@@ -130,7 +131,7 @@ class CalibrateActivationsPass(ir.passes.InPlacePass):
                         observer.update(produced[names[key]])
         measured = {key: (obs.range(), obs.summary()) for key, obs in observers.items()}
         if self.cache is not None:
-            self.cache.ranges.update({key: (smoothing[key], *found) for key, found in measured.items()})
+            self.cache.ranges.update({key: (smoothing[key], *found) for key, found in (measured | derived).items()})
         found = dict(sorted((known | measured).items(), key=lambda item: str(item[0])))
         model.meta[RANGES] = {key: value[0] for key, value in found.items()}
         model.meta[OBSERVERS] = {key: value[1] for key, value in found.items()}

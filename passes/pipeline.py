@@ -76,7 +76,7 @@ def build_pipeline(
             CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, cache=cache, segment_bytes=segment_bytes,
                                        eager=EagerGptq() if segment_bytes is not None and cache is None
                                        and recipe.smooth is None else None, sequential=sequential_gptq(recipe),
-                                       ranges=cache is None and not sequential_gptq(recipe)),
+                                       ranges=not sequential_gptq(recipe)),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
             RoundWeightsPass(),
             # 4. Activation ranges on the flat (possibly smoothed) float graph, on the target's runtime, streaming;
@@ -118,7 +118,8 @@ def build_analysis_pipeline(recipe: Recipe, target: str, calib: CalibrationSet, 
             *([RotateResidualPass()] if recipe.rotate else []),
             FuseOperatorsPass(backend.name, exclude=_unpackable(recipe)),
             AnnotateQuantizationPass(recipe),
-            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, every_layer=True, cache=cache),
+            CollectLayerStatisticsPass(calib, measure, recipe.smooth, quiet=quiet, every_layer=True, cache=cache,
+                                       ranges=True),
             *([SmoothActivationsPass(recipe.smooth)] if recipe.smooth else []),
             CalibrateActivationsPass(calib, measure, quiet=quiet, cache=cache),
         ]
