@@ -183,3 +183,25 @@ def test_sequential_is_a_gptq_option_and_refuses_smoothing(kv_decoder):
     smoothed = dataclasses.replace(smoothed, weight=dataclasses.replace(smoothed.weight, algorithm="gptq", sequential=True))
     with pytest.raises(QtcError, match="cannot be combined with smoothing"):
         qtc.compile(kv_decoder, recipe=smoothed, calib="zh-news", samples=1, seq_len=32)
+
+
+def test_a_tied_head_transposes_the_table_in_its_own_segment():
+    """A node computed from weights alone (the tied head's Transpose of the embedding table) runs in its reader's
+    segment: its output would otherwise be carried across segments once per calibration run."""
+    from qtc.frontends.decoder import DecoderConfig, build_decoder
+    from qtc.models.synthetic import RandomWeights
+
+    cfg = DecoderConfig(family="llama", vocab_size=4000, hidden=64, layers=2, heads=4, kv_heads=2, intermediate=96,
+                        head_size=16, tied=True)
+    model = ir.from_proto(build_decoder(cfg, RandomWeights(cfg, seed=1)))
+    ir.passes.PassManager(canonicalize_passes(21))(model)
+    table_readers = [node for node in model.graph if any(v is not None and v.is_initializer()
+                                                         and v.const_value.shape == (4000, 64) for v in node.inputs)]
+    assert any(node.op_type == "Transpose" for node in table_readers)  # the form this test is about
+    segments = split_segments(model.graph, 1 << 16, set())
+    crossing = [v for s in segments for v in s.inputs if v.producer() is not None]
+    assert all(v.shape is None or 4000 not in tuple(v.shape) for v in crossing)
+    assert sum(len(s.nodes) for s in segments) == len(list(model.graph))
+    order = [node for s in segments for node in s.nodes]
+    assert all(order.index(v.producer()) < order.index(node) for node in order for v in node.inputs
+               if v is not None and v.producer() is not None)  # still topological
