@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--eval-limit", type=int, default=30, help="0 to skip")
     parser.add_argument("--skip-ort", action="store_true")
     parser.add_argument("--work", type=Path, help="keep outputs here (default: a temporary folder)")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--worker", choices=("limit", "ort"), help=argparse.SUPPRESS)
     parser.add_argument("--windows", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -151,7 +152,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     args.model = args.model.resolve()
-    name = args.model.parent.name.rsplit("-", 1)[0]
+    name = args.model.parent.name.rsplit("-", 1)[0] + (f"-{args.tag}" if args.tag else "")
     with tempfile.TemporaryDirectory(prefix="qtc-speed-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
