@@ -50,9 +50,11 @@ def build_pipeline(
 ) -> ir.passes.PassManager:
     backend = compile_target(target)
     measure = backend.measuring_backend()
-    if sequential_gptq(recipe) and (cache is not None or recipe.smooth is not None or segment_bytes is None):
+    if sequential_gptq(recipe) and (cache is not None or recipe.smooth is not None):
         raise QtcError(f"recipe '{recipe.name}': sequential GPTQ runs the graph segment by segment and rounds as it "
                        "goes; it cannot be combined with smoothing or --max-drop yet")
+    if sequential_gptq(recipe) and segment_bytes is None:
+        raise ValueError("sequential GPTQ needs segment_bytes (qtc.compile sets about one layer's weights)")
     return ir.passes.PassManager(
         [
             # 1. One canonical graph: constants lifted and folded, dead code gone, sorted, at the QDQ opset.
