@@ -137,7 +137,8 @@ def test_max_drop_table_lists_each_attempt_and_the_layers_kept(tiny_llama, tmp_p
                  "--max-drop", "kl=0.002", "-o", out)
     assert result.returncode == 0, result.stderr
     attempts = [line for line in result.stdout.splitlines() if "attempt" in line]
-    assert len(attempts) >= 3 and "calibration streamed" in attempts[0] and "calibration reused" in attempts[1]
+    # every attempt reuses what the sensitivity analysis streamed (w4a16: no smoothing, so no final recompile)
+    assert len(attempts) >= 3 and "0 kept" in attempts[0] and all("calibration reused" in a for a in attempts)
     assert "<= 0.002 with" in result.stdout and "kept" in result.stdout and out.is_file()
 
 
