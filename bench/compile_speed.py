@@ -135,7 +135,7 @@ def compile_recipe(args, work: Path, recipe: str, extra: list[str], label: str) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path)
+    parser.add_argument("model", type=Path, nargs="?")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--recipes", default=DEFAULT_RECIPES)
@@ -148,7 +148,10 @@ def main() -> None:
     parser.add_argument("--windows", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--rewrite", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rewrite:
+        return rewrite(args.rewrite)
     if args.worker:
         return worker(args)
     args.model = args.model.resolve()
@@ -177,6 +180,13 @@ def main() -> None:
         write(name, args, rows, compiles)
 
 
+def rewrite(path: Path) -> None:
+    """Rewrite a result's .md from its .json (python compile_speed.py --rewrite RESULT.json)."""
+    data = json.loads(path.read_text())
+    args = argparse.Namespace(samples=data["samples"], seq_len=data["seq_len"])
+    write(path.stem.removeprefix("compile_speed_"), args, data["steps"], data["compiles"])
+
+
 def _delta(row: dict) -> str:
     delta = ((row.get("eval") or {}).get("metrics") or {}).get("delta_bits_per_char")
     if not delta:
@@ -202,10 +212,19 @@ def write(name: str, args, rows: dict, compiles: list[dict]) -> None:
          "checks s", "peak RSS GB", "Δ bits/char [95% CI]"],
         [[row["label"], f"{row['process_seconds']:.1f}", f"{row['process_seconds'] / limit:.2f}",
           f"{row['process_seconds'] / ort_row['process_seconds']:.2f}" if ort_row else "-",
-          f"{row['without_comparison_seconds']:.1f} ({row['without_comparison_seconds'] / limit:.2f})",
-          f"{sum(v for k, v in row['seconds']['passes'].items() if k in _STREAMING):.1f}",
-          f"{sum(row['seconds']['checks'].values()):.1f}", f"{row['peak_rss_bytes'] / 1e9:.2f}", _delta(row)]
+          *(["-", "-", "-"] if row.get("fallback") else  # a --max-drop report's split is its last attempt's
+            [f"{row['without_comparison_seconds']:.1f} ({row['without_comparison_seconds'] / limit:.2f})",
+             f"{sum(v for k, v in row['seconds']['passes'].items() if k in _STREAMING):.1f}",
+             f"{sum(row['seconds']['checks'].values()):.1f}"]),
+          f"{row['peak_rss_bytes'] / 1e9:.2f}", _delta(row)]
          for row in compiles])]
+    fallback = [row for row in compiles if row.get("fallback")]
+    for row in fallback:
+        attempts = row["fallback"]["attempts"]
+        lines += ["", f"{row['label']}: {row['process_seconds'] / compiles[0]['process_seconds']:.2f}x the "
+                  f"{compiles[0]['label']} compile; budget {'met' if row['fallback']['met'] else 'not met'}; attempts "
+                  + ", ".join(f"{a['kept_layers']} kept: drop {a['drop']:.4f} ({a['calibration']}, {a['seconds']} s)"
+                              for a in attempts)]
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / f"compile_speed_{name}.md").write_text("\n".join(lines) + "\n")
     (RESULTS_DIR / f"compile_speed_{name}.json").write_text(json.dumps(
