@@ -154,6 +154,8 @@ def main() -> None:
         return rewrite(args.rewrite)
     if args.worker:
         return worker(args)
+    if args.model is None:
+        parser.error("MODEL is required")
     args.model = args.model.resolve()
     name = args.model.parent.name.rsplit("-", 1)[0] + (f"-{args.tag}" if args.tag else "")
     with tempfile.TemporaryDirectory(prefix="qtc-speed-") as scratch:
