@@ -7,6 +7,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -72,6 +73,21 @@ def run_worker(script: Path, args: list[str], result_path: Path, timeout: float 
     data["ok"] = True
     data["process_seconds"] = round(elapsed, 2)
     return data
+
+
+def run_measured(command: list[str], stdout: Path) -> tuple[float, int, str]:
+    """Wall seconds, os.wait4's peak RSS (bytes) and stderr of a command in a fresh process (its stdout to
+    `stdout`); a failure stops the script with the command's stderr."""
+    started = time.perf_counter()
+    with open(stdout, "w") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        err.seek(0)
+        stderr = err.read()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command[:4])}: {stderr.strip()[-2000:]}")
+    return round(seconds, 1), usage.ru_maxrss * 1024, stderr
 
 
 def write_worker_result(path: str | os.PathLike, data: dict) -> None:

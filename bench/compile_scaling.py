@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS_DIR, machine  # noqa: E402
+from _util import RESULTS_DIR, machine, run_measured  # noqa: E402
 
 
 def compile_once(model: Path, recipe: str, limit: str) -> dict:
@@ -29,18 +26,12 @@ def compile_once(model: Path, recipe: str, limit: str) -> dict:
         out = Path(folder) / "model.onnx"
         command = [sys.executable, "-m", "qtc.cli.main", "compile", str(model), "--recipe", recipe, "--no-compare",
                    "--memory-limit", limit, "-o", str(out), "--json"]
-        started = time.perf_counter()
-        with open(Path(folder) / "report.json", "w") as stdout, open(Path(folder) / "stderr.txt", "w") as stderr:
-            process = subprocess.Popen(command, stdout=stdout, stderr=stderr)
-            _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise SystemExit(f"{model}: {(Path(folder) / 'stderr.txt').read_text().strip()}")
+        seconds, tree_peak, _ = run_measured(command, Path(folder) / "report.json")
         report = json.loads((Path(folder) / "report.json").read_text())
         output_bytes = sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.startswith("model.onnx"))
     source = report["size"]["source_tensor_bytes"]
     return {"parameters": source // 4, "source_bytes": source, "output_bytes": output_bytes, "seconds": round(seconds, 1),
-            "peak_rss_bytes": report["memory"]["process_peak_rss_bytes"], "tree_peak_rss_bytes": usage.ru_maxrss * 1024,
+            "peak_rss_bytes": report["memory"]["process_peak_rss_bytes"], "tree_peak_rss_bytes": tree_peak,
             "check_child_peak_rss_bytes": report["post_compile_check"].get("child_peak_rss_bytes"), "memory": report["memory"],
             "check": {k: v for k, v in report["post_compile_check"].items() if k != "cosine"}}
 

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import RESULTS_DIR, machine, qtc_json, table, write_worker_result  # noqa: E402
+from _util import RESULTS_DIR, machine, qtc_json, run_measured, table, write_worker_result  # noqa: E402
 
 HELDOUT = 8
 RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -50,20 +48,6 @@ def write_windows(model: Path, folder: Path, samples: int, seq_len: int) -> None
     folder.mkdir(parents=True, exist_ok=True)
     for i, feed in enumerate(calib.feeds(inputs)):
         np.savez(folder / f"{i:04d}.npz", **feed)
-
-
-def run_measured(command: list[str], stdout: Path) -> tuple[float, int, str]:
-    """Wall seconds, os.wait4's peak RSS (bytes) and stderr of a command in a fresh process."""
-    started = time.perf_counter()
-    with open(stdout, "w") as out, tempfile.TemporaryFile("w+") as err:
-        process = subprocess.Popen(command, stdout=out, stderr=err)
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - started
-        err.seek(0)
-        stderr = err.read()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command[:4])}: {stderr.strip()[-2000:]}")
-    return round(seconds, 1), usage.ru_maxrss * 1024, stderr
 
 
 def worker(args) -> None:

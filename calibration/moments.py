@@ -36,12 +36,13 @@ class ChannelRange:
     def update(self, x: np.ndarray) -> None:
         flat = x.reshape(-1, x.shape[-1])
         finite = np.isfinite(flat)
-        if finite.all():
+        seen = int(np.count_nonzero(finite))
+        if seen == flat.size:
             low, high = flat.min(axis=0), flat.max(axis=0)
         else:  # as the observers do: a non-finite value is counted and ignored
-            self.skipped += flat.size - int(np.count_nonzero(finite))
             low, high = np.where(finite, flat, np.inf).min(axis=0), np.where(finite, flat, -np.inf).max(axis=0)
-        self.count += int(np.count_nonzero(finite))
+        self.count += seen
+        self.skipped += flat.size - seen
         low, high = low.astype(np.float64), high.astype(np.float64)
         self.low = low if self.low is None else np.minimum(self.low, low)
         self.high = high if self.high is None else np.maximum(self.high, high)
