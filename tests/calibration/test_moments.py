@@ -81,3 +81,24 @@ def test_a_float32_factorization_that_breaks_down_falls_back_to_float64_from_h(m
     fallback = inverse_cholesky(h, order, dead, 0.01)
     assert fallback.dtype == np.float32
     np.testing.assert_allclose(fallback, blocked, atol=1e-5)
+
+
+def test_channel_range_is_a_min_max_observer_per_channel_and_rescales():
+    import numpy as np
+
+    from qtc.calibration.moments import ChannelRange
+    from qtc.calibration.observers import MinMaxObserver
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 5, 3)).astype(np.float32)
+    x[0, 1, 2], x[1, 3, 0] = np.nan, np.inf  # counted as skipped and ignored, as the observers do
+    channels, observer = ChannelRange(), MinMaxObserver()
+    for sample in x:
+        channels.update(sample)
+        observer.update(sample)
+    assert (channels.count, channels.skipped) == (observer.count, observer.skipped) == (28, 2)
+    assert channels.bounds() == (observer.min, observer.max)
+    s = np.array([2.0, 0.5, 4.0])
+    channels.rescale(s)
+    finite = np.where(np.isfinite(x), x, np.nan) / s
+    assert channels.bounds() == pytest.approx((np.nanmin(finite), np.nanmax(finite)))
