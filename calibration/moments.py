@@ -58,6 +58,29 @@ class ChannelRange:
         return float(self.low[seen].min()), float(self.high[seen].max())
 
 
+GRAM_STRIP = 1024
+GRAM_BUFFER_BYTES = 128 << 20
+
+
+def add_upper_product(total: np.ndarray, flat: np.ndarray) -> None:
+    """total += flat^T flat on and above the diagonal, a strip of GRAM_STRIP rows at a time: X^T X is symmetric, so
+    the strips right of the diagonal are about half the multiply-adds of the full product (GPTQ's Gram of an
+    18,944-wide input is most of a 7B layer's calibration), and the temporary is one strip, not a K x K product
+    (1.4 GB there)."""
+    columns = flat.shape[1]
+    for start in range(0, columns, GRAM_STRIP):
+        end = min(start + GRAM_STRIP, columns)
+        total[start:end, start:] += flat[:, start:end].T @ flat[:, start:]
+
+
+def mirror_upper(total: np.ndarray) -> None:
+    """Fill the lower triangle from the upper one that `add_upper_product` summed (diagonal strips are whole)."""
+    columns = total.shape[0]
+    for start in range(0, columns, GRAM_STRIP):
+        end = min(start + GRAM_STRIP, columns)
+        total[end:, start:end] = total[start:end, end:].T
+
+
 class Gram:
     """H = E[x x^T] over tokens: the second moment GPTQ and AWQ use (E||X D||^2 = tr(D^T H D) for any weight
     error D, so candidate roundings can be scored without keeping X).
@@ -71,6 +94,8 @@ class Gram:
 
     def __init__(self) -> None:
         self._sum: np.ndarray | None = None
+        self._rows: np.ndarray | None = None  # tokens not yet in _sum (at most one K x K worth, 128 MB)
+        self._held = 0
         self._mean: np.ndarray | None = None
         self._file: Path | None = None
         self.tokens = 0
@@ -78,20 +103,36 @@ class Gram:
     def update(self, x: np.ndarray) -> None:
         if self._sum is None and (self._mean is not None or self._file is not None):
             raise RuntimeError("Gram.update after finish()")
-        flat = x.reshape(-1, x.shape[-1]).astype(np.float32)
-        # float32 throughout, as GPTQ's reference accumulates it: a K x K sum and one temporary product (321 MB each
-        # for an 8,960-wide input); summing a few thousand samples' products loses ~1e-4 relative at most, far
-        # below the 1 % damping GPTQ adds to the diagonal
-        product = flat.T @ flat
+        flat = x.reshape(-1, x.shape[-1])
         if self._sum is None:
-            self._sum = product
-        else:
-            self._sum += product
-        self.tokens += flat.shape[0]
+            width = flat.shape[1]
+            self._sum = np.zeros((width, width), np.float32)
+            self._rows = np.empty((max(1, min(width, GRAM_BUFFER_BYTES // (4 * width))), width), np.float32)
+        # rows wait in a buffer: a decode step brings one token, and adding its product to a K x K sum would read and
+        # write all of it (1.4 GB for an 18,944-wide input) for K^2 multiply-adds
+        start = 0
+        while start < len(flat):
+            taken = min(len(flat) - start, len(self._rows) - self._held)
+            self._rows[self._held : self._held + taken] = flat[start : start + taken]
+            self._held, start = self._held + taken, start + taken
+            if self._held == len(self._rows):
+                self._flush()
+        self.tokens += len(flat)
+
+    def _flush(self) -> None:
+        # float32 throughout, as GPTQ's reference accumulates it; summing a few thousand samples' products loses
+        # ~1e-4 relative at most, far below the 1 % damping GPTQ adds to the diagonal
+        if self._held:
+            add_upper_product(self._sum, self._rows[: self._held])
+            self._held = 0
 
     def finish(self) -> None:
         if self._sum is not None:
-            self._mean, self._sum = (self._sum / max(self.tokens, 1)).astype(np.float32), None
+            self._flush()
+            self._rows = None
+            mirror_upper(self._sum)
+            self._sum /= np.float32(max(self.tokens, 1))
+            self._mean, self._sum = self._sum, None
 
     def offload(self, path: Path) -> None:
         self.finish()

@@ -4,6 +4,7 @@ blocked float32 factorizations GPTQ runs on them."""
 import numpy as np
 import pytest
 
+from qtc.calibration import moments
 from qtc.calibration.moments import Gram
 from qtc.core.linalg import cholesky_lower_, invert_lower_
 from qtc.passes.rounding import inverse_cholesky
@@ -31,6 +32,20 @@ def test_offloaded_gram_reads_and_rescales_bit_for_bit_like_the_in_memory_one(tm
     offloaded.rescale(s)
     assert np.array_equal(kept.mean, offloaded.mean)
     assert (tmp_path / "0.npy").stat().st_size < 24 * 24 * 4 + 256  # float32 on disk: half the float64 scratch
+
+
+def test_gram_of_prefills_and_single_decode_tokens_is_the_whole_product_and_exactly_symmetric(monkeypatch):
+    """Rows wait in a small buffer (a decode step brings one token) and only strips on and above the diagonal are
+    summed; the mean is still X^T X / n, mirrored bit for bit. Strips and buffer shrunk so a 24-wide input takes
+    several of each."""
+    monkeypatch.setattr(moments, "GRAM_STRIP", 5)
+    monkeypatch.setattr(moments, "GRAM_BUFFER_BYTES", 4 * 24 * 7)  # 7 rows
+    chunks = [RNG.normal(size=(1, n, 24)).astype(np.float32) for n in (9, 1, 1, 1, 13, 2, 1)]
+    gram = _gram(chunks)
+    flat = np.concatenate([x.reshape(-1, 24) for x in chunks]).astype(np.float64)
+    assert gram.tokens == len(flat) == 28
+    np.testing.assert_allclose(gram.mean, flat.T @ flat / len(flat), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(gram.mean, gram.mean.T)
 
 
 def test_a_finished_gram_takes_no_more_samples():
