@@ -31,7 +31,7 @@ import onnxruntime as ort
 from qtc.backends.base import Backend
 from qtc.calibration.data import CalibrationSet, decode_steps, fit_past, model_inputs, token_input
 from qtc.util.progress import progress_bar
-from qtc.util.spill import release
+from qtc.util.spill import release, trim_heap
 
 _INLINE_BYTES = 1 << 16  # smaller initializers travel inside the segment's proto (with their bytes: serializing
 # an external tensor would keep only its file reference)
@@ -226,9 +226,10 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
 
 
 def _release(segment: Segment) -> None:
-    """Drop the weights' mappings too: RSS stays near one segment, not the model."""
+    """Drop the weights' mappings and the closed session's freed heap: RSS stays near one segment, not the model."""
     for weight in segment.weights:
         release(weight.const_value)
+    trim_heap()
 
 
 def _run_segment(session: SegmentSession, carried: list[dict], runs: list, starts: list[bool], inputs,
