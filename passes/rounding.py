@@ -15,7 +15,9 @@ from qtc.core.quant_math import INT_RANGES, dequantize_weight, expand_scale, wei
 from qtc.passes.annotate import QuantAnnotation, annotated_nodes, layer_groups
 from qtc.passes.meta import LAYER_STATS, ROUNDING
 from qtc.passes.smooth import (
+    ERROR_COLUMNS,
     Member,
+    _columns,
     _scalable,
     apply_channel_scale,
     initializer_layout,
@@ -45,42 +47,77 @@ def quantize_with(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec
     return np.clip(np.rint(w / s) + z, qmin, qmax)
 
 
-def _damped(h: np.ndarray, order: np.ndarray, dead: np.ndarray, damping: float, dtype, reverse: bool) -> np.ndarray:
-    """A private copy of H in `order` (reversed for the in-place factorization), dead inputs given a unit
-    diagonal, damped by `damping` times the mean diagonal."""
+def _damped(h: np.ndarray, order: np.ndarray, dead: np.ndarray, damping: float, dtype, reverse: bool,
+            consume: bool = False) -> np.ndarray:
+    """H in `order` (reversed for the in-place factorization), dead inputs given a unit diagonal, damped by
+    `damping` times the mean diagonal: a private copy, or with `consume` H itself where no permutation is asked
+    (a 7B down projection's H is 1.4 GB; its copy beside it was the compile's peak)."""
     rows = order[::-1] if reverse else order
-    m = np.asarray(h[np.ix_(rows, rows)], dtype=dtype)
+    if consume and h.dtype == dtype and h.flags.writeable and np.array_equal(order, np.arange(len(h))):
+        m = _reversed_in_place(h) if reverse else h
+    else:
+        m = np.asarray(h[np.ix_(rows, rows)], dtype=dtype)
     flags = dead[rows]
     m[flags, flags] = 1.0
     m[np.diag_indices_from(m)] += damping * np.mean(np.diag(m))
     return m
 
 
-def inverse_cholesky(h: np.ndarray, order: np.ndarray, dead: np.ndarray, damping: float) -> np.ndarray:
+def _reversed_in_place(a: np.ndarray) -> np.ndarray:
+    """J A J (rows and columns in reverse order) in A's own buffer, a pair of rows at a time."""
+    n = len(a)
+    for i in range(n // 2):
+        top = a[i, ::-1].copy()
+        a[i] = a[n - 1 - i, ::-1]
+        a[n - 1 - i] = top
+    if n % 2:
+        a[n // 2] = a[n // 2, ::-1].copy()
+    return a
+
+
+def inverse_cholesky(h: np.ndarray, order: np.ndarray, dead: np.ndarray, damping: float,
+                     consume: bool = False) -> np.ndarray:
     """GPTQ's upper factor U of H^-1 (H^-1 = U^T U), H permuted by `order`: blocked and in place in float32
     (core/linalg.py; an 8,960-wide H needs 0.4 GB beside its copy, where numpy.linalg's float64 inv + cholesky
-    needed 2.5 GB); float64 LAPACK from a fresh copy only where float32 loses positive definiteness."""
+    needed 2.5 GB); float64 LAPACK from a fresh copy only where float32 loses positive definiteness. With
+    `consume`, H's own buffer may be factored (it is then garbage) and a failure raises LinAlgError."""
     try:
-        return inverse_cholesky_upper(_damped(h, order, dead, damping, np.float32, reverse=True))
+        return inverse_cholesky_upper(_damped(h, order, dead, damping, np.float32, reverse=True, consume=consume))
     except np.linalg.LinAlgError:
+        if consume:
+            raise
         m = _damped(h, order, dead, damping, np.float64, reverse=False)
         return np.linalg.cholesky(np.linalg.inv(m)).T.astype(np.float32)
 
 
+FEEDBACK_ROWS = 4096
+
+
 def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GPTQ in node layout (rows = input channels K); see gptq_with_error."""
+    return gptq_with_error(w, h, spec)[:3]
+
+
+def gptq_with_error(w: np.ndarray, h: np.ndarray, spec: QuantSpec,
+                    consume: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """GPTQ in node layout (rows = input channels K): quantize a row, push its error onto the rows not yet
     quantized through the upper Cholesky factor of H^-1. Scales are fixed up front (static groups), so act-order
-    keeps the contiguous blocks DequantizeLinear needs."""
+    keeps the contiguous blocks DequantizeLinear needs. Also returns the output error tr(D^T H D) without H:
+    the feedback errors' squares sum to tr(D^T (H + lambda I) D) over the live rows (GPTQ's loss is exact for
+    its quadratic), so it is that sum less lambda ||D||^2. `consume`: H's buffer may be factored in place."""
     w = w.astype(np.float32, copy=False)
     scale, zero_point = weight_qparams(w, spec, node_axis(spec))[1:]
     s, z = _row_params(scale, spec), _row_params(zero_point.astype(np.float32), spec)
     qmin, qmax = INT_RANGES[spec.dtype]
-    dead = np.diag(h) == 0
-    order = np.argsort(-np.diag(h), kind="stable") if spec.act_order else np.arange(len(h))
-    upper = inverse_cholesky(h, order, dead, spec.damping)
+    diagonal = np.diag(h).astype(np.float64)
+    dead = diagonal == 0
+    order = np.argsort(-diagonal, kind="stable") if spec.act_order else np.arange(len(h))
+    damping = spec.damping * float(np.mean(np.where(dead, 1.0, diagonal)))
+    upper = inverse_cholesky(h, order, dead, spec.damping, consume)
     work = w[order]
     work[dead[order]] = 0.0
     q = np.zeros_like(work)
+    feedback = 0.0
     for start in range(0, len(work), GPTQ_BLOCK):
         end = min(start + GPTQ_BLOCK, len(work))
         errors = np.zeros((end - start, work.shape[1]), dtype=np.float32)
@@ -89,8 +126,25 @@ def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.
             q[r] = np.clip(np.rint(work[r] / row_s) + row_z, qmin, qmax)
             errors[r - start] = (work[r] - (q[r] - row_z) * row_s) / upper[r, r]
             work[r + 1 : end] -= np.outer(upper[r, r + 1 : end], errors[r - start])
-        work[end:] -= upper[start:end, end:].T @ errors
-    return q[np.argsort(order)], scale, zero_point
+        for rows in range(end, len(work), FEEDBACK_ROWS):  # a slab at a time: no [K, N] product temporary
+            stop = min(rows + FEEDBACK_ROWS, len(work))
+            work[rows:stop] -= upper[start:end, rows:stop].T @ errors
+        feedback += float(np.sum(np.square(errors, dtype=np.float64)))
+    del upper, work
+    q = q[np.argsort(order)]
+    return q, scale, zero_point, feedback - damping * _squared_error(w, q, scale, zero_point, spec, ~dead)
+
+
+def _squared_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec,
+                   rows: np.ndarray) -> float:
+    """||D||^2 over `rows` for D = dequantized(q) - w, a slab of ERROR_COLUMNS output columns at a time."""
+    axis, total = node_axis(spec), 0.0
+    for start in range(0, w.shape[1], ERROR_COLUMNS):
+        cols = slice(start, min(start + ERROR_COLUMNS, w.shape[1]))
+        d = dequantize_weight(q[:, cols], _columns(scale, axis, cols), _columns(zero_point, axis, cols), axis,
+                              spec.block_size) - w[:, cols]
+        total += float(np.sum(np.square(d[rows], dtype=np.float64)))
+    return total
 
 
 def _row_params(values: np.ndarray, spec: QuantSpec):
@@ -143,8 +197,9 @@ def awq_scale(members: list[Member], h: np.ndarray) -> tuple[np.ndarray, float]:
     return errors[alpha][1], float(alpha)
 
 
-def round_group(graph: ir.Graph, name: str, members: list[Member], stats: dict) -> dict:
-    """GPTQ / AWQ for one layer group (the layers reading activation `name`), from its statistics; the records."""
+def round_group(graph: ir.Graph, name: str, members: list[Member], stats: dict, consume: bool = False) -> dict:
+    """GPTQ / AWQ for one layer group (the layers reading activation `name`), from its statistics; the records.
+    `consume`: the group's Gram is not read after this, so its last GPTQ layer may factor it in place."""
     chosen = [(n, note) for n, note in members if note.weight_spec.algorithm != "rtn"]
     if not chosen or "gram" not in stats:
         return {}
@@ -163,7 +218,8 @@ def round_group(graph: ir.Graph, name: str, members: list[Member], stats: dict) 
             record[node.name] = {"algorithm": "rtn", "why": "weight is not 2-D"}
             continue
         # unscaled weights: their plain error is the one to beat (each d^T H d of a 7B down projection is 2.6 TFLOP)
-        record[node.name] = RoundWeightsPass._round(note, h, None if scaled else plain[node.name]) | \
+        last = consume and node is chosen[-1][0]
+        record[node.name] = RoundWeightsPass._round(note, h, None if scaled else plain[node.name], last) | \
             {"error_rtn": plain[node.name]}
         release(note.weight.const_value)  # a memory-mapped source weight: its pages leave the process
     return record
@@ -204,7 +260,7 @@ class EagerGptq:
         layers = rounded_layers(model)
         for name, collectors in sorted(finished.items()):
             if name in takes and "gram" in collectors and "absmax" not in collectors:
-                layers |= round_group(model.graph, name, groups[name], collectors)
+                layers |= round_group(model.graph, name, groups[name], collectors, consume=True)
                 del collectors["gram"]
         _record(model, layers)
 
@@ -246,17 +302,22 @@ class RoundWeightsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(layers))
 
     @staticmethod
-    def _round(note: QuantAnnotation, h: np.ndarray, before: float | None = None) -> dict:
-        """`before`: the round-to-nearest error d^T H d of these weights where the caller has it."""
+    def _round(note: QuantAnnotation, h: np.ndarray, before: float | None = None, consume: bool = False) -> dict:
+        """`before`: the round-to-nearest error d^T H d of these weights where the caller has it; `consume`:
+        GPTQ may factor H in its own buffer (the caller's last use of it)."""
         spec, w = note.weight_spec, weight_matrix(note, np.float32)
         before = rounding_error(note, w, h) if before is None else before
         if spec.algorithm == "gptq":
-            q, scale, zero_point = gptq(w, h, spec)
             info = {"algorithm": "gptq", "act_order": spec.act_order}
+            try:
+                q, scale, zero_point, after = gptq_with_error(w, h, spec, consume)
+            except np.linalg.LinAlgError:  # only where H was consumed: no copy left for the float64 retry
+                return info | {"used": "rtn", "error_algorithm": before,
+                               "why": "H + damping is not positive definite in float32"}
         else:
             q, scale, zero_point, ratio = clip_search(w, h, spec)
             info = {"algorithm": "awq", "mean_clip_ratio": ratio}
-        after = weighted_error(h, w, q, scale, zero_point, spec)
+            after = weighted_error(h, w, q, scale, zero_point, spec)
         if after > before:  # never worse than round-to-nearest of the same (possibly AWQ-scaled) weights
             return info | {"used": "rtn", "error_algorithm": before}
         note.precomputed = to_initializer(note, q, scale, zero_point, spec)

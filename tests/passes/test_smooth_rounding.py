@@ -8,7 +8,8 @@ import pytest
 import qtc
 from qtc.calibration.moments import Gram
 from qtc.core.quant_math import expand_scale
-from qtc.passes.rounding import clip_search, gptq, node_axis
+from qtc.passes.rounding import clip_search, gptq, gptq_with_error, node_axis
+from qtc.passes.smooth import weighted_error
 from qtc.recipes import QuantSpec, parse_recipe
 
 RNG = np.random.default_rng(0)
@@ -40,6 +41,26 @@ def test_gptq_beats_round_to_nearest_on_output_error(spec):
     rtn_q = np.clip(np.rint(w / expand_scale(scale, w.shape, node_axis(spec), spec.block_size)), -8, 7) \
         if spec.dtype == "int4" else np.clip(np.rint(w / expand_scale(scale, w.shape, 1, None)), -127, 127)
     assert _h_error(q, scale, zp, w, h, spec) < 0.8 * _h_error(rtn_q, scale, zp, w, h, spec)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("int4", "block", True, block_size=32, algorithm="gptq"),
+                                  QuantSpec("int8", "channel", True, algorithm="gptq"),
+                                  QuantSpec("int4", "block", True, block_size=32, algorithm="gptq", act_order=True)])
+def test_gptq_knows_its_output_error_without_h_and_may_factor_h_in_place(spec):
+    """The feedback errors' squares less lambda ||D||^2 are tr(D^T H D) (a dead input included); consuming H
+    rounds to the same integers and leaves H's buffer as the factor (nothing copied beside it)."""
+    x, _ = _correlated_inputs()
+    x[:, 5] = 0.0
+    gram = Gram()
+    gram.update(x)
+    h = gram.mean
+    w = RNG.normal(size=(64, 48)).astype(np.float32)
+    q, scale, zp, error = gptq_with_error(w, h, spec)
+    assert error == pytest.approx(weighted_error(h, w, q, scale, zp, spec), rel=1e-4)
+    consumed = h.copy()
+    again = gptq_with_error(w, consumed, spec, consume=True)
+    assert np.array_equal(again[0], q) and again[3] == pytest.approx(error, rel=1e-6)
+    assert np.array_equal(consumed, h) == spec.act_order  # act-order permutes a copy: H stays as it was
 
 
 def test_clip_search_never_worse_than_full_range():
