@@ -14,12 +14,17 @@ Large weights reach ONNX Runtime through `SessionOptions.add_external_initialize
 qtc already holds, often memory-mapped external data; the segment's proto names them without bytes), so no segment is ever serialized with its
 weights and the 2 GB protobuf limit does not apply. Peak memory: one segment's weights (plus ORT's pre-packed
 copies), the boundary values of every calibration run (a transformer: the residual stream, the mask, the rotary
-tables; [S, vocab] logits are never kept unless observed), and the observers.
+tables; [S, vocab] logits are never kept unless observed), and the observers. A boundary value whose copies for
+every window would pass a small share of the segment budget waits in a scratch file instead (`_OnDisk`): a 7B
+layer cut between its MLP projections hands over an 18,944-wide activation, 1.2 GB for 64 windows.
 """
 
 from __future__ import annotations
 
+import itertools
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -37,6 +42,41 @@ _INLINE_BYTES = 1 << 16  # smaller initializers travel inside the segment's prot
 # an external tensor would keep only its file reference)
 Substitute = Callable[[ir.Value], "np.ndarray | None"]
 
+
+
+class _OnDisk:
+    """A boundary value in a scratch .npy until a segment reads it; the file goes with the last reference."""
+
+    def __init__(self, array: np.ndarray, path: Path) -> None:
+        np.save(path, array)
+        self.path = path
+
+    def array(self) -> np.ndarray:
+        return np.load(self.path)
+
+    def __del__(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class _Boundaries:
+    """Where the boundary values a segment hands on wait: in memory, or on disk for a value whose copies over
+    all windows would pass `budget` bytes."""
+
+    def __init__(self, budget: int, windows: int) -> None:
+        self.budget, self.windows = budget, max(windows, 1)
+        self._folder: tempfile.TemporaryDirectory | None = None
+        self._count = itertools.count()
+
+    def keep(self, value: np.ndarray) -> "np.ndarray | _OnDisk":
+        if value.nbytes * self.windows <= self.budget:
+            return value
+        if self._folder is None:
+            self._folder = tempfile.TemporaryDirectory(prefix="qtc-boundary-")
+        return _OnDisk(value, Path(self._folder.name) / f"{next(self._count)}.npy")
+
+
+def _loaded(value: "np.ndarray | _OnDisk") -> np.ndarray:
+    return value.array() if isinstance(value, _OnDisk) else value
 
 @dataclass
 class Segment:
@@ -162,7 +202,7 @@ class SegmentSession:
         self.outputs = [v.name for v in segment.outputs]
 
     def run(self, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feed = {name: values[name] for name in self.inputs}
+        feed = {name: _loaded(values[name]) for name in self.inputs}
         return dict(zip(self.outputs, self.session.run(self.outputs, feed)))
 
 
@@ -187,6 +227,7 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
     carried = [dict(feed) for feed, _ in runs]
     starts = [first for _, first in runs] + [True]
     passes = 2 if quantized is not None else 1
+    boundaries = _Boundaries(segment_bytes // 4, calib.n_samples)  # a quarter of a segment's weights at most
     with progress_bar(label, total=passes * len(segments) * calib.n_samples, quiet=quiet) as advance:
         for index, segment in enumerate(segments):
             later = {v.name for s in segments[index + 1:] for v in s.inputs}
@@ -203,7 +244,7 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                     seen.update({k: values[k] for k in names & graph_inputs if k in values})
                 if seen:
                     yield seen
-                values.update({k: v for k, v in produced.items() if k in later})
+                values.update({k: boundaries.keep(v) for k, v in produced.items() if k in later})
                 for name in [k for k in values if k not in later]:
                     del values[name]  # what no later segment reads (pasts this segment used, logits, ...)
                 if starts[number + 1]:
@@ -215,7 +256,7 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
             if quantized is not None and later:
                 session = SegmentSession(model, segment, backend.session_options, backend.providers(), quantized)
                 for number, _, produced in _run_segment(session, fed, runs, starts, inputs, presents):
-                    carried[number].update({k: v for k, v in produced.items() if k in later})
+                    carried[number].update({k: boundaries.keep(v) for k, v in produced.items() if k in later})
                     if starts[number + 1]:
                         advance(f"{where}, quantized")
                 del session, fed
