@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class QtcGroup(click.Group):
         if not os.environ.get("QTC_DEBUG"):  # the IR libraries log recoverable failures with tracebacks (e.g. a
             for library in ("onnx_ir", "onnxscript"):  # shape inference that gives up): qtc goes on, so do they
                 logging.getLogger(library).setLevel(logging.ERROR)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
             result = super().main(*args, **kwargs)
         except QtcError as exc:
@@ -64,7 +66,15 @@ class QtcGroup(click.Group):
             if os.environ.get("QTC_DEBUG"):
                 raise
             _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM (a job scheduler, `kill`, a CI timeout) ends a compile as Ctrl-C does: the stack unwinds, so the
+    scratch folders of a 7B compile (tens of GB of spilled weights) are removed, not left in TMPDIR."""
+    raise KeyboardInterrupt
 
 
 def _fail(message: str, code: int) -> None:

@@ -16,6 +16,7 @@ import ctypes
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import onnx_ir as ir
@@ -35,6 +36,9 @@ class SpillStore:
         self.min_bytes = min_bytes
         self.bytes = 0
         self.tensors = 0
+        # also when a compile fails or is interrupted before anything owns the store: the folder goes with the
+        # store object, or at interpreter exit (a 7B compile spills ~9 GB here)
+        self._remove = weakref.finalize(self, shutil.rmtree, self.folder, True)
 
     def put(self, tensor: ir.TensorProtocol) -> ir.TensorProtocol:
         if tensor.nbytes < self.min_bytes or isinstance(tensor, ir.ExternalTensor):
@@ -52,7 +56,7 @@ class SpillStore:
     def close(self) -> None:
         if not self.file.closed:
             self.file.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        self._remove()
 
     def summary(self) -> dict:
         return {"tensors": self.tensors, "bytes": self.bytes}

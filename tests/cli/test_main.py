@@ -214,6 +214,27 @@ def test_ctrl_c_mid_compile_is_one_line_and_leaves_nothing(case):
     assert not case["out"].parent.exists() or list(case["out"].parent.iterdir()) == []
 
 
+def test_sigterm_mid_compile_is_one_line_and_removes_its_scratch_folders(case, tmp_path):
+    """A scheduler's or CI's kill ends a compile like Ctrl-C: its scratch folders (spilled weights, boundary
+    values: tens of GB for a 7B model) go with it."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "qtc.cli.main", "compile", str(case["model"]), "--recipe",
+                                "w8a8", "--calib", str(case["corpus"]), "--samples", "4000", "--seq-len", "128",
+                                "--memory-limit", "30MB", "-o", str(case["out"])], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith("qtc-") for p in scratch.iterdir()) and process.poll() is None:
+        assert time.monotonic() < deadline, "the compile made no scratch folder"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "qtc: error: interrupted; nothing was written"
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("qtc-")] == []
+    assert not case["out"].parent.exists() or list(case["out"].parent.iterdir()) == []
+
+
 @pytest.mark.parametrize("value", ["lots", "5KB", "-1GB", "6XB"])
 def test_bad_memory_limit_is_one_line(case, value):
     assert_bad_input(qtc("compile", case["model"], "--recipe", "w4a16", "--memory-limit", value, "-o", case["out"]),
