@@ -15,11 +15,10 @@ from qtc.core.quant_math import INT_RANGES, dequantize_weight, expand_scale, wei
 from qtc.passes.annotate import QuantAnnotation, annotated_nodes, layer_groups
 from qtc.passes.meta import LAYER_STATS, ROUNDING
 from qtc.passes.smooth import (
-    ERROR_COLUMNS,
     Member,
-    _columns,
     _scalable,
     apply_channel_scale,
+    error_slabs,
     initializer_layout,
     rounding_error,
     update_statistics,
@@ -137,14 +136,8 @@ def gptq_with_error(w: np.ndarray, h: np.ndarray, spec: QuantSpec,
 
 def _squared_error(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec,
                    rows: np.ndarray) -> float:
-    """||D||^2 over `rows` for D = dequantized(q) - w, a slab of ERROR_COLUMNS output columns at a time."""
-    axis, total = node_axis(spec), 0.0
-    for start in range(0, w.shape[1], ERROR_COLUMNS):
-        cols = slice(start, min(start + ERROR_COLUMNS, w.shape[1]))
-        d = dequantize_weight(q[:, cols], _columns(scale, axis, cols), _columns(zero_point, axis, cols), axis,
-                              spec.block_size) - w[:, cols]
-        total += float(np.sum(np.square(d[rows], dtype=np.float64)))
-    return total
+    """||D||^2 over `rows` for D = dequantized(q) - w."""
+    return sum(float(np.sum(np.square(d[rows], dtype=np.float64))) for d in error_slabs(w, q, scale, zero_point, spec))
 
 
 def _row_params(values: np.ndarray, spec: QuantSpec):

@@ -8,6 +8,8 @@ about d^2 / 12 * ||W||_F^2.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_ir as ir
 
@@ -39,20 +41,27 @@ def weight_matrix(note: QuantAnnotation, dtype=np.float64) -> np.ndarray:
 ERROR_COLUMNS = 512
 
 
-def weighted_error(h: np.ndarray, w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
-                   spec: QuantSpec, row_divisor: np.ndarray | None = None) -> float:
-    """tr(D^T H D) for D = dequantized(q) / row_divisor - w, all in node layout [K, N] (scale and zero point in
-    node layout too), a slab of ERROR_COLUMNS output columns at a time in H's float32: temporaries of K x 512,
-    not whole-weight float64 copies (four of those were 2 GB beside a 7B down projection's 1.4 GB H)."""
+def error_slabs(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec,
+                row_divisor: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """D = dequantized(q) / row_divisor - w in node layout [K, N] (scale and zero point in node layout too), a
+    slab of ERROR_COLUMNS output columns at a time: temporaries of K x 512, not whole-weight float64 copies (four
+    of those were 2 GB beside a 7B down projection's 1.4 GB H)."""
     axis = {"block": 0, "channel": 1, "tensor": None}[spec.granularity]
-    total = 0.0
     for start in range(0, w.shape[1], ERROR_COLUMNS):
         cols = slice(start, min(start + ERROR_COLUMNS, w.shape[1]))
         d = dequantize_weight(q[:, cols], _columns(scale, axis, cols), _columns(zero_point, axis, cols), axis,
                               spec.block_size)
         if row_divisor is not None:
             d = d / row_divisor[:, None]
-        d = (d - w[:, cols]).astype(h.dtype, copy=False)
+        yield d - w[:, cols]
+
+
+def weighted_error(h: np.ndarray, w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
+                   spec: QuantSpec, row_divisor: np.ndarray | None = None) -> float:
+    """tr(D^T H D) for D of `error_slabs`, in H's float32."""
+    total = 0.0
+    for d in error_slabs(w, q, scale, zero_point, spec, row_divisor):
+        d = d.astype(h.dtype, copy=False)
         total += float(np.sum((h @ d) * d, dtype=np.float64))
     return total
 
