@@ -75,9 +75,10 @@ def run_worker(script: Path, args: list[str], result_path: Path, timeout: float 
     return data
 
 
-def run_measured(command: list[str], stdout: Path) -> tuple[float, int, str]:
-    """Wall seconds, os.wait4's peak RSS (bytes) and stderr of a command in a fresh process (its stdout to
-    `stdout`); a failure stops the script with the command's stderr."""
+def run_measured(command: list[str], stdout: Path) -> tuple[float, int, float]:
+    """Wall seconds, os.wait4's peak RSS (bytes) and CPU seconds (user + system: what the work cost, on a machine
+    shared with other jobs too) of a command in a fresh process (its stdout to `stdout`); a failure stops the
+    script with the command's stderr."""
     started = time.perf_counter()
     with open(stdout, "w") as out, tempfile.TemporaryFile("w+") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err)
@@ -87,7 +88,7 @@ def run_measured(command: list[str], stdout: Path) -> tuple[float, int, str]:
         stderr = err.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{' '.join(command[:4])}: {stderr.strip()[-2000:]}")
-    return round(seconds, 1), usage.ru_maxrss * 1024, stderr
+    return round(seconds, 1), usage.ru_maxrss * 1024, round(usage.ru_utime + usage.ru_stime, 1)
 
 
 def write_worker_result(path: str | os.PathLike, data: dict) -> None:

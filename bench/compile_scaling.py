@@ -9,8 +9,10 @@ RSS is that process's own VmHWM (the report's `memory.process_peak_rss_bytes`), 
 process (which loads the compiled model in ONNX Runtime when the float source is over half the limit) is reported
 apart (`child_peak_rss_bytes`); os.wait4's ru_maxrss, the largest of the two, is `tree_peak_rss_bytes`. Parameters
 are the source's float32 tensor bytes / 4. `--add` takes a row from the report of a compile run apart the same way
-(a 7B compile that takes an hour). The plot's time axis is the report's `compile_seconds`; for a calibrated recipe
-it is drawn against parameters x calibration tokens, the work a forward pass per sample does.
+(a 7B compile that takes an hour; `:TIME_LOG`, its `/usr/bin/time -v` log, gives its CPU seconds). The plot's time
+axis is CPU seconds (user + system, children included) where every row has them, else the report's
+`compile_seconds`; for a calibrated recipe it is drawn against parameters x calibration tokens, the work a
+forward pass per sample does.
 Writes bench/results/compile_scaling_RECIPE[_TAG].{json,md,png}.
 """
 
@@ -31,10 +33,10 @@ def compile_once(model: Path, recipe: str, limit: str, calib: list[str]) -> dict
         out = Path(folder) / "model.onnx"
         command = [sys.executable, "-m", "qtc.cli.main", "compile", str(model), "--recipe", recipe, "--no-compare",
                    "--memory-limit", limit, "-o", str(out), "--json", *calib]
-        seconds, tree_peak, _ = run_measured(command, Path(folder) / "report.json")
+        seconds, tree_peak, cpu = run_measured(command, Path(folder) / "report.json")
         report = json.loads((Path(folder) / "report.json").read_text())
         output_bytes = sum(p.stat().st_size for p in Path(folder).iterdir() if p.name.startswith("model.onnx"))
-    return row(report, output_bytes) | {"seconds": round(seconds, 1), "tree_peak_rss_bytes": tree_peak}
+    return row(report, output_bytes) | {"seconds": round(seconds, 1), "cpu_seconds": cpu, "tree_peak_rss_bytes": tree_peak}
 
 
 def row(report: dict, output_bytes: int) -> dict:
@@ -50,10 +52,16 @@ def row(report: dict, output_bytes: int) -> dict:
 
 
 def added_row(item: str) -> dict:
-    """NAME=OUT.qtc.json: the sidecar report of a compile run apart, with its output's files."""
-    name, _, path = item.partition("=")
+    """NAME=OUT.qtc.json[:TIME_LOG]: the sidecar report of a compile run apart, with its output's files; CPU
+    seconds from `/usr/bin/time -v`'s log of that run where given."""
+    name, _, paths = item.partition("=")
+    path, _, time_log = paths.partition(":")
     report = json.loads(Path(path).read_text())
-    return {"name": name, **row(report, report["output"]["bytes"]), "run": "apart (its own report)"}
+    cpu = None
+    if time_log:
+        fields = dict(line.strip().rsplit(": ", 1) for line in Path(time_log).read_text().splitlines() if ": " in line)
+        cpu = round(float(fields["User time (seconds)"]) + float(fields["System time (seconds)"]), 1)
+    return {"name": name, **row(report, report["output"]["bytes"]), "cpu_seconds": cpu, "run": "apart (its own report)"}
 
 
 def plot(rows: list[dict], path: Path, recipe: str, limit: str) -> None:
@@ -72,13 +80,16 @@ def plot(rows: list[dict], path: Path, recipe: str, limit: str) -> None:
     left.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel="GB", title=f"{recipe}: memory (limit {limit})")
     calibrated = all(r["tokens"] for r in rows)
     work = [r["parameters"] * r["tokens"] / 1e12 if calibrated else r["parameters"] / 1e9 for r in rows]
-    right.plot(work, [r["compile_seconds"] for r in rows], "o", label="qtc compile")
+    # CPU seconds where every row has them: wall time on a 2-core box shared with other jobs says little
+    key = "cpu_seconds" if all(r.get("cpu_seconds") for r in rows) else "compile_seconds"
+    right.plot(work, [r[key] for r in rows], "o", label="qtc compile")
     if calibrated:  # time linear in parameters x tokens: one constant, the median seconds per unit of work
-        per = sorted(r["compile_seconds"] / x for r, x in zip(rows, work))[len(rows) // 2]
+        per = sorted(r[key] / x for r, x in zip(rows, work))[len(rows) // 2]
         span = [min(work), max(work)]
         right.plot(span, [per * x for x in span], "--", color="grey", label=f"linear: {per:.0f} s per 10^12 parameter-tokens")
         right.legend(fontsize=8)
-    right.set(xscale="log", yscale="log", ylabel="compile seconds", title=f"{recipe}: wall time",
+    right.set(xscale="log", yscale="log", ylabel="CPU seconds" if key == "cpu_seconds" else "compile seconds",
+              title=f"{recipe}: {'CPU' if key == 'cpu_seconds' else 'wall'} time",
               xlabel="parameters x calibration tokens (10^12)" if calibrated else "parameters (billions)")
     left.axhline(parse_limit(limit) / 1e9, color="tab:green", linestyle=":", label=f"--memory-limit {limit}")
     for i, (r, x) in enumerate(zip(rows, params)):
@@ -86,7 +97,7 @@ def plot(rows: list[dict], path: Path, recipe: str, limit: str) -> None:
         left.annotate(r["name"], (x, r["peak_rss_bytes"] / 1e9), textcoords="offset points", xytext=offset, fontsize=7)
     for i, (r, x) in enumerate(zip(rows, work)):
         offset = (4, -12) if i % 2 == 0 else (-10, 8)
-        right.annotate(f"{r['name']} ({r['samples']} x)" if r["tokens"] else r["name"], (x, r["compile_seconds"]),
+        right.annotate(f"{r['name']} ({r['samples']} x)" if r["tokens"] else r["name"], (x, r[key]),
                        textcoords="offset points", xytext=offset, fontsize=7)
     left.legend(fontsize=8)
     fig.tight_layout()
@@ -127,15 +138,15 @@ def main() -> None:
     stem.with_suffix(".json").write_text(json.dumps({"machine": machine(), "recipe": args.recipe, "calib": args.calib,
                                                      "memory_limit": args.memory_limit, "rows": rows}, indent=1))
     lines = [f"# qtc compile {recipe} --memory-limit {args.memory_limit}: peak RSS and time vs parameters", "",
-             "| model | parameters | float32 GB | samples | output GB | compile peak RSS GB | RSS / float | check child peak RSS GB | spilled GB | compile s | check |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| model | parameters | float32 GB | samples | output GB | compile peak RSS GB | RSS / float | check child peak RSS GB | spilled GB | compile s | CPU s | check |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         spilled = (r["memory"]["spilled"] or {}).get("bytes", 0) / 1e9
         how = "child process, source not run" if r["check"].get("skipped_source") else f"vs source ({r['check'].get('source_run_by')})"
         lines.append(f"| {r['name']} | {r['parameters'] / 1e9:.2f} B | {r['source_bytes'] / 1e9:.2f} | {r['samples'] or '-'} "
                      f"| {r['output_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / 1e9:.2f} | {r['peak_rss_bytes'] / r['source_bytes']:.2f} "
                      f"| {(r['check_child_peak_rss_bytes'] or 0) / 1e9:.2f} | {spilled:.2f} "
-                     f"| {r['compile_seconds']} | {how} |")
+                     f"| {r['compile_seconds']} | {r.get('cpu_seconds') or '-'} | {how} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, stem.with_suffix(".png"), recipe, args.memory_limit)
     print("\n".join(lines))
