@@ -1,7 +1,7 @@
 """Peak memory and wall time of `qtc compile` against parameter count, one model after another on one machine.
 
     nice python bench/compile_scaling.py NAME=MODEL.onnx[@SAMPLES] ... [--recipe w4a16] [--memory-limit 6GB]
-        [--calib zh-news --samples 64 --seq-len 256] [--add NAME=OUT.qtc.json ...] [--tag T]
+        [--calib zh-news --samples 64 --seq-len 256] [--add NAME=OUT.qtc.json ...] [--rows EARLIER.json] [--tag T]
 
 Each compile is `qtc compile MODEL --recipe R --no-compare --memory-limit L -o TMP` in its own process (with
 `--calib C --samples N --seq-len S` for a calibrated recipe; `@SAMPLES` after a model overrides N for it); its peak
@@ -120,7 +120,8 @@ def main() -> None:
     parser.add_argument("--calib", help="calibration data for a calibrated recipe (e.g. zh-news)")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--add", action="append", default=[], help="NAME=OUT.qtc.json of a compile run apart")
+    parser.add_argument("--add", action="append", default=[], help="NAME=OUT.qtc.json[:TIME_LOG] of a compile run apart")
+    parser.add_argument("--rows", type=Path, action="append", default=[], help="rows of an earlier result .json")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
     rows = []
@@ -131,6 +132,7 @@ def main() -> None:
             if args.calib else []
         rows.append({"name": name, **compile_once(Path(path), args.recipe, args.memory_limit, calib)})
         print(json.dumps(rows[-1]), flush=True)
+    rows += [row for path in args.rows for row in json.loads(path.read_text())["rows"]]
     rows = sorted(rows + [added_row(item) for item in args.add], key=lambda r: r["parameters"])
     recipe = Path(args.recipe).stem
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
