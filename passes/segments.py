@@ -43,7 +43,6 @@ _INLINE_BYTES = 1 << 16  # smaller initializers travel inside the segment's prot
 Substitute = Callable[[ir.Value], "np.ndarray | None"]
 
 
-
 class _OnDisk:
     """A boundary value in a scratch .npy until a segment reads it; the file goes with the last reference."""
 
@@ -77,6 +76,7 @@ class _Boundaries:
 
 def _loaded(value: "np.ndarray | _OnDisk") -> np.ndarray:
     return value.array() if isinstance(value, _OnDisk) else value
+
 
 @dataclass
 class Segment:
