@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from qtc.core.weights import find_weight, initializer_with_data, match_names
 from qtc.passes.meta import ANNOTATED, ANNOTATION, ROLE, TIED
 from qtc.recipes import QuantSpec, Recipe
+from qtc.util.spill import release
 
 # Ops a logits tensor may pass through on its way from the LM head's MatMul to a graph output.
 _LOGIT_PASSTHROUGH = {"Reshape", "Identity", "Cast", "Add", "Mul", "Div", "Tanh", "Squeeze", "Unsqueeze"}
@@ -29,7 +31,16 @@ class QuantAnnotation:
     activation_input: int | None
     activation_spec: QuantSpec | None
     reduce_axis: int = 0  # the initializer's axis the node sums over
-    precomputed: tuple | None = None  # (q, scale, zero_point) chosen by a rounding algorithm (GPTQ, AWQ)
+    precomputed: tuple | None = None  # (q, scale, zero_point) tensors chosen by a rounding algorithm (GPTQ, AWQ)
+
+    def chosen_weights(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`precomputed` as arrays, copied out of the scratch file and unmapped: a mapping left open keeps its
+        pages resident to the end of the compile (a 7B GPTQ compile's packing passes held 9 GB, RTN's 3.7)."""
+        arrays = []
+        for tensor in self.precomputed:
+            arrays.append(np.array(tensor.numpy()))
+            release(tensor)
+        return tuple(arrays)
 
 
 def _activation_input(node: ir.Node) -> int | None:

@@ -71,7 +71,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         quantized_weights = set()
         # one weight read by several nodes (a tied table: the lookup and the head) is quantized once, with the
         # integers a rounding algorithm chose for any of its readers (GPTQ runs on the head, which has an input)
-        chosen = {(note.weight.name, note.weight_spec, note.axis): note.precomputed
+        chosen = {(note.weight.name, note.weight_spec, note.axis): note
                   for _, note in annotated_nodes(graph) if note.precomputed is not None}
         for node, note in annotated_nodes(graph):
             key = (note.weight.name, note.weight_spec, note.axis)
@@ -94,11 +94,12 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 graph.initializers.pop(name)  # no float copy kept
         return ir.passes.PassResult(model, modified=bool(weight_dq))
 
-    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, note: QuantAnnotation, precomputed: tuple | None) -> ir.Value:
+    def _quantize_weight(self, graph: ir.Graph, node: ir.Node, note: QuantAnnotation,
+                         rounded: QuantAnnotation | None) -> ir.Value:
+        """`rounded`: the reader whose integers a rounding algorithm chose (None: round to nearest here)."""
         tensor = note.weight.const_value
-        if precomputed is not None:
-            q, scale, zero_point = precomputed
-            q = q.numpy()  # an ir tensor, possibly spilled (rounding.to_initializer)
+        if rounded is not None:
+            q, scale, zero_point = rounded.chosen_weights()
         else:
             q, scale, zero_point = weight_qparams(tensor.numpy(), note.weight_spec, note.axis)
         release(tensor)  # drop the float mapping now: peak memory stays near one tensor, not the model

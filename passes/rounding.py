@@ -174,8 +174,11 @@ def to_initializer(note: QuantAnnotation, q: np.ndarray, scale: np.ndarray, zero
     dtype = np.int8 if spec.dtype in ("int8", "int4") else np.uint8
     if spec.granularity == "block":
         scale, zero_point = initializer_layout(note, scale), initializer_layout(note, zero_point)
-    # the integers wait for InsertQDQPass in the scratch file when spilling (a 1.5B model's GPTQ results are 1.4 GB)
-    return spill(ir.tensor(initializer_layout(note, q).astype(dtype))), scale.astype(np.float32), zero_point.astype(dtype)
+    # the integers and their scales wait for InsertQDQPass in the scratch file when spilling (a 1.5B model's GPTQ
+    # integers are 1.4 GB; a 7B model's block-32 scales alone ~1 GB)
+    return (spill(ir.tensor(initializer_layout(note, q).astype(dtype))), spill(ir.tensor(scale.astype(np.float32))),
+            spill(ir.tensor(zero_point.astype(dtype))))
+
 
 
 def awq_scale(members: list[Member], h: np.ndarray) -> tuple[np.ndarray, float]:
@@ -273,8 +276,7 @@ def rounded_weights(graph: ir.Graph):
         # a weight read by several nodes (a tied table) gets the integers any of them was given (as InsertQDQPass)
         note = next((n for n in notes if n.precomputed is not None), notes[0])
         if note.precomputed is not None:
-            q, scale, zero_point = note.precomputed
-            q = q.numpy() if hasattr(q, "numpy") else q
+            q, scale, zero_point = note.chosen_weights()
         else:
             q, scale, zero_point = weight_qparams(value.const_value.numpy().astype(np.float32), note.weight_spec, note.axis)
         return dequantize_weight(q, scale, zero_point, note.axis, note.weight_spec.block_size).astype(np.float32)
