@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -51,7 +52,9 @@ class QtcGroup(click.Group):
         if not os.environ.get("QTC_DEBUG"):  # the IR libraries log recoverable failures with tracebacks (e.g. a
             for library in ("onnx_ir", "onnxscript"):  # shape inference that gives up): qtc goes on, so do they
                 logging.getLogger(library).setLevel(logging.ERROR)
-        previous = signal.signal(signal.SIGTERM, _interrupt)
+        # signal handlers can only be set on the main thread: a CLI embedded in a worker thread keeps the default
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None
         try:
             result = super().main(*args, **kwargs)
         except QtcError as exc:
@@ -67,7 +70,8 @@ class QtcGroup(click.Group):
                 raise
             _fail(f"internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", 1)
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
         sys.exit(result if isinstance(result, int) else 0)
 
 

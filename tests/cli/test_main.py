@@ -235,6 +235,28 @@ def test_sigterm_mid_compile_is_one_line_and_removes_its_scratch_folders(case, t
     assert not case["out"].parent.exists() or list(case["out"].parent.iterdir()) == []
 
 
+def test_the_cli_runs_in_a_worker_thread():
+    """Signal handlers can only be set on the main thread: a pipeline that calls the CLI's main() from a worker
+    thread gets its command run, not a ValueError from installing the SIGTERM handler."""
+    import threading
+
+    from qtc.cli.main import main
+
+    outcome = {}
+
+    def run():
+        try:
+            main.main(["recipes"], prog_name="qtc")
+        except SystemExit as exc:
+            outcome["code"] = exc.code
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join(60)
+    assert outcome == {"code": 0}
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 @pytest.mark.parametrize("value", ["lots", "5KB", "-1GB", "6XB"])
 def test_bad_memory_limit_is_one_line(case, value):
     assert_bad_input(qtc("compile", case["model"], "--recipe", "w4a16", "--memory-limit", value, "-o", case["out"]),
