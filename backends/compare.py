@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from qtc.backends.base import Backend, sessions_shared
 from qtc.calibration.data import model_inputs, prefill_for, resident_rows
-from qtc.util.arrays import log_softmax
+from qtc.util.arrays import high_percentile
 
 
 def session_with_outputs(backend: Backend, model: ir.Model, names: Iterable[str]):
@@ -37,7 +37,15 @@ def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:
     return stats.result()["cosine"]
 
 
-_SLICE = 1 << 21  # elements per step of the float64 statistics (16 MB temporaries whatever the output's size)
+_SLICE = 1 << 21  # elements per step of the statistics (8 MB temporaries whatever the output's size)
+
+
+def _sum64(values: np.ndarray) -> float:
+    """A float64 sum of float32 values without a float64 copy (numpy casts a buffer at a time). With the products
+    taken in float32 (each rounded by <= 6e-8) a cosine moves by ~1e-10 against all-float64 arithmetic; the float64
+    copies and dot products this replaced took 7x as long, most of a held-out comparison's statistics on a
+    262k-way vocabulary (2.3x faster statistics on gemma-3-270m's [256, 262144] logits)."""
+    return float(np.sum(values, dtype=np.float64))
 
 
 class OutputStats:
@@ -55,34 +63,46 @@ class OutputStats:
             same = ref.shape == out.shape and bool(np.all(ref == out))
             self.dot, self.ref_sq, self.out_sq = self.dot + same, self.ref_sq + 1, self.out_sq + 1
             return
+        # elementwise work in float32 where both are float32 or narrower (sums in float64); integer outputs, whose
+        # values float32 may not hold exactly, in float64
+        narrow = all(a.dtype.kind == "f" and a.dtype.itemsize <= 4 for a in (ref, out))
+        work = np.float32 if narrow else np.float64
         ref_flat, out_flat = ref.reshape(-1), out.reshape(-1)
-        # float64 sums, taken a slice at a time: a [256, 262144] logits output would need 4 GB of float64 copies
         rel = np.empty(ref_flat.size, np.float32)
         for start in range(0, ref_flat.size, _SLICE):
-            ref64 = ref_flat[start:start + _SLICE].astype(np.float64)
-            out64 = out_flat[start:start + _SLICE].astype(np.float64)
-            self.dot += float(ref64 @ out64)
-            self.ref_sq += float(ref64 @ ref64)
-            self.out_sq += float(out64 @ out64)
-            diff = np.abs(ref64 - out64)
+            r = ref_flat[start:start + _SLICE].astype(work, copy=False)
+            o = out_flat[start:start + _SLICE].astype(work, copy=False)
+            self.dot += _sum64(r * o)
+            self.ref_sq += _sum64(r * r)
+            self.out_sq += _sum64(o * o)
+            diff = np.abs(r - o)
             self.max_abs = max(self.max_abs, float(diff.max()))
-            rel[start:start + _SLICE] = diff / np.maximum(np.abs(ref64), 1e-6)
+            rel[start:start + _SLICE] = diff / np.maximum(np.abs(r), 1e-6)
         if rel.size:  # relative error, robust to near-zero references: the 99.9th percentile, worst sample
-            self.rel = max(self.rel, float(np.percentile(rel, 99.9, overwrite_input=True)))
+            self.rel = max(self.rel, high_percentile(rel, 99.9))
         if logits:
             self._update_logits(ref.reshape(-1, ref.shape[-1]) if ref.ndim else ref.reshape(1, 1),
-                                out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1))
+                                out.reshape(-1, out.shape[-1]) if out.ndim else out.reshape(1, 1), work)
 
-    def _update_logits(self, ref_rows: np.ndarray, out_rows: np.ndarray) -> None:
-        """Top-1 agreement and KL over positions, a block of rows at a time (log-softmax is float64)."""
+    def _update_logits(self, ref_rows: np.ndarray, out_rows: np.ndarray, work: type) -> None:
+        """Top-1 agreement and KL over positions, a block of rows at a time. KL(p || q) per row is
+        sum_j p_j (r_j - o_j) - (lse(r) - lse(o)): exponentials in `work`, their sums and the log-sum-exps in float64,
+        so no float64 copy of a [rows, 262k] block is made (a float32 exp underflows only below p = 1e-38)."""
         step = max(1, _SLICE // max(ref_rows.shape[1], 1))
         for start in range(0, ref_rows.shape[0], step):
-            ref_block, out_block = ref_rows[start:start + step], out_rows[start:start + step]
-            same = np.argmax(ref_block, axis=-1) == np.argmax(out_block, axis=-1)
+            r = ref_rows[start:start + step].astype(work, copy=False)
+            o = out_rows[start:start + step].astype(work, copy=False)
+            same = np.argmax(r, axis=-1) == np.argmax(o, axis=-1)
             self.top1_same += int(same.sum())
             self.top1_total += int(same.size)
-            ref_logp, out_logp = log_softmax(ref_block), log_softmax(out_block)
-            self.kl_sum += float((np.exp(ref_logp) * (ref_logp - out_logp)).sum())
+            r_max, o_max = r.max(axis=-1, keepdims=True), o.max(axis=-1, keepdims=True)
+            r_exp = np.exp(r - r_max)
+            r_total = np.sum(r_exp, axis=-1, dtype=np.float64)
+            o_total = np.sum(np.exp(o - o_max), axis=-1, dtype=np.float64)
+            r_lse = r_max[:, 0].astype(np.float64) + np.log(r_total)
+            o_lse = o_max[:, 0].astype(np.float64) + np.log(o_total)
+            expected_gap = np.sum(r_exp * (r - o), axis=-1, dtype=np.float64) / r_total
+            self.kl_sum += float(np.sum(expected_gap - (r_lse - o_lse)))
 
     def result(self) -> dict:
         denominator = np.sqrt(self.ref_sq * self.out_sq)

@@ -1,4 +1,4 @@
-"""Agreement statistics and the compile's checks: sliced float64 sums, one session per model when shared."""
+"""Agreement statistics and the compile's checks: sliced sums in float64, one session per model when shared."""
 
 import numpy as np
 import pytest
@@ -17,12 +17,14 @@ def test_sliced_statistics_equal_whole_array_float64(monkeypatch):
     stats.update(ref, out, logits=True)
     got = stats.result()
     r, o = ref.astype(np.float64).ravel(), out.astype(np.float64).ravel()
-    assert got["cosine"] == pytest.approx(r @ o / np.sqrt((r @ r) * (o @ o)), rel=1e-12)
+    # float32 products (each rounded by <= 6e-8) summed in float64, float32 exponentials: the float64 figures to
+    # ~1e-9 here (12,600 elements; less on a real output's millions), not to the last bit
+    assert got["cosine"] == pytest.approx(r @ o / np.sqrt((r @ r) * (o @ o)), rel=1e-9)
     assert got["max_abs_diff"] == pytest.approx(np.abs(r - o).max(), rel=1e-12)
     assert got["p99.9_rel_diff"] == pytest.approx(np.percentile(np.abs(r - o) / np.maximum(np.abs(r), 1e-6), 99.9), rel=1e-5)
     assert got["top1_agreement"] == np.mean(ref.argmax(-1) == out.argmax(-1))
     lr, lo = log_softmax(ref), log_softmax(out)
-    assert got["kl_per_position"] == pytest.approx((np.exp(lr) * (lr - lo)).sum() / 14, rel=1e-10)
+    assert got["kl_per_position"] == pytest.approx((np.exp(lr) * (lr - lo)).sum() / 14, rel=1e-6)
 
 
 def test_a_compile_loads_the_source_and_the_output_once_for_its_checks(kv_decoder, monkeypatch):
