@@ -127,19 +127,18 @@ class Backend:
 
         E.g. block-int4 DequantizeLinear -> MatMul becomes com.microsoft::MatMulNBits on CPU; QDQ around a
         MatMul becomes QLinearMatMul / MatMulIntegerToFloat; what stays DequantizeLinear runs in float.
+        Inside `sharing_sessions()` the session that wrote the optimized graph is the model's shared session (the
+        post-compile check and the held-out comparison run on it: one load of the compiled model, not two).
         """
         with tempfile.TemporaryDirectory(prefix="qtc-optimized-") as folder:
             source, optimized = Path(folder) / "model.onnx", Path(folder) / "optimized.onnx"
             ir.save(model, source, external_data="model.onnx.data")
-            options = self.session_options()
-            options.optimized_model_filepath = str(optimized)
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
-            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-            for key, value in session_config(str(source)).items():
-                options.add_session_config_entry(key, value)
-            ort.InferenceSession(str(source), options, providers=[self.provider])
+            session = self._open(source, optimized=optimized)
             counts: dict[str, int] = {}
             _count_ops(onnx.load(str(optimized), load_external_data=False).graph, counts)
+        shared = _SHARED.get()
+        if shared is not None:
+            shared.setdefault((self.name, _model_key(model)), session)
         return dict(sorted(counts.items()))
 
     def session_options(self) -> ort.SessionOptions:
@@ -163,12 +162,17 @@ class Backend:
             shared[key] = self._open(model)
         return shared[key]
 
-    def _open(self, model: str | os.PathLike | bytes | ir.Model) -> ort.InferenceSession:
+    def _open(self, model: str | os.PathLike | bytes | ir.Model, optimized: Path | None = None) -> ort.InferenceSession:
+        """`optimized`: where the session also writes the graph ORT optimized (its initializers beside it)."""
         if isinstance(model, ir.Model):
             return self._session_from_ir(model)
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         options = self.session_options()
+        if optimized is not None:
+            options.optimized_model_filepath = str(optimized)
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "opt.data")
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         for key, value in session_config(model).items():
             options.add_session_config_entry(key, value)
         session = _inference_session(model, options, self.providers())

@@ -35,12 +35,15 @@ def test_a_compile_loads_the_source_and_the_output_once_for_its_checks(kv_decode
     monkeypatch.setattr(base, "_inference_session", lambda *args: opened.append(1) or original(*args))
     options = {"recipe": "w8a8", "calib": "zh-news", "samples": 2, "seq_len": 32, "quiet": True}
     shared = qtc.compile(kv_decoder, **options)
-    assert len(opened) == 3  # calibration's session, then the source and the output once each
+    # calibration's session, then the source and the output once each (the output's also wrote ORT's optimized
+    # graph for runtime_ops)
+    assert len(opened) == 3
     opened.clear()
     # a limit under which the two sessions are not held together (nor is anything spilled or segmented)
     apart = qtc.compile(kv_decoder, memory_limit=7 * shared.report["size"]["source_tensor_bytes"], **options)
-    assert len(opened) == 6  # the check's source twice (does it run; its outputs), the held-out pair again
-    for key in ("post_compile_check", "heldout_comparison"):
+    # the check's source twice (does it run; its outputs), the held-out pair again, runtime_ops' own session
+    assert len(opened) == 7
+    for key in ("post_compile_check", "heldout_comparison", "runtime_ops"):
         assert shared.report[key] == apart.report[key]
     assert shared.report["memory"]["check_peak_rss_bytes"].keys() >= {"post_compile_check", "heldout_comparison"}
     assert shared.report["seconds"]["checks"]["heldout_comparison"] > 0
