@@ -180,7 +180,6 @@ def to_initializer(note: QuantAnnotation, q: np.ndarray, scale: np.ndarray, zero
             spill(ir.tensor(zero_point.astype(dtype))))
 
 
-
 def awq_scale(members: list[Member], h: np.ndarray) -> tuple[np.ndarray, float]:
     """s = rms(x_j)^alpha (normalised), alpha from a grid by the summed weight-rounding error in original space."""
     rms = np.sqrt(np.maximum(np.diag(h), 1e-12))

@@ -27,8 +27,7 @@ def high_percentile(values: np.ndarray, q: float) -> float:
     position = q / 100 * (n - 1)
     low = int(position)
     bound = np.percentile(values[:: n // _SAMPLED], max(0.0, 100 - 4 * (100 - q)))
-    above = values >= bound
-    candidates = values[above]
+    candidates = values[values >= bound]
     below = int(np.count_nonzero(values < bound))
     if below + len(candidates) != n or below > low:  # a NaN is neither; or the bound lies above the answer
         return float(np.percentile(values, q))
