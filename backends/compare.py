@@ -3,10 +3,11 @@ relative error, and for logits top-1 agreement and KL."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -16,12 +17,20 @@ from qtc.calibration.data import model_inputs, prefill_for, resident_rows
 from qtc.util.arrays import high_percentile
 
 
-def session_with_outputs(backend: Backend, model: ir.Model, names: Iterable[str]):
-    """A session whose outputs include the named intermediate values: graph outputs are added, then taken back."""
+def session_with_outputs(backend: Backend, model: ir.Model, names: Iterable[str], only: bool = False):
+    """A session whose outputs include the named intermediate values: graph outputs are added, then taken back.
+
+    `only`: its outputs are just the named values, and it runs just the nodes they need (ORT runs every node of a
+    graph whatever a run fetches). Calibration then does not pay for outputs it never reads: a decoder's LM head
+    and its [S, V] logits are half of gemma-3-270m's forward."""
     graph = model.graph
     inputs = {v.name for v in graph.inputs}
-    existing = {v.name for v in graph.outputs}
     by_name = {v.name: v for node in graph for v in node.outputs}
+    if only:
+        wanted = [by_name[n] for n in sorted(set(names)) if n not in inputs and n in by_name]
+        with _computing_only(graph, wanted):
+            return backend.session(model)
+    existing = {v.name for v in graph.outputs}
     extra = [by_name[n] for n in sorted(set(names)) if n not in existing and n not in inputs and n in by_name]
     graph.outputs.extend(extra)
     try:
@@ -29,6 +38,54 @@ def session_with_outputs(backend: Backend, model: ir.Model, names: Iterable[str]
     finally:
         for _ in extra:
             graph.outputs.pop()
+
+
+def _reads(node: ir.Node) -> Iterator[ir.Value]:
+    """The values a node reads: its inputs and what its subgraphs (If branches, loop bodies) read from outside."""
+    yield from (v for v in node.inputs if v is not None)
+    for attr in node.attributes.values():
+        if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS):
+            for subgraph in attr.value if attr.type == ir.AttributeType.GRAPHS else [attr.value]:
+                for inner in ir.traversal.RecursiveGraphIterator(subgraph):
+                    yield from (v for v in inner.inputs if v is not None)
+
+
+def needed_nodes(graph: ir.Graph, values: Iterable[ir.Value]) -> set[ir.Node]:
+    """The nodes of `graph` that computing `values` runs."""
+    needed: set[ir.Node] = set()
+    pending = [v.producer() for v in values]
+    while pending:
+        node = pending.pop()
+        if node is None or node in needed or node.graph is not graph:
+            continue
+        needed.add(node)
+        pending.extend(v.producer() for v in _reads(node))
+    return needed
+
+
+@contextlib.contextmanager
+def _computing_only(graph: ir.Graph, outputs: list[ir.Value]):
+    """The graph with `outputs` as its outputs and without the nodes and initializers they do not need; put back
+    as it was (node and initializer order included: a later save writes the same bytes) however it ends."""
+    nodes, initializers, former = list(graph), list(graph.initializers.values()), list(graph.outputs)
+    needed = needed_nodes(graph, outputs)
+    read = {v for node in needed for v in _reads(node)} | set(outputs)
+    graph.remove([node for node in nodes if node not in needed], safe=False)
+    for value in initializers:
+        if value not in read:
+            graph.initializers.pop(value.name)
+    graph.outputs.clear()
+    graph.outputs.extend(outputs)
+    try:
+        yield
+    finally:
+        graph.outputs.clear()
+        graph.outputs.extend(former)
+        graph.remove(list(graph), safe=False)
+        graph.extend(nodes)
+        graph.initializers.clear()
+        for value in initializers:
+            graph.initializers.add(value)
 
 
 def cosine(reference: np.ndarray, candidate: np.ndarray) -> float:

@@ -47,15 +47,16 @@ def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet,
         yield from stream_segmented(model, backend, calib, names, segment_bytes, label, quiet, finished, held,
                                     quantized)
         return
-    session = session_with_outputs(backend, model, names)
     inputs = model_inputs(model)
     outputs = sorted(n for n in names if n not in {v.name for v in model.graph.inputs})
     # A KV-cache decoder also calibrates on decode steps fed its own presents (calibration/data.py:decode_steps).
     presents = sorted({spec.present for spec in inputs if spec.present is not None} - set(outputs))
     fetched = outputs + presents
+    # only what is fetched is computed: not the logits (gemma-3-270m's LM head is half its forward)
+    session = session_with_outputs(backend, model, fetched, only=True) if fetched else None
 
     def run(feed: dict) -> dict:
-        return dict(zip(fetched, session.run(fetched, feed)))
+        return dict(zip(fetched, session.run(fetched, feed))) if fetched else {}
 
     with progress_bar(label, total=calib.n_samples, quiet=quiet) as advance:
         for window in calib.feeds(inputs):

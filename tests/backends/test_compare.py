@@ -1,11 +1,14 @@
 """Agreement statistics and the compile's checks: sliced sums in float64, one session per model when shared."""
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 import pytest
 
 import qtc
-from qtc.backends import base, compare
+from qtc.backends import base, compare, get_backend
 from qtc.util.arrays import log_softmax
+from tests import graphs
 
 
 def test_sliced_statistics_equal_whole_array_float64(monkeypatch):
@@ -47,3 +50,45 @@ def test_a_compile_loads_the_source_and_the_output_once_for_its_checks(kv_decode
         assert shared.report[key] == apart.report[key]
     assert shared.report["memory"]["check_peak_rss_bytes"].keys() >= {"post_compile_check", "heldout_comparison"}
     assert shared.report["seconds"]["checks"]["heldout_comparison"] > 0
+
+
+def test_a_session_of_some_values_runs_only_the_nodes_they_need(monkeypatch):
+    """`only`: the session's graph is what the named values need (no LM head, no head weight written), its values
+    equal the full graph's, and the model is put back byte for byte."""
+    model = graphs.tiny_lm()
+    before = ir.to_proto(model).SerializeToString()
+    given = []
+    original = base._inference_session
+
+    def opened(path, *args):
+        given.append(onnx.load(path, load_external_data=False))
+        return original(path, *args)
+
+    monkeypatch.setattr(base, "_inference_session", opened)
+    backend = get_backend("cpu")
+    feed = graphs.random_feed(model)
+    session = compare.session_with_outputs(backend, model, ["mlp_out", "h"], only=True)
+    graph = given[-1].graph
+    assert [o.name for o in graph.output] == ["h", "mlp_out"]
+    assert [n.name for n in graph.node] == ["embed", "mlp", "act"]
+    assert sorted(i.name for i in graph.initializer) == ["table", "w_mlp"]
+    full = compare.session_with_outputs(backend, model, ["h"])
+    assert [n.name for n in given[-1].graph.node] == ["embed", "mlp", "act", "head"]
+    np.testing.assert_array_equal(session.run(["h"], feed)[0], full.run(["h"], feed)[0])
+    assert ir.to_proto(model).SerializeToString() == before
+
+
+def test_the_nodes_a_value_needs_include_what_a_branch_reads_from_outside():
+    x, flag = graphs.tensor_input("x", [4]), graphs.tensor_input("flag", [], ir.DataType.BOOL)
+    relu = graphs.node("Relu", [x], "relu", "r")
+    unused = graphs.node("Neg", [x], "unused", "n")
+    branch_out = ir.Value(name="then_out", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([4]))
+    inner = ir.node("Identity", [relu.outputs[0]], name="inner", outputs=[branch_out])
+    then_branch = ir.Graph([], [branch_out], nodes=[inner], name="then")
+    other = graphs.node("Identity", [x], "other", "else_out")
+    else_branch = ir.Graph([], other.outputs, nodes=[other], name="else")
+    gate = ir.node("If", [flag], {"then_branch": then_branch, "else_branch": else_branch}, name="gate",
+                   outputs=[ir.Value(name="y")])
+    model = graphs.model_of([x, flag], [gate.outputs[0], unused.outputs[0]], [relu, unused, gate], [])
+    needed = compare.needed_nodes(model.graph, [model.graph.outputs[0]])
+    assert {node.name for node in needed} == {"relu", "gate"}
