@@ -34,6 +34,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qtc.backends.base import Backend
+from qtc.backends.compare import needed_nodes
 from qtc.calibration.data import CalibrationSet, decode_steps, fit_past, model_inputs, token_input
 from qtc.util.progress import progress_bar
 from qtc.util.spill import release, trim_heap
@@ -114,6 +115,10 @@ def split_segments(graph: ir.Graph, segment_bytes: int, keep: set[str],
     position = {id(node): i for i, group in enumerate(groups) for node in group}
     segments = []
     for index, group in enumerate(groups):
+        produced = [v for node in group for v in node.outputs]
+        later = [v for v in produced if v.name in keep or any(position[id(user)] > index for user, _ in v.uses())]
+        needed = needed_nodes(graph, later)
+        group = [node for node in group if node in needed]  # ORT would run them all (a logits-only LM head)
         reads, weights, seen = [], [], set()
         for node in group:
             for value in node.inputs:
@@ -125,8 +130,6 @@ def split_segments(graph: ir.Graph, segment_bytes: int, keep: set[str],
                     weights.append(value)
                 elif producer is None or position[id(producer)] != index:
                     reads.append(value)
-        produced = [v for node in group for v in node.outputs]
-        later = [v for v in produced if v.name in keep or any(position[id(user)] > index for user, _ in v.uses())]
         segments.append(Segment(group, reads, later, weights, sum(_initializer_bytes(w) for w in weights)))
     return segments
 
