@@ -3,16 +3,17 @@ relative error, and for logits top-1 agreement and KL."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
 
-from qtc.backends.base import Backend, sessions_shared
+from qtc.backends.base import Backend, session_threads, sessions_shared
 from qtc.calibration.data import model_inputs, prefill_for, resident_rows
 from qtc.util.arrays import high_percentile
 
@@ -105,6 +106,16 @@ def _sum64(values: np.ndarray) -> float:
     return float(np.sum(values, dtype=np.float64))
 
 
+def _in_threads(work: Callable[[int], tuple], starts: range) -> list[tuple]:
+    """work(start) for each start, on the session's thread count (numpy lets go of the GIL in these loops), the
+    results in order: the float64 sums then add up as a sequential loop's would, to the bit. The statistics of a
+    262k-way vocabulary's logits are otherwise one core's work while the other waits (~1 s per window)."""
+    if len(starts) < 2:
+        return [work(start) for start in starts]
+    with concurrent.futures.ThreadPoolExecutor(session_threads()) as pool:
+        return list(pool.map(work, starts))
+
+
 class OutputStats:
     """Running agreement statistics for one output, accumulated sample by sample."""
 
@@ -126,15 +137,17 @@ class OutputStats:
         work = np.float32 if narrow else np.float64
         ref_flat, out_flat = ref.reshape(-1), out.reshape(-1)
         rel = np.empty(ref_flat.size, np.float32)
-        for start in range(0, ref_flat.size, _SLICE):
+
+        def sums(start: int) -> tuple[float, float, float, float]:
             r = ref_flat[start:start + _SLICE].astype(work, copy=False)
             o = out_flat[start:start + _SLICE].astype(work, copy=False)
-            self.dot += _sum64(r * o)
-            self.ref_sq += _sum64(r * r)
-            self.out_sq += _sum64(o * o)
             diff = np.abs(r - o)
-            self.max_abs = max(self.max_abs, float(diff.max()))
             rel[start:start + _SLICE] = diff / np.maximum(np.abs(r), 1e-6)
+            return _sum64(r * o), _sum64(r * r), _sum64(o * o), float(diff.max())
+
+        for dot, ref_sq, out_sq, max_abs in _in_threads(sums, range(0, ref_flat.size, _SLICE)):
+            self.dot, self.ref_sq, self.out_sq = self.dot + dot, self.ref_sq + ref_sq, self.out_sq + out_sq
+            self.max_abs = max(self.max_abs, max_abs)
         if rel.size:  # relative error, robust to near-zero references: the 99.9th percentile, worst sample
             self.rel = max(self.rel, high_percentile(rel, 99.9))
         if logits:
@@ -146,12 +159,11 @@ class OutputStats:
         sum_j p_j (r_j - o_j) - (lse(r) - lse(o)): exponentials in `work`, their sums and the log-sum-exps in float64,
         so no float64 copy of a [rows, 262k] block is made (a float32 exp underflows only below p = 1e-38)."""
         step = max(1, _SLICE // max(ref_rows.shape[1], 1))
-        for start in range(0, ref_rows.shape[0], step):
+
+        def block(start: int) -> tuple[int, int, float]:
             r = ref_rows[start:start + step].astype(work, copy=False)
             o = out_rows[start:start + step].astype(work, copy=False)
             same = np.argmax(r, axis=-1) == np.argmax(o, axis=-1)
-            self.top1_same += int(same.sum())
-            self.top1_total += int(same.size)
             r_max, o_max = r.max(axis=-1, keepdims=True), o.max(axis=-1, keepdims=True)
             r_exp = np.exp(r - r_max)
             r_total = np.sum(r_exp, axis=-1, dtype=np.float64)
@@ -159,7 +171,10 @@ class OutputStats:
             r_lse = r_max[:, 0].astype(np.float64) + np.log(r_total)
             o_lse = o_max[:, 0].astype(np.float64) + np.log(o_total)
             expected_gap = np.sum(r_exp * (r - o), axis=-1, dtype=np.float64) / r_total
-            self.kl_sum += float(np.sum(expected_gap - (r_lse - o_lse)))
+            return int(same.sum()), int(same.size), float(np.sum(expected_gap - (r_lse - o_lse)))
+
+        for same, total, kl in _in_threads(block, range(0, ref_rows.shape[0], step)):
+            self.top1_same, self.top1_total, self.kl_sum = self.top1_same + same, self.top1_total + total, self.kl_sum + kl
 
     def result(self) -> dict:
         denominator = np.sqrt(self.ref_sq * self.out_sq)
