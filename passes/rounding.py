@@ -97,22 +97,37 @@ def gptq(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.
     return gptq_with_error(w, h, spec)[:3]
 
 
-def gptq_with_error(w: np.ndarray, h: np.ndarray, spec: QuantSpec,
-                    consume: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def _gptq_order(h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(diagonal of H in float64, dead inputs, the order GPTQ quantizes rows in)."""
+    diagonal = np.diag(h).astype(np.float64)
+    dead = diagonal == 0
+    order = np.argsort(-diagonal, kind="stable") if spec.act_order else np.arange(len(h))
+    return diagonal, dead, order
+
+
+def gptq_factor(h: np.ndarray, spec: QuantSpec, consume: bool = False) -> np.ndarray:
+    """The upper factor gptq_with_error works with: it depends on H and on the spec's damping and act-order only,
+    so the layers reading one activation (q/k/v, gate/up) can share it."""
+    _, dead, order = _gptq_order(h, spec)
+    return inverse_cholesky(h, order, dead, spec.damping, consume)
+
+
+def gptq_with_error(w: np.ndarray, h: np.ndarray, spec: QuantSpec, consume: bool = False,
+                    upper: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """GPTQ in node layout (rows = input channels K): quantize a row, push its error onto the rows not yet
     quantized through the upper Cholesky factor of H^-1. Scales are fixed up front (static groups), so act-order
     keeps the contiguous blocks DequantizeLinear needs. Also returns the output error tr(D^T H D) without H:
     the feedback errors' squares sum to tr(D^T (H + lambda I) D) over the live rows (GPTQ's loss is exact for
-    its quadratic), so it is that sum less lambda ||D||^2. `consume`: H's buffer may be factored in place."""
+    its quadratic), so it is that sum less lambda ||D||^2. `consume`: H's buffer may be factored in place;
+    `upper`: gptq_factor(h, spec), where the caller has it."""
     w = w.astype(np.float32, copy=False)
     scale, zero_point = weight_qparams(w, spec, node_axis(spec))[1:]
     s, z = _row_params(scale, spec), _row_params(zero_point.astype(np.float32), spec)
     qmin, qmax = INT_RANGES[spec.dtype]
-    diagonal = np.diag(h).astype(np.float64)
-    dead = diagonal == 0
-    order = np.argsort(-diagonal, kind="stable") if spec.act_order else np.arange(len(h))
+    diagonal, dead, order = _gptq_order(h, spec)
     damping = spec.damping * float(np.mean(np.where(dead, 1.0, diagonal)))
-    upper = inverse_cholesky(h, order, dead, spec.damping, consume)
+    if upper is None:
+        upper = inverse_cholesky(h, order, dead, spec.damping, consume)
     work = w[order]
     work[dead[order]] = 0.0
     q = np.zeros_like(work)
@@ -208,16 +223,32 @@ def round_group(graph: ir.Graph, name: str, members: list[Member], stats: dict, 
         record[f"{name} (awq scale)"] = {"alpha": alpha, "applied": apply_channel_scale(graph, graph_value(members), members, s)}
         update_statistics(stats, s)
     h = stats["gram"].mean
+    factors = _shared_factors(h, chosen)
     for node, note in chosen:
         if note.weight.const_value.shape.rank() != 2:
             record[node.name] = {"algorithm": "rtn", "why": "weight is not 2-D"}
             continue
         # unscaled weights: their plain error is the one to beat (each d^T H d of a 7B down projection is 2.6 TFLOP)
         last = consume and node is chosen[-1][0]
-        record[node.name] = RoundWeightsPass._round(note, h, None if scaled else plain[node.name], last) | \
+        upper = factors.get(_factor_key(note.weight_spec))
+        record[node.name] = RoundWeightsPass._round(note, h, None if scaled else plain[node.name], last, upper) | \
             {"error_rtn": plain[node.name]}
         release(note.weight.const_value)  # a memory-mapped source weight: its pages leave the process
     return record
+
+
+def _factor_key(spec: QuantSpec) -> tuple:
+    return spec.act_order, spec.damping
+
+
+def _shared_factors(h: np.ndarray, chosen: list[Member]) -> dict[tuple, np.ndarray]:
+    """GPTQ's factor of H once for the layers of a group that would each compute the same one (q/k/v: 3 Cholesky
+    factorizations and triangular inverses become 1, a third of gemma-3-270m's GPTQ time); a factor only one
+    layer uses is left to it (it may factor H in place: a 7B down projection's H is 1.4 GB)."""
+    keys = [_factor_key(note.weight_spec) for _, note in chosen
+            if note.weight_spec.algorithm == "gptq" and note.weight.const_value.shape.rank() == 2]
+    specs = {_factor_key(note.weight_spec): note.weight_spec for _, note in chosen}
+    return {key: gptq_factor(h, specs[key]) for key in sorted(set(keys)) if keys.count(key) > 1}
 
 
 def _record(model: ir.Model, layers: dict) -> None:
@@ -296,15 +327,16 @@ class RoundWeightsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=bool(layers))
 
     @staticmethod
-    def _round(note: QuantAnnotation, h: np.ndarray, before: float | None = None, consume: bool = False) -> dict:
+    def _round(note: QuantAnnotation, h: np.ndarray, before: float | None = None, consume: bool = False,
+               upper: np.ndarray | None = None) -> dict:
         """`before`: the round-to-nearest error d^T H d of these weights where the caller has it; `consume`:
-        GPTQ may factor H in its own buffer (the caller's last use of it)."""
+        GPTQ may factor H in its own buffer (the caller's last use of it); `upper`: GPTQ's factor of H, shared."""
         spec, w = note.weight_spec, weight_matrix(note, np.float32)
         before = rounding_error(note, w, h) if before is None else before
         if spec.algorithm == "gptq":
             info = {"algorithm": "gptq", "act_order": spec.act_order}
             try:
-                q, scale, zero_point, after = gptq_with_error(w, h, spec, consume)
+                q, scale, zero_point, after = gptq_with_error(w, h, spec, consume and upper is None, upper)
             except np.linalg.LinAlgError:  # only where H was consumed: no copy left for the float64 retry
                 return info | {"used": "rtn", "error_algorithm": before,
                                "why": "H + damping is not positive definite in float32"}

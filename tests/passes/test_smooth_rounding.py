@@ -235,3 +235,22 @@ def test_smoothing_derives_min_max_ranges_from_the_statistics_pass(kv_decoder, m
         assert ours[key]["count"] == summary["count"], key
         for bound in ("lo", "hi"):
             assert ours[key][bound] == pytest.approx(summary[bound], rel=1e-5, abs=1e-6), key
+
+
+def test_layers_reading_one_activation_share_one_gptq_factor(kv_decoder, monkeypatch):
+    """q/k/v (and gate/up) read one activation, so GPTQ's factor of its H is computed once for them, with the
+    integers each layer gets on its own."""
+    from qtc.passes import rounding
+
+    factored = []
+    original = rounding.inverse_cholesky
+    monkeypatch.setattr(rounding, "inverse_cholesky", lambda *args, **kw: factored.append(1) or original(*args, **kw))
+    options = {"recipe": "w4a8-gptq", "calib": "zh-news", "samples": 2, "seq_len": 32, "quiet": True}
+    shared = qtc.compile(kv_decoder, **options)
+    once = len(factored)
+    gptq_layers = [r for r in shared.report["rounding"]["layers"].values() if r.get("algorithm") == "gptq"]
+    factored.clear()
+    monkeypatch.setattr(rounding, "_shared_factors", lambda h, chosen: {})
+    apart = qtc.compile(kv_decoder, **options)
+    assert len(factored) == len(gptq_layers) > once
+    assert ir.to_proto(shared.model).SerializeToString() == ir.to_proto(apart.model).SerializeToString()
