@@ -405,6 +405,8 @@ def compile_within(
     # smallest of 1, 2, 4, ... that meets it.
     k, result = 0, attempt(0, reuse=True)
     if attempts[-1]["drop"] > limit and ranking:
+        # the missed attempt is not returned: let it go before the next one (--max-drop's peak held both models)
+        result = None
         k, result = len(ranking), attempt(len(ranking), reuse=True)
         if attempts[-1]["drop"] <= limit:
             for size in fallback_sizes(len(ranking))[1:-1]:
@@ -412,10 +414,12 @@ def compile_within(
                 if attempts[-1]["drop"] <= limit:
                     k, result = size, smaller
                     break
+                smaller = None
     if len(attempts) > 1 and _reuse_is_approximate(base):
         # Reused ranges were measured on a graph smoothed (or AWQ-scaled) for another fallback set: equal up to
         # float rounding. The result is then a fresh compile of the chosen recipe, so recompiling the report's
         # recipe gives these bytes; without smoothing the reused statistics are the ones a fresh compile streams.
+        result = None  # (replaced: not held beside its recompile)
         result = attempt(k, reuse=False)
     attempts_drop = next(a["drop"] for a in reversed(attempts) if a["kept_layers"] == k)
     kept, drop = ranking[:k], attempts_drop
