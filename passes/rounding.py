@@ -29,6 +29,10 @@ from qtc.recipes import QuantSpec
 from qtc.util.spill import release, spill
 
 GPTQ_BLOCK = 128
+# Rows whose errors are pushed one at a time (the rest of a block gets each sub-block's errors in one product):
+# row by row over a whole block, the pushes were memory traffic, 40 % of a 640-wide layer's GPTQ time. The same
+# sums in another order: 0.06 % of a 2,048-wide layer's integers move by a level, its error by < 1e-5.
+GPTQ_INNER = 32
 AWQ_ALPHAS = tuple(np.round(np.arange(0.0, 1.0001, 0.05), 2))
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
@@ -135,11 +139,15 @@ def gptq_with_error(w: np.ndarray, h: np.ndarray, spec: QuantSpec, consume: bool
     for start in range(0, len(work), GPTQ_BLOCK):
         end = min(start + GPTQ_BLOCK, len(work))
         errors = np.zeros((end - start, work.shape[1]), dtype=np.float32)
-        for r in range(start, end):
-            row_s, row_z = s(order[r]), z(order[r])
-            q[r] = np.clip(np.rint(work[r] / row_s) + row_z, qmin, qmax)
-            errors[r - start] = (work[r] - (q[r] - row_z) * row_s) / upper[r, r]
-            work[r + 1 : end] -= np.outer(upper[r, r + 1 : end], errors[r - start])
+        for sub in range(start, end, GPTQ_INNER):
+            sub_end = min(sub + GPTQ_INNER, end)
+            for r in range(sub, sub_end):
+                row_s, row_z = s(order[r]), z(order[r])
+                q[r] = np.clip(np.rint(work[r] / row_s) + row_z, qmin, qmax)
+                errors[r - start] = (work[r] - (q[r] - row_z) * row_s) / upper[r, r]
+                work[r + 1 : sub_end] -= np.outer(upper[r, r + 1 : sub_end], errors[r - start])
+            if sub_end < end:  # the rest of the block at once
+                work[sub_end:end] -= upper[sub:sub_end, sub_end:end].T @ errors[sub - start : sub_end - start]
         for rows in range(end, len(work), FEEDBACK_ROWS):  # a slab at a time: no [K, N] product temporary
             stop = min(rows + FEEDBACK_ROWS, len(work))
             work[rows:stop] -= upper[start:end, rows:stop].T @ errors
