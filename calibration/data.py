@@ -10,7 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -27,8 +27,10 @@ HELDOUT_FRACTION = 0.1
 EOS_TOKENS = ("<eos>", "</s>", "<|endoftext|>", "[SEP]")
 BOS_TOKENS = ("<bos>", "<s>", "<|begin_of_text|>", "[CLS]")
 _TOKEN_INPUTS = ("input_ids", "ids", "tokens")
-# Calibration of a KV-cache decoder: the last tokens of each window arrive as one-token decode steps
+# Calibration of a KV-cache decoder: the last tokens of each window arrive as one-token decode steps, those of
+# DECODE_BATCH windows together
 DECODE_STEPS = 4
+DECODE_BATCH = 8
 
 
 def tokenizer_beside(model_path: Path | None) -> Path | None:
@@ -316,30 +318,68 @@ def decode_steps(window: dict[str, np.ndarray], inputs: list[InputSpec], run, st
     """What a KV-cache decoder sees when it generates, from one token window: a prefill of all but the last
     `steps` tokens (empty past), then one-token decode steps, each fed the model's own present cache from the run
     before. Yields (feed, outputs) per run; `run(feed)` returns a dict holding every present output."""
-    token = token_input(inputs).name
-    ids = window[token]
-    steps = min(steps, ids.shape[1] - 1)
-    feed = text_feed(ids[0, : ids.shape[1] - steps], inputs)
-    for position in range(ids.shape[1] - steps, ids.shape[1] + 1):
-        outputs = run(feed)
+    for feed, outputs, _, _ in _group_runs([window], inputs, run, steps):
         yield feed, outputs
-        if position == ids.shape[1]:
-            return
+
+
+def window_runs(windows: Iterable[dict[str, np.ndarray]], inputs: list[InputSpec], run,
+                steps: int = DECODE_STEPS, batch: int = DECODE_BATCH) -> Iterator[tuple[dict, dict, str, int]]:
+    """decode_steps over a calibration set's windows, `batch` windows of one length at a time: their prefills one
+    by one, then each decode step of all of them as one run, fed their caches stacked (a one-token step reads every
+    weight for one token: 21 % of gemma-3-270m's calibration forward was decode steps, 8 windows' steps in one run
+    read them once). Yields (feed, outputs, kind, windows finished by this run) per run; kind is "prefill",
+    "first step" (its pasts: the presents of the prefills before it, stacked) or "step" (the run before's)."""
+    for group in _same_length(windows, inputs, batch):
+        yield from _group_runs(group, inputs, run, steps)
+
+
+def _same_length(windows: Iterable[dict[str, np.ndarray]], inputs: list[InputSpec], batch: int):
+    token, group = token_input(inputs).name, []
+    for window in windows:
+        if group and (len(group) == batch or window[token].shape != group[0][token].shape):
+            yield group
+            group = []
+        group.append(window)
+    if group:
+        yield group
+
+
+def _group_runs(group: list[dict[str, np.ndarray]], inputs: list[InputSpec], run, steps: int):
+    token = token_input(inputs).name
+    ids = np.concatenate([window[token] for window in group])
+    length = ids.shape[1]
+    steps = min(steps, length - 1)
+    presents = [spec.present for spec in inputs if spec.present is not None]
+    prefills = []
+    for window in group:
+        feed = text_feed(window[token][0, : length - steps], inputs)
+        outputs = run(feed)
+        yield feed, outputs, "prefill", 0 if steps else 1
+        prefills.append((feed, {name: outputs[name] for name in presents}))
+    if not steps:
+        return
+    feed = {name: np.concatenate([f[name] for f, _ in prefills]) for name in prefills[0][0]}
+    outputs = {name: np.concatenate([o[name] for _, o in prefills]) for name in presents}
+    del prefills
+    for position in range(length - steps, length):
         feed = next_step_feed(feed, outputs, ids[:, position : position + 1], position, inputs)
+        outputs = run(feed)
+        last = position == length - 1
+        yield feed, outputs, "first step" if position == length - steps else "step", len(group) if last else 0
 
 
 def next_step_feed(feed: dict, outputs: dict, tokens: np.ndarray, position: int, inputs: list[InputSpec]) -> dict:
     """The feed that continues a run: the new tokens [1, n] from `position` on, the caches the last run returned."""
-    step, token_name, count = {}, token_input(inputs).name, tokens.shape[1]
+    step, token_name, (batch, count) = {}, token_input(inputs).name, tokens.shape
     for spec in inputs:
         if spec.present is not None:
             step[spec.name] = fit_past(spec, outputs[spec.present], position, count)
         elif spec.name == token_name:
             step[spec.name] = tokens.astype(spec.dtype)
         elif "mask" in spec.name:  # attention masks cover past + new tokens
-            step[spec.name] = np.ones((1, position + count), dtype=spec.dtype)
+            step[spec.name] = np.ones((batch, position + count), dtype=spec.dtype)
         elif "position" in spec.name:
-            step[spec.name] = np.arange(position, position + count, dtype=spec.dtype).reshape(1, -1)
+            step[spec.name] = np.repeat(np.arange(position, position + count, dtype=spec.dtype)[None], batch, axis=0)
         else:  # e.g. token types: the last value, once per new token
             step[spec.name] = np.repeat(feed[spec.name][:, -1:], count, axis=1)
     return step

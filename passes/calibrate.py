@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from qtc.backends.base import Backend
 from qtc.backends.compare import session_with_outputs
-from qtc.calibration.data import CalibrationSet, decode_steps, model_inputs
+from qtc.calibration.data import CalibrationSet, model_inputs, window_runs
 from qtc.calibration.moments import ChannelAbsMax, ChannelRange, Gram
 from qtc.calibration.observers import MinMaxObserver, make_observer
 from qtc.errors import QtcError
@@ -49,7 +49,7 @@ def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet,
         return
     inputs = model_inputs(model)
     outputs = sorted(n for n in names if n not in {v.name for v in model.graph.inputs})
-    # A KV-cache decoder also calibrates on decode steps fed its own presents (calibration/data.py:decode_steps).
+    # A KV-cache decoder also calibrates on decode steps fed its own presents (calibration/data.py:window_runs).
     presents = sorted({spec.present for spec in inputs if spec.present is not None} - set(outputs))
     fetched = outputs + presents
     # only what is fetched is computed: not the logits (gemma-3-270m's LM head is half its forward)
@@ -58,14 +58,17 @@ def stream_activations(model: ir.Model, backend: Backend, calib: CalibrationSet,
     def run(feed: dict) -> dict:
         return dict(zip(fetched, session.run(fetched, feed))) if fetched else {}
 
+    if presents and calib.kind == "text":
+        runs = window_runs(calib.feeds(inputs), inputs, run)
+    else:
+        runs = ((window, run(window), "window", 1) for window in calib.feeds(inputs))
     with progress_bar(label, total=calib.n_samples, quiet=quiet) as advance:
-        for window in calib.feeds(inputs):
-            runs = decode_steps(window, inputs, run) if presents and calib.kind == "text" else [(window, run(window))]
-            for feed, produced in runs:
-                produced = {k: produced[k] for k in outputs}
-                produced.update({k: v for k, v in feed.items() if k in names})  # an activation may be a graph input
-                yield produced
-            advance()
+        for feed, produced, _, finished in runs:
+            produced = {k: produced[k] for k in outputs}
+            produced.update({k: v for k, v in feed.items() if k in names})  # an activation may be a graph input
+            yield produced
+            for _ in range(finished):
+                advance()
 
 
 class CalibrationCache:

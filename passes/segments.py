@@ -35,7 +35,7 @@ import onnxruntime as ort
 
 from qtc.backends.base import Backend
 from qtc.backends.compare import needed_nodes
-from qtc.calibration.data import CalibrationSet, decode_steps, fit_past, model_inputs, token_input
+from qtc.calibration.data import CalibrationSet, fit_past, model_inputs, token_input, window_runs
 from qtc.util.progress import progress_bar
 from qtc.util.spill import release, trim_heap
 
@@ -224,11 +224,11 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
     inputs = model_inputs(model)
     past_to_present = {spec.name: spec.present for spec in inputs if spec.present is not None}
     presents = set(past_to_present.values())
-    runs = _graph_feeds(calib, inputs, bool(past_to_present))  # per run: graph inputs (pasts only for prefill)
+    # per run: graph inputs (pasts only for prefills), its kind, the windows it finishes
+    runs = _graph_feeds(calib, inputs, bool(past_to_present))
     segments = split_segments(model.graph, segment_bytes, set(names) | presents, held)
     graph_inputs = {spec.name for spec in inputs}
-    carried = [dict(feed) for feed, _ in runs]
-    starts = [first for _, first in runs] + [True]
+    carried = [dict(feed) for feed, _, _ in runs]
     passes = 2 if quantized is not None else 1
     boundaries = _Boundaries(segment_bytes // 4, calib.n_samples)  # a quarter of a segment's weights at most
     with progress_bar(label, total=passes * len(segments) * calib.n_samples, quiet=quiet) as advance:
@@ -241,7 +241,7 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 continue
             fed = [dict(values) for values in carried] if quantized is not None else []  # the re-run's inputs
             session = SegmentSession(model, segment, backend.session_options, backend.providers())
-            for number, values, produced in _run_segment(session, carried, runs, starts, inputs, presents):
+            for number, values, produced in _run_segment(session, carried, runs, inputs, presents):
                 seen = {k: v for k, v in produced.items() if k in names}
                 if index == 0:
                     seen.update({k: values[k] for k in names & graph_inputs if k in values})
@@ -250,7 +250,7 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 values.update({k: boundaries.keep(v) for k, v in produced.items() if k in later})
                 for name in [k for k in values if k not in later]:
                     del values[name]  # what no later segment reads (pasts this segment used, logits, ...)
-                if starts[number + 1]:
+                for _ in range(runs[number][2]):
                     advance(where)
             del session
             _release(segment)
@@ -258,9 +258,9 @@ def stream_segmented(model: ir.Model, backend: Backend, calib: CalibrationSet, n
                 finished({v.name for v in segment.outputs} & names | (names & graph_inputs if index == 0 else set()))
             if quantized is not None and later:
                 session = SegmentSession(model, segment, backend.session_options, backend.providers(), quantized)
-                for number, _, produced in _run_segment(session, fed, runs, starts, inputs, presents):
+                for number, _, produced in _run_segment(session, fed, runs, inputs, presents):
                     carried[number].update({k: boundaries.keep(v) for k, v in produced.items() if k in later})
-                    if starts[number + 1]:
+                    for _ in range(runs[number][2]):
                         advance(f"{where}, quantized")
                 del session, fed
                 _release(segment)
@@ -276,16 +276,25 @@ def _release(segment: Segment) -> None:
     trim_heap()
 
 
-def _run_segment(session: SegmentSession, carried: list[dict], runs: list, starts: list[bool], inputs,
+def _run_segment(session: SegmentSession, carried: list[dict], runs: list, inputs,
                  presents: set[str]) -> Iterator[tuple[int, dict, dict]]:
     """One segment over every calibration run, in order: yields (run number, the values it was fed, what it
-    produced). A decode step's pasts are this segment's presents from the run before."""
+    produced). A decode step's pasts are this segment's presents from the run before; a group's first decode
+    step's, those of the group's prefills stacked (calibration/data.py:window_runs)."""
     previous: dict[str, np.ndarray] = {}
+    prefilled: list[dict[str, np.ndarray]] = []
     for number, values in enumerate(carried):
-        if not starts[number]:
-            values.update(_carried_pasts(previous, runs[number][0], inputs))
+        feed, kind, _ = runs[number]
+        if kind == "first step":
+            stacked = {name: np.concatenate([p[name] for p in prefilled]) for name in prefilled[0]}
+            values.update(_carried_pasts(stacked, feed, inputs))
+            prefilled = []
+        elif kind == "step":
+            values.update(_carried_pasts(previous, feed, inputs))
         produced = session.run(values)
         previous = {k: v for k, v in produced.items() if k in presents}
+        if kind == "prefill":
+            prefilled.append(previous)
         yield number, values, produced
 
 
@@ -299,18 +308,13 @@ def _carried_pasts(previous: dict[str, np.ndarray], feed: dict[str, np.ndarray],
             for spec in inputs if spec.present is not None and spec.present in previous}
 
 
-def _graph_feeds(calib: CalibrationSet, inputs, kv: bool) -> list[tuple[dict[str, np.ndarray], bool]]:
-    """Every calibration run's graph-input feed, in the flat loop's order, and whether it starts a window (a
-    prefill, whose pasts are the empty cache; a decode step's pasts come from the run before)."""
-    runs = []
-    for window in calib.feeds(inputs):
-        if not (kv and calib.kind == "text"):
-            runs.append((window, True))
-            continue
-        for number, (feed, _) in enumerate(decode_steps(window, inputs, _EmptyPresents(inputs))):
-            runs.append(({k: v for k, v in feed.items()} if number == 0 else
-                         {k: v for k, v in feed.items() if not _is_past(k, inputs)}, number == 0))
-    return runs
+def _graph_feeds(calib: CalibrationSet, inputs, kv: bool) -> list[tuple[dict[str, np.ndarray], str, int]]:
+    """Every calibration run's graph-input feed in the flat loop's order, its kind (a prefill's pasts are the empty
+    cache; a decode step's come from the runs before) and the windows it finishes."""
+    if not (kv and calib.kind == "text"):
+        return [(window, "window", 1) for window in calib.feeds(inputs)]
+    return [(feed if kind == "prefill" else {k: v for k, v in feed.items() if not _is_past(k, inputs)}, kind, done)
+            for feed, _, kind, done in window_runs(calib.feeds(inputs), inputs, _EmptyPresents(inputs))]
 
 
 def _is_past(name: str, inputs) -> bool:
@@ -318,11 +322,12 @@ def _is_past(name: str, inputs) -> bool:
 
 
 class _EmptyPresents:
-    """decode_steps' `run`: the step feeds' graph inputs do not depend on the model's outputs except the presents,
-    which segmented calibration supplies itself; a placeholder present lets decode_steps build the next feed."""
+    """window_runs' `run`: the step feeds' graph inputs do not depend on the model's outputs except the presents,
+    which segmented calibration supplies itself; a placeholder present (an empty cache of rank 4, as fit_past
+    slices) lets window_runs build the next feed."""
 
     def __init__(self, inputs) -> None:
         self.presents = [spec.present for spec in inputs if spec.present is not None]
 
     def __call__(self, feed: dict) -> dict:
-        return {name: np.zeros((1,), np.float32) for name in self.presents}
+        return {name: np.zeros((1, 1, 0, 1), np.float32) for name in self.presents}
