@@ -109,7 +109,7 @@ def _sum64(values: np.ndarray) -> float:
 def _in_threads(work: Callable[[int], tuple], starts: range) -> list[tuple]:
     """work(start) for each start, on the session's thread count (numpy lets go of the GIL in these loops), the
     results in order: the float64 sums then add up as a sequential loop's would, to the bit. The statistics of a
-    262k-way vocabulary's logits are otherwise one core's work while the other waits (~1 s per window)."""
+    262k-way vocabulary's logits are otherwise one core's work while the other waits (0.5-1 s per window)."""
     if len(starts) < 2:
         return [work(start) for start in starts]
     with concurrent.futures.ThreadPoolExecutor(session_threads()) as pool:

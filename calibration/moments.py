@@ -67,7 +67,7 @@ def add_upper_product(total: np.ndarray, flat: np.ndarray) -> None:
     the strips right of the diagonal are about half the multiply-adds of the full product (GPTQ's Gram of an
     18,944-wide input is most of a 7B layer's calibration), and the temporary is one strip, not a K x K product
     (1.4 GB there). A strip's diagonal block is a.T @ a, which numpy computes with BLAS syrk (half a product's
-    multiply-adds; the same sums here): 17 % off a 2,048-wide Gram, gemma-3-270m's down projection input."""
+    multiply-adds): 17 % off a 2,048-wide Gram, gemma-3-270m's down projection input."""
     columns = flat.shape[1]
     for start in range(0, columns, GRAM_STRIP):
         end = min(start + GRAM_STRIP, columns)
