@@ -15,7 +15,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from qtc.backends import compile_target
-from qtc.backends.base import ACCURACY_LEVEL, SESSION_PREFIX, runtime_numerics, sharing_sessions
+from qtc.backends.base import ACCURACY_LEVEL, SESSION_PREFIX, runtime_numerics, sharing_sessions, without_spinning
 from qtc.backends.compare import compare_models
 from qtc.calibration.data import (
     CalibrationSet,
@@ -194,7 +194,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     if sequential_gptq(resolved):  # about a layer per segment: each layer's statistics see the layers before quantized
         segment_bytes = min(segment_bytes or before["tensor_bytes"], layer_bytes(graph_model))
     peaks = PeakTracker()
-    with spilling(store):
+    with spilling(store), without_spinning():
         _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
                             keep_residual_adds, calibration_cache, int(level) if level is not None else None,
                             segment_bytes), graph_model, peaks)
@@ -206,7 +206,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     heldout = None
     # Sessions take about twice their weights: where both models' fit in half the limit, each loads once for
     # the check, the held-out comparison and the source runs in between.
-    with sharing_sessions() if 4 * before["tensor_bytes"] <= limit / 2 else contextlib.nullcontext():
+    shared = sharing_sessions() if 4 * before["tensor_bytes"] <= limit / 2 else contextlib.nullcontext()
+    with shared, without_spinning():
         if compare:  # first: the session that reads ORT's optimized graph is then the one the checks share
             runtime = checks.step("runtime_ops", lambda: _runtime_ops(measure, graph_model, job.session_entries))
         if large:

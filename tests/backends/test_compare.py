@@ -92,3 +92,24 @@ def test_the_nodes_a_value_needs_include_what_a_branch_reads_from_outside():
     model = graphs.model_of([x, flag], [gate.outputs[0], unused.outputs[0]], [relu, unused, gate], [])
     needed = compare.needed_nodes(model.graph, [model.graph.outputs[0]])
     assert {node.name for node in needed} == {"relu", "gate"}
+
+
+def test_a_compiles_sessions_do_not_spin_and_a_servers_do(kv_decoder, monkeypatch):
+    """ORT's workers spin after a run by default, which takes the cores from the numpy work a compile does between
+    its runs; every session a compile opens turns spinning off, a session opened outside a compile keeps it."""
+    spinning = []
+    original = base._inference_session
+
+    def opened(model, options, providers):
+        try:
+            spinning.append(options.get_session_config_entry("session.intra_op.allow_spinning"))
+        except RuntimeError:  # not set: ORT's default (spinning)
+            spinning.append(None)
+        return original(model, options, providers)
+
+    monkeypatch.setattr(base, "_inference_session", opened)
+    qtc.compile(kv_decoder, recipe="w8a8", calib="zh-news", samples=2, seq_len=32, quiet=True)
+    assert len(spinning) >= 3 and set(spinning) == {"0"}
+    spinning.clear()
+    get_backend("cpu").session(kv_decoder)
+    assert spinning == [None]
