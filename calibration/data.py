@@ -369,7 +369,7 @@ def _group_runs(group: list[dict[str, np.ndarray]], inputs: list[InputSpec], run
 
 
 def next_step_feed(feed: dict, outputs: dict, tokens: np.ndarray, position: int, inputs: list[InputSpec]) -> dict:
-    """The feed that continues a run: the new tokens [1, n] from `position` on, the caches the last run returned."""
+    """The feed that continues a run: the new tokens [batch, n] from `position` on, the caches the last run returned."""
     step, token_name, (batch, count) = {}, token_input(inputs).name, tokens.shape
     for spec in inputs:
         if spec.present is not None:
