@@ -50,3 +50,15 @@ def test_old_attribute_forms_compile_and_run_on_the_sources_inputs(name, tmp_pat
 def test_training_ops_are_refused_by_name():
     with pytest.raises(QtcError, match="training operators .*Gradient"):
         qtc.compile(DATA / "simple" / "test_gradient_of_add" / "model.onnx", recipe="w8a16", quiet=True)
+
+
+def test_a_calibrated_compile_of_a_source_onnx_runtime_cannot_run_skips_only_the_held_out_comparison(tmp_path):
+    """Calibration runs the opset-21 graph; the held-out comparison would open the opset-6 source in ONNX Runtime,
+    which no longer implements BatchNormalization-6: it is skipped and says why (it was an internal error)."""
+    folder = DATA / "pytorch-converted" / "test_BatchNorm2d_eval"
+    feeds = _feeds(folder)
+    for i in range(20):  # 10 % held out: two windows
+        np.savez(tmp_path / f"{i:02d}.npz", **feeds)
+    result = qtc.compile(folder / "model.onnx", recipe="w8a8", calib=tmp_path, quiet=True)
+    assert result.report["post_compile_check"]["source_run_by"].startswith("onnx.reference")
+    assert "ONNX Runtime does not run the source" in result.report["heldout_comparison"]["skipped"]
