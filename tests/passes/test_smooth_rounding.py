@@ -254,3 +254,28 @@ def test_layers_reading_one_activation_share_one_gptq_factor(kv_decoder, monkeyp
     apart = qtc.compile(kv_decoder, **options)
     assert len(factored) == len(gptq_layers) > once
     assert ir.to_proto(shared.model).SerializeToString() == ir.to_proto(apart.model).SerializeToString()
+
+
+def test_max_drop_lets_an_attempt_it_will_not_return_go_before_the_next(tiny_llama, monkeypatch):
+    """Each attempt is a whole compiled model: holding a missed one while the next compiles put --max-drop's peak
+    RSS above ORT's on gemma-3-270m (7.15 GB). An unmeetable budget: nothing kept misses, everything kept misses."""
+    import gc
+    import weakref
+
+    import qtc.api
+
+    attempts, alive = [], []
+    original = qtc.api.compile
+
+    def compile_and_watch(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in attempts))
+        result = original(*args, **kwargs)
+        attempts.append(weakref.ref(result))
+        return result
+
+    monkeypatch.setattr(qtc.api, "compile", compile_and_watch)
+    result = qtc.compile_within(tiny_llama, ("kl", 0.0), recipe="w4a16", calib="zh-news", samples=2, seq_len=32,
+                                quiet=True)
+    assert [a["kept_layers"] > 0 for a in result.report["fallback"]["attempts"]] == [False, True]
+    assert alive == [0, 0]
