@@ -220,7 +220,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
             if check.get("source_run_by", "onnxruntime") != "onnxruntime" or "skipped" in check:
                 # ONNX Runtime cannot run the source (an operator of an old opset it no longer implements): the
                 # comparison would fail opening it, and the check above already judged the output another way
-                heldout = {"skipped": "ONNX Runtime does not run the source here (see post_compile_check): no held-out comparison"}
+                heldout = {"skipped": "ONNX Runtime does not run the source here (see post_compile_check): "
+                                      "no held-out comparison"}
             else:
                 heldout = checks.step("heldout_comparison", lambda: compare_models(
                     measure, reference, graph_model, calib_set.feeds(inputs, heldout=True)))

@@ -174,7 +174,8 @@ class OutputStats:
             return int(same.sum()), int(same.size), float(np.sum(expected_gap - (r_lse - o_lse)))
 
         for same, total, kl in _in_threads(block, range(0, ref_rows.shape[0], step)):
-            self.top1_same, self.top1_total, self.kl_sum = self.top1_same + same, self.top1_total + total, self.kl_sum + kl
+            self.top1_same, self.top1_total = self.top1_same + same, self.top1_total + total
+            self.kl_sum += kl
 
     def result(self) -> dict:
         denominator = np.sqrt(self.ref_sq * self.out_sq)
