@@ -30,6 +30,20 @@ def test_sliced_statistics_equal_whole_array_float64(monkeypatch):
     assert got["kl_per_position"] == pytest.approx((np.exp(lr) * (lr - lo)).sum() / 14, rel=1e-6)
 
 
+def test_statistics_on_threads_equal_a_sequential_loops_to_the_bit(monkeypatch):
+    """The slices' partial sums are added in slice order whichever thread finished first."""
+    monkeypatch.setattr(compare, "_SLICE", 1000)
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((3, 5, 2000), dtype=np.float32) * 3
+    out = ref + rng.standard_normal(ref.shape, dtype=np.float32) * 0.2
+    threaded = compare.OutputStats()
+    threaded.update(ref, out, logits=True)
+    monkeypatch.setattr(compare, "_in_threads", lambda work, starts: [work(start) for start in starts])
+    sequential = compare.OutputStats()
+    sequential.update(ref, out, logits=True)
+    assert threaded.result() == sequential.result()
+
+
 def test_a_compile_loads_the_source_and_the_output_once_for_its_checks(kv_decoder, monkeypatch):
     """The post-compile check and the held-out comparison share one session per model where both fit, with the
     same figures as the separate sessions (and temporary files) used where they do not."""
