@@ -60,6 +60,10 @@ class ChannelRange:
 
 GRAM_STRIP = 1024
 GRAM_BUFFER_BYTES = 128 << 20
+# Rows a Gram's buffer holds before they are added to its sum (at least K, at most GRAM_BUFFER_BYTES): one product of
+# 4,096 rows runs BLAS faster than four of 1,024 (a 1,024-wide Gram of 16 k rows 0.18 -> 0.13 s, 2,048-wide 0.47 ->
+# 0.42 s; gemma-3-270m's 18 layers: ~1.6 s), for buffers of 16 KB per input channel while the statistics stream.
+GRAM_ROWS = 4096
 
 
 def add_upper_product(total: np.ndarray, flat: np.ndarray) -> None:
@@ -75,6 +79,11 @@ def add_upper_product(total: np.ndarray, flat: np.ndarray) -> None:
         total[start:end, start:end] += strip.T @ strip
         if end < columns:
             total[start:end, end:] += strip.T @ flat[:, end:]
+
+
+def buffer_rows(width: int) -> int:
+    """Rows of a `width`-wide Gram's buffer."""
+    return max(1, min(max(width, GRAM_ROWS), GRAM_BUFFER_BYTES // (4 * width)))
 
 
 def mirror_upper(total: np.ndarray) -> None:
@@ -98,7 +107,7 @@ class Gram:
 
     def __init__(self) -> None:
         self._sum: np.ndarray | None = None
-        self._rows: np.ndarray | None = None  # tokens not yet in _sum (at most one K x K worth, 128 MB)
+        self._rows: np.ndarray | None = None  # tokens not yet in _sum (GRAM_ROWS or K of them, at most 128 MB)
         self._held = 0
         self._mean: np.ndarray | None = None
         self._file: Path | None = None
@@ -111,7 +120,7 @@ class Gram:
         if self._sum is None:
             width = flat.shape[1]
             self._sum = np.zeros((width, width), np.float32)
-            self._rows = np.empty((max(1, min(width, GRAM_BUFFER_BYTES // (4 * width))), width), np.float32)
+            self._rows = np.empty((buffer_rows(width), width), np.float32)
         # rows wait in a buffer: a decode step brings one token, and adding its product to a K x K sum would read and
         # write all of it (1.4 GB for an 18,944-wide input) for K^2 multiply-adds
         start = 0

@@ -62,7 +62,9 @@ def _to_blocks(w: np.ndarray, axis: int, block: int) -> np.ndarray:
     return moved.reshape(-1, block, *moved.shape[1:])
 
 
-CHUNK_BYTES = 128 << 20  # blockwise quantization of a large 2-D weight runs in slices of about this size
+# Blockwise quantization of a 2-D weight runs in slices of about this size: the half-dozen passes over a slice
+# then stay in cache (gemma-3-270m's 262,144 x 640 int8 table: 1.2 -> 0.6 s against 128 MB slices, same bytes).
+CHUNK_BYTES = 2 << 20
 
 
 def block_qparams(w: np.ndarray, spec: QuantSpec, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from qtc.backends.base import Backend
 from qtc.backends.compare import session_with_outputs
 from qtc.calibration.data import CalibrationSet, model_inputs, window_runs
-from qtc.calibration.moments import ChannelAbsMax, ChannelRange, Gram
+from qtc.calibration.moments import ChannelAbsMax, ChannelRange, Gram, buffer_rows
 from qtc.calibration.observers import MinMaxObserver, make_observer
 from qtc.errors import QtcError
 from qtc.passes.annotate import activations_to_observe, annotated_nodes
@@ -243,7 +243,7 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
             offload = self._offloader(model, missing) if self.segment_bytes is not None else None
             quantized = rounded_weights(model.graph) if self.sequential else None
             for produced in stream_activations(model, self.backend, self.calib, set(missing), "layer statistics",
-                                               self.quiet, self.segment_bytes, offload, _gram_bytes(model, missing),
+                                               self.quiet, self.segment_bytes, offload, _gram_bytes(model, missing, True),
                                                quantized):
                 for name, collectors in missing.items():
                     for collector in collectors.values() if name in produced else ():
@@ -257,9 +257,10 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=False)
 
 
-def _gram_bytes(model: ir.Model, collectors: dict[str, dict]) -> dict[str, int]:
-    """Bytes of each float32 K x K Gram the collectors hold (by activation name; K from the value's last axis)."""
+def _gram_bytes(model: ir.Model, collectors: dict[str, dict], buffered: bool = False) -> dict[str, int]:
+    """Bytes of each float32 K x K Gram the collectors hold (by activation name; K from the value's last axis);
+    `buffered`: with the rows it holds while calibration streams (what memory needs, where disk needs the sum)."""
     values = [v for node in model.graph for v in node.outputs] + list(model.graph.inputs)
     widths = {v.name: v.shape[-1] for v in values if v.name in collectors and v.shape is not None and v.shape.rank()}
-    return {name: widths[name] ** 2 * 4 for name, c in sorted(collectors.items())
-            if "gram" in c and isinstance(widths.get(name), int)}
+    return {name: (widths[name] + (buffer_rows(widths[name]) if buffered else 0)) * widths[name] * 4
+            for name, c in sorted(collectors.items()) if "gram" in c and isinstance(widths.get(name), int)}

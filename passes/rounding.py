@@ -42,14 +42,6 @@ def node_axis(spec: QuantSpec) -> int | None:
     return {"block": 0, "channel": 1, "tensor": None}[spec.granularity]
 
 
-def quantize_with(w: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, spec: QuantSpec) -> np.ndarray:
-    axis = node_axis(spec)
-    s = expand_scale(scale, w.shape, axis, spec.block_size)
-    z = expand_scale(zero_point.astype(np.float64), w.shape, axis, spec.block_size)
-    qmin, qmax = INT_RANGES[spec.dtype]
-    return np.clip(np.rint(w / s) + z, qmin, qmax)
-
-
 def _damped(h: np.ndarray, order: np.ndarray, dead: np.ndarray, damping: float, dtype, reverse: bool,
             consume: bool = False) -> np.ndarray:
     """H in `order` (reversed for the in-place factorization), dead inputs given a unit diagonal, damped by
@@ -174,13 +166,19 @@ def clip_search(w: np.ndarray, h: np.ndarray, spec: QuantSpec) -> tuple[np.ndarr
     """Shrink each output column's range by the ratio that minimises its error d^T H d (columns are independent;
     a per-tensor scale gets one ratio for the whole tensor)."""
     axis, block = node_axis(spec), spec.block_size
-    scale, zero_point = weight_qparams(w.astype(np.float32), spec, axis)[1:]
-    z = expand_scale(zero_point.astype(np.float64), w.shape, axis, block)
+    w = w.astype(np.float32, copy=False)
+    scale, zero_point = weight_qparams(w, spec, axis)[1:]
+    # scale and zero point expanded once, all in float32 (DequantizeLinear's arithmetic); each ratio then costs a
+    # few passes over the weight besides its error product
+    full_scale = expand_scale(scale, w.shape, axis, block)
+    z = expand_scale(zero_point.astype(np.float32), w.shape, axis, block)
+    qmin, qmax = INT_RANGES[spec.dtype]
     best_err = np.full(w.shape[1], np.inf)
     best_q, best_scale, best_ratio = None, np.array(scale, dtype=np.float64), np.ones(w.shape[1])
     for ratio in CLIP_RATIOS:
-        q = quantize_with(w, scale * ratio, zero_point, spec)
-        d = ((q - z) * expand_scale(scale * ratio, w.shape, axis, block) - w).astype(h.dtype)
+        ratio_scale = full_scale * np.float32(ratio)
+        q = np.clip(np.rint(w / ratio_scale) + z, qmin, qmax)
+        d = ((q - z) * ratio_scale - w).astype(h.dtype, copy=False)
         err = np.sum((h @ d) * d, axis=0, dtype=np.float64)
         if spec.granularity == "tensor":
             err = np.full_like(err, err.sum())
@@ -206,11 +204,12 @@ def to_initializer(note: QuantAnnotation, q: np.ndarray, scale: np.ndarray, zero
 def awq_scale(members: list[Member], h: np.ndarray) -> tuple[np.ndarray, float]:
     """s = rms(x_j)^alpha (normalised), alpha from a grid by the summed weight-rounding error in original space."""
     rms = np.sqrt(np.maximum(np.diag(h), 1e-12))
+    weights = [(note, weight_matrix(note, np.float32)) for _, note in members]  # read once, not once per alpha
     errors = {}
     for alpha in AWQ_ALPHAS:
         s = rms**alpha
         s = s / np.sqrt(s.max() * s.min())
-        errors[alpha] = (sum(rounding_error(note, weight_matrix(note), h, s) for _, note in members), s)
+        errors[alpha] = (sum(rounding_error(note, w, h, s) for note, w in weights), s)
     alpha = min(errors, key=lambda a: errors[a][0])
     return errors[alpha][1], float(alpha)
 
@@ -223,7 +222,7 @@ def round_group(graph: ir.Graph, name: str, members: list[Member], stats: dict, 
         return {}
     record = {}
     # plain round-to-nearest error of the untouched weights: the baseline every algorithm is reported against
-    plain = {node.name: rounding_error(note, weight_matrix(note), stats["gram"].mean) for node, note in chosen
+    plain = {node.name: rounding_error(note, weight_matrix(note, np.float32), stats["gram"].mean) for node, note in chosen
              if note.weight.const_value.shape.rank() == 2}
     scaled = any(note.weight_spec.algorithm == "awq" for _, note in chosen) and _scalable(graph, members)
     if scaled:
