@@ -13,7 +13,6 @@ from collections.abc import Iterator
 import numpy as np
 import onnx_ir as ir
 
-from qtc.core.linalg import quadratic_trace
 from qtc.core.quant_math import dequantize_weight, weight_qparams
 from qtc.passes.annotate import QuantAnnotation, layer_groups
 from qtc.passes.meta import LAYER_STATS, SMOOTHING
@@ -62,8 +61,11 @@ def error_slabs(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.
 def weighted_error(h: np.ndarray, w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray,
                    spec: QuantSpec, row_divisor: np.ndarray | None = None) -> float:
     """tr(D^T H D) for D of `error_slabs`, in H's float32."""
-    return sum(quadratic_trace(h, d.astype(h.dtype, copy=False))
-               for d in error_slabs(w, q, scale, zero_point, spec, row_divisor))
+    total = 0.0
+    for d in error_slabs(w, q, scale, zero_point, spec, row_divisor):
+        d = d.astype(h.dtype, copy=False)
+        total += float(np.sum((h @ d) * d, dtype=np.float64))
+    return total
 
 
 def _columns(values: np.ndarray, axis: int | None, cols: slice) -> np.ndarray:

@@ -6,8 +6,7 @@ import pytest
 
 from qtc.calibration import moments
 from qtc.calibration.moments import Gram
-from qtc.core import linalg
-from qtc.core.linalg import cholesky_lower_, invert_lower_, quadratic_trace
+from qtc.core.linalg import cholesky_lower_, invert_lower_
 from qtc.passes.rounding import inverse_cholesky
 
 RNG = np.random.default_rng(0)
@@ -64,18 +63,6 @@ def test_blocked_factors_match_float64_lapack(n, block):
     reference = np.linalg.cholesky(h.astype(np.float64))
     np.testing.assert_allclose(lower, reference, atol=1e-5)
     np.testing.assert_allclose(invert_lower_(lower.copy(), block), np.linalg.inv(reference), atol=1e-5)
-
-
-@pytest.mark.parametrize("k, strip", [(1, 4), (24, 5), (24, 24), (50, 7)])
-def test_quadratic_trace_from_the_upper_strips_is_the_whole_trace(monkeypatch, k, strip):
-    """tr(D^T H D) summed over strips of D D^T on and right of the diagonal, doubled off it (strips shrunk so a
-    24-wide H takes several, the last one short)."""
-    monkeypatch.setattr(linalg, "TRACE_STRIP", strip)
-    x = RNG.normal(size=(4 * k, k)).astype(np.float32)
-    h = x.T @ x / (4 * k)
-    d = RNG.normal(size=(k, 9)).astype(np.float32)
-    expected = np.trace(d.T.astype(np.float64) @ h.astype(np.float64) @ d.astype(np.float64))
-    assert quadratic_trace(h, d) == pytest.approx(expected, rel=1e-5)
 
 
 def _h(n=64, seed=0):
