@@ -152,10 +152,15 @@ def expand_scale(scale: np.ndarray, shape: tuple, axis: int | None, block_size: 
         view = [1] * len(shape)
         view[axis] = -1
         return np.broadcast_to(scale.reshape(view), shape)
-    return np.take(np.repeat(scale, block_size, axis=axis), np.arange(shape[axis]), axis=axis)
+    repeated = np.repeat(scale, block_size, axis=axis)
+    return repeated[(slice(None),) * axis + (slice(0, shape[axis]),)]  # the last block's padding cut off: a view
 
 
 def dequantize_weight(q, scale, zero_point, axis: int | None, block_size: int | None) -> np.ndarray:
-    """What DequantizeLinear computes for a weight, for every granularity."""
-    zp = expand_scale(zero_point.astype(np.float32), q.shape, axis, block_size)
-    return (q.astype(np.float32) - zp) * expand_scale(scale, q.shape, axis, block_size)
+    """What DequantizeLinear computes for a weight, for every granularity (in place on one float32 copy of q, and
+    no zero point to take away where it is all zero: the rounding searches dequantize a layer per candidate)."""
+    levels = q.astype(np.float32)
+    if np.any(zero_point):
+        levels -= expand_scale(zero_point.astype(np.float32), q.shape, axis, block_size)
+    levels *= expand_scale(scale, q.shape, axis, block_size)
+    return levels
