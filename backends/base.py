@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import contextvars
 import ctypes
@@ -9,6 +10,7 @@ import dataclasses
 import functools
 import os
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,7 +164,32 @@ class Backend:
         key = (self.name, _model_key(model))
         if key not in shared:
             shared[key] = self._open(model)
+        if isinstance(shared[key], concurrent.futures.Future):  # opened ahead (`open_ahead`): its error, if any, is
+            shared[key] = shared[key].result()  # raised here, as opening it here would have
         return shared[key]
+
+    def open_ahead(self, model: str | os.PathLike | bytes) -> concurrent.futures.Future:
+        """Start opening a session for a model file (or its bytes) on a thread, for `adopt_session` to hand out.
+        ONNX Runtime lets go of the GIL while it builds a session (2.6 s for gemma-3-270m's float source), so a
+        compile opens the source its checks run while its own passes load, canonicalize and calibrate. The session
+        gets the caller's settings (spinning)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        context = contextvars.copy_context()
+
+        def work() -> None:
+            try:
+                future.set_result(context.run(self._open, model))
+            except BaseException as exc:  # noqa: BLE001 - handed to whoever asks for the session
+                future.set_exception(exc)
+
+        threading.Thread(target=work, name="qtc-open-ahead").start()
+        return future
+
+    def adopt_session(self, model: str | os.PathLike | bytes, future: concurrent.futures.Future) -> None:
+        """Inside `sharing_sessions()`, `session(model)` is then the session `open_ahead(model)` is opening."""
+        shared = _SHARED.get()
+        if shared is not None:
+            shared.setdefault((self.name, _model_key(model)), future)
 
     def _open(self, model: str | os.PathLike | bytes | ir.Model, optimized: Path | None = None) -> ort.InferenceSession:
         """`optimized`: where the session also writes the graph ORT optimized (its initializers beside it)."""
@@ -242,11 +269,15 @@ def sharing_sessions():
     """Within it, `Backend.session` opens each model once (a compile's post-compile check, held-out comparison
     and their source runs load the source and the compiled model once each, not three times), and the sessions
     stay open together until it ends: only for models that fit in memory side by side."""
-    token = _SHARED.set({})
+    shared: dict = {}
+    token = _SHARED.set(shared)
     try:
         yield
     finally:
         _SHARED.reset(token)
+        for value in shared.values():  # no session is still being opened once it ends
+            if isinstance(value, concurrent.futures.Future):
+                value.exception()
 
 
 def sessions_shared() -> bool:

@@ -98,6 +98,8 @@ def _smoothing_of(model: ir.Model, value: ir.Value) -> str:
 class CalibrateActivationsPass(ir.passes.InPlacePass):
     """Observe every activation the annotations ask for; requires annotations, ensures a range for each."""
 
+    runs_model = True  # in ONNX Runtime sessions (a compile opens its checks' sessions only after such passes)
+
     def __init__(self, calib: CalibrationSet | None, backend: Backend, quiet: bool = False,
                  cache: CalibrationCache | None = None, segment_bytes: int | None = None) -> None:
         super().__init__()
@@ -169,6 +171,8 @@ class CollectLayerStatisticsPass(ir.passes.InPlacePass):
     Only what the annotations ask for is kept: a Gram matrix for inputs of layers whose weights use a
     data-driven algorithm (or when smoothing picks alpha automatically), a channel max when smoothing.
     """
+
+    runs_model = True
 
     def __init__(self, calib: CalibrationSet | None, backend: Backend, smooth: SmoothSpec | None, quiet: bool = False,
                  every_layer: bool = False, cache: CalibrationCache | None = None, segment_bytes: int | None = None,

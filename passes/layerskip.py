@@ -340,6 +340,8 @@ def _reused_plan(path: Path, branches: list[Branch], levels: tuple[float, ...]) 
 class ScoreBranchesPass(ir.passes.InPlacePass):
     """Score branches on calibration windows and choose the skip table (qtc's, and the static ShortGPT one)."""
 
+    runs_model = True
+
     def __init__(self, spec: LayerSkipSpec, calib: CalibrationSet | None, backend: Backend, quiet: bool = False):
         super().__init__()
         self.spec, self.calib, self.backend, self.quiet = spec, calib, backend, quiet
