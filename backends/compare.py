@@ -245,13 +245,25 @@ def _compare_runs(backend: Backend, candidate, runs: list[tuple[dict, object]], 
     windowed = {spec.present: spec for spec in specs if spec.windowed}
     buffered = any(spec.capacity for spec in specs)
     stats = {name: OutputStats() for name in names}
-    for feed, source in runs:
-        expected_outputs = _reference_outputs(source, names, feed)
-        outputs = dict(zip(names, session.run(names, prefill_for(specs, feed) if buffered else feed)))
+
+    def accumulate(expected_outputs: dict, outputs: dict) -> None:
         for name in names:
             expected, got = expected_outputs[name], outputs[name]
             if name in windowed:  # the window's rows against the same positions of the full cache
                 got = resident_rows(windowed[name], got, expected.shape[2])
                 expected = expected[:, :, expected.shape[2] - got.shape[2]:]
             stats[name].update(expected, got, logits="logit" in name)
+
+    # A sample's statistics (memory-bound passes over its outputs) are taken on a thread while the next sample runs
+    # (compute-bound): 8 gemma-3-270m held-out windows 17.0-18.5 -> 14.8-15.3 s. Samples are added in order, one
+    # at a time, so the figures are the sequential loop's; two samples' outputs are held, not one.
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        pending = None
+        for feed, source in runs:
+            expected_outputs = _reference_outputs(source, names, feed)
+            outputs = dict(zip(names, session.run(names, prefill_for(specs, feed) if buffered else feed)))
+            if pending is not None:
+                pending.result()
+            pending = worker.submit(accumulate, expected_outputs, outputs)
+        pending.result()
     return {"samples": len(runs), "outputs": {name: s.result() for name, s in stats.items()}}

@@ -7,6 +7,7 @@ import pytest
 
 import qtc
 from qtc.backends import base, compare, get_backend
+from qtc.calibration.data import load_calibration, model_inputs, tokenizer_beside
 from qtc.util.arrays import log_softmax
 from tests import graphs
 
@@ -42,6 +43,24 @@ def test_statistics_on_threads_equal_a_sequential_loops_to_the_bit(monkeypatch):
     sequential = compare.OutputStats()
     sequential.update(ref, out, logits=True)
     assert threaded.result() == sequential.result()
+
+
+def test_statistics_taken_beside_the_next_run_equal_a_sequential_loops(kv_decoder):
+    """compare_models takes a sample's statistics on a thread while the next sample runs; added in order, they are
+    the figures of running and accumulating one sample after another, to the bit."""
+    compiled = qtc.compile(kv_decoder, recipe="w8a8", calib="zh-news", samples=2, seq_len=16, quiet=True).model
+    calib = load_calibration("zh-news", tokenizer=tokenizer_beside(kv_decoder), n_samples=4, seq_len=16, seed=3)
+    feeds = list(calib.feeds(model_inputs(ir.load(kv_decoder))))
+    backend = get_backend("cpu")
+    got = compare.compare_models(backend, kv_decoder, compiled, feeds)
+    reference, candidate = backend.session(kv_decoder), backend.session(compiled)
+    names = [o.name for o in reference.get_outputs()]
+    stats = {name: compare.OutputStats() for name in names}
+    for feed in feeds:
+        for name, expected, out in zip(names, reference.run(names, feed), candidate.run(names, feed)):
+            stats[name].update(expected, out, logits="logit" in name)
+    assert got == {"samples": 4, "outputs": {name: s.result() for name, s in stats.items()}}
+    assert got["outputs"]["logits"]["cosine"] < 1
 
 
 def test_a_compile_loads_the_source_and_the_output_once_for_its_checks(kv_decoder, monkeypatch):
