@@ -197,7 +197,8 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
     measure = job.measure
     # Sessions take about twice their weights: where both models' fit in half the limit, each loads once for
     # the check, the held-out comparison and the source runs in between, and the source's is opened on a thread
-    # while the passes run (its 2.6 s for gemma-3-270m then overlap loading, canonicalizing and the rest)
+    # once the passes that run the model are done (gemma-3-270m's 2.6 s then overlap the one-threaded weight and
+    # graph passes after them: GPTQ's rows, QDQ insertion, fusions)
     fits = 4 * before["tensor_bytes"] <= limit / 2
     peaks = PeakTracker()
     opened: list = []  # the source's session being opened ahead, once the passes that run the model are done

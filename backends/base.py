@@ -171,8 +171,8 @@ class Backend:
     def open_ahead(self, model: str | os.PathLike | bytes) -> concurrent.futures.Future:
         """Start opening a session for a model file (or its bytes) on a thread, for `adopt_session` to hand out.
         ONNX Runtime lets go of the GIL while it builds a session (2.6 s for gemma-3-270m's float source), so a
-        compile opens the source its checks run while its own passes load, canonicalize and calibrate. The session
-        gets the caller's settings (spinning)."""
+        compile opens the source its checks run beside its own one-threaded passes. The session gets the caller's
+        settings (spinning)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         context = contextvars.copy_context()
 

@@ -66,4 +66,3 @@ def _zero_upper(a: np.ndarray, block: int) -> None:
         e = min(i + block, len(a))
         a[i:e, e:] = 0
         a[i:e, i:e] = np.tril(a[i:e, i:e])
-
