@@ -254,16 +254,17 @@ def _compare_runs(backend: Backend, candidate, runs: list[tuple[dict, object]], 
                 expected = expected[:, :, expected.shape[2] - got.shape[2]:]
             stats[name].update(expected, got, logits="logit" in name)
 
-    # A sample's statistics (memory-bound passes over its outputs) are taken on a thread while the next sample runs
-    # (compute-bound): 8 gemma-3-270m held-out windows 17.0-18.5 -> 14.8-15.3 s. Samples are added in order, one
-    # at a time, so the figures are the sequential loop's; two samples' outputs are held, not one.
+    # A sample's statistics (memory-bound passes over its outputs) are taken on a thread while the reference runs
+    # the next sample (compute-bound): 8 gemma-3-270m held-out windows 17.0-18.5 -> 14.8-15.3 s. Samples are added
+    # in order, one at a time, so the figures are the sequential loop's; the candidate runs once they are done, so
+    # three output sets are held at most (a sample's two and the next reference's), not two.
     with concurrent.futures.ThreadPoolExecutor(1) as worker:
         pending = None
         for feed, source in runs:
             expected_outputs = _reference_outputs(source, names, feed)
-            outputs = dict(zip(names, session.run(names, prefill_for(specs, feed) if buffered else feed)))
             if pending is not None:
                 pending.result()
-            pending = worker.submit(accumulate, expected_outputs, outputs)
+            pending = worker.submit(accumulate, expected_outputs,
+                                    dict(zip(names, session.run(names, prefill_for(specs, feed) if buffered else feed))))
         pending.result()
     return {"samples": len(runs), "outputs": {name: s.result() for name, s in stats.items()}}

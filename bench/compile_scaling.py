@@ -71,14 +71,14 @@ def plot(rows: list[dict], path: Path, recipe: str, limit: str) -> None:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     params = [r["parameters"] / 1e9 for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 5.2))
     left.plot(params, [r["peak_rss_bytes"] / 1e9 for r in rows], "o-", label="qtc compile: peak RSS")
     left.plot(params, [r["source_bytes"] / 1e9 for r in rows], "s--", color="grey", label="float32 weights")
     checked = [(x, r["check_child_peak_rss_bytes"] / 1e9) for x, r in zip(params, rows) if r["check_child_peak_rss_bytes"]]
     if checked:
         left.plot(*zip(*checked), "^", color="tab:red", label="post-compile check child (ORT loads the output)")
     left.set(xscale="log", yscale="log", xlabel="parameters (billions)", ylabel="GB", title=f"{recipe}: memory (limit {limit})")
-    calibrated = all(r["tokens"] for r in rows)
+    calibrated = all(r.get("tokens") for r in rows)
     work = [r["parameters"] * r["tokens"] / 1e12 if calibrated else r["parameters"] / 1e9 for r in rows]
     # CPU seconds where every row has them: wall time on a 2-core box shared with other jobs says little
     key = "cpu_seconds" if all(r.get("cpu_seconds") for r in rows) else "compile_seconds"
@@ -92,16 +92,25 @@ def plot(rows: list[dict], path: Path, recipe: str, limit: str) -> None:
               title=f"{recipe}: {'CPU' if key == 'cpu_seconds' else 'wall'} time",
               xlabel="parameters x calibration tokens (10^12)" if calibrated else "parameters (billions)")
     left.axhline(parse_limit(limit) / 1e9, color="tab:green", linestyle=":", label=f"--memory-limit {limit}")
-    for i, (r, x) in enumerate(zip(rows, params)):
-        offset = (4, -12) if i % 2 == 0 else (-10, 8)  # alternate below / above: neighbours do not overprint
-        left.annotate(r["name"], (x, r["peak_rss_bytes"] / 1e9), textcoords="offset points", xytext=offset, fontsize=7)
+    # the models name the memory plot's x ticks (labels beside its points overprinted each other and the lines);
+    # on the time plot, where models of similar work sit at different heights, each label stands right of its
+    # point (left of the last one)
+    _name_ticks(left, params, [f"{r['name']} ({x:.2g})" for r, x in zip(rows, params)])
     for i, (r, x) in enumerate(zip(rows, work)):
-        offset = (4, -12) if i % 2 == 0 else (-10, 8)
-        right.annotate(f"{r['name']} ({r['samples']} x)" if r["tokens"] else r["name"], (x, r[key]),
-                       textcoords="offset points", xytext=offset, fontsize=7)
+        last = i == len(rows) - 1
+        right.annotate(f"{r['name']} ({r['samples']} x)" if r.get("tokens") else r["name"], (x, r[key]),
+                       textcoords="offset points", xytext=(-6 if last else 6, 0), ha="right" if last else "left",
+                       va="center", fontsize=7)
     left.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _name_ticks(axis, xs: list[float], names: list[str]) -> None:
+    from matplotlib.ticker import NullLocator  # noqa: PLC0415 - optional extra
+
+    axis.set_xticks(xs, names, rotation=30, ha="right", fontsize=7)
+    axis.xaxis.set_minor_locator(NullLocator())
 
 
 def parse_limit(text: str) -> float:
