@@ -13,6 +13,7 @@ has one), so qtc and ORT read exactly the same tensors:
   comparison on, as a user runs it); peak RSS from the report (qtc resets VmHWM per pass, so wait4 under-reads);
   the report's `seconds` split shows the passes and the checks;
 - --max-drop: the first recipe again with `--max-drop`, total time;
+- --paired-limit: the limit timed again right before each compile, and each compile's ratio taken to that one;
 - --eval-limit N: `qtc eval OUT --task zh-news-ppl --baseline MODEL --limit N` for each output (bits/char delta).
 Writes bench/results/compile_speed_NAME.{json,md}; NAME is the model folder's name up to its hash.
 """
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--max-drop", default="kl=0.05", help="'' to skip")
     parser.add_argument("--eval-limit", type=int, default=30, help="0 to skip")
     parser.add_argument("--skip-ort", action="store_true")
+    parser.add_argument("--paired-limit", action="store_true",
+                        help="time the limit again right before each compile; its ratio is to that one")
     parser.add_argument("--work", type=Path, help="keep outputs here (default: a temporary folder)")
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--worker", choices=("limit", "ort"), help=argparse.SUPPRESS)
@@ -151,14 +154,17 @@ def main() -> None:
         if not args.skip_ort:
             rows["ort"] = step(args, work, "ort", ["--out", str(work / "ort" / "model.onnx")])
             print(f"ort: {rows['ort']}", flush=True)
-        compiles = []
-        for recipe in args.recipes.split(","):
-            compiles.append(compile_recipe(args, work, recipe, [], Path(recipe).stem))
-            print(f"{recipe}: {compiles[-1]['compile_seconds']} s", flush=True)
+        jobs = [(recipe, [], Path(recipe).stem) for recipe in args.recipes.split(",")]
         if args.max_drop:
             first = args.recipes.split(",")[0]
-            compiles.append(compile_recipe(args, work, first, ["--max-drop", args.max_drop], f"{Path(first).stem}-max-drop"))
-            print(f"max-drop: {compiles[-1]['compile_seconds']} s", flush=True)
+            jobs.append((first, ["--max-drop", args.max_drop], f"{Path(first).stem}-max-drop"))
+        compiles = []
+        for recipe, extra, label in jobs:
+            # a 2-core box's speed drifts by ~10 % over the half hour a run takes (ORT's quantize_static 113 vs
+            # 122 s in two runs): a limit timed next to each compile keeps its ratio to like conditions
+            limit = step(args, work, "limit", [])["forward_seconds"] if args.paired_limit else None
+            compiles.append(compile_recipe(args, work, recipe, extra, label) | {"limit_seconds": limit})
+            print(f"{label}: {compiles[-1]['compile_seconds']} s (limit before it: {limit} s)", flush=True)
         if args.eval_limit:
             for row in compiles:
                 row["eval"] = qtc_json("eval", row["output"], "--task", "zh-news-ppl", "--baseline", str(args.model),
@@ -183,12 +189,16 @@ def _delta(row: dict) -> str:
 def write(name: str, args, rows: dict, compiles: list[dict]) -> None:
     limit = rows["limit"]["forward_seconds"]
     ort_row = rows.get("ort")
+    paired = [row["limit_seconds"] for row in compiles if row.get("limit_seconds")]
     lines = [f"# qtc compile vs its forward-pass limit and ORT quantize_static: {name}", "",
              f"{args.samples} x {args.seq_len} zh-news windows (+{HELDOUT} held out) as .npz, read by every step; each "
              "step a fresh process, one after another on one machine.", "",
              f"- forward-pass limit: {args.samples} windows through one plain ORT CPU session: **{limit:.1f} s** "
              f"(+{rows['limit']['session_seconds']:.1f} s session creation), peak RSS "
              f"{rows['limit']['peak_rss_bytes'] / 1e9:.2f} GB"]
+    if paired:
+        lines.append(f"- the limit timed again right before each compile: {min(paired):.1f}-{max(paired):.1f} s; each "
+                     "compile's x limit is to the limit timed before it (`--paired-limit`)")
     if ort_row:
         lines.append(f"- ORT quantize_static (QDQ, per-channel, MinMax, int8/int8): **{ort_row['process_seconds']:.1f} s** "
                      f"wall ({ort_row['quantize_seconds']:.1f} s in quantize_static), peak RSS "
@@ -196,10 +206,11 @@ def write(name: str, args, rows: dict, compiles: list[dict]) -> None:
     lines += ["", table(
         ["compile", "wall s", "x limit", "x ORT", "w/o held-out comparison s (x limit)", "calibration passes s",
          "checks s", "peak RSS GB", "Δ bits/char [95% CI]"],
-        [[row["label"], f"{row['process_seconds']:.1f}", f"{row['process_seconds'] / limit:.2f}",
+        [[row["label"], f"{row['process_seconds']:.1f}", f"{row['process_seconds'] / _limit(row, limit):.2f}",
           f"{row['process_seconds'] / ort_row['process_seconds']:.2f}" if ort_row else "-",
           *(["-", "-", "-"] if row.get("fallback") else  # a --max-drop report's split is its last attempt's
-            [f"{row['without_comparison_seconds']:.1f} ({row['without_comparison_seconds'] / limit:.2f})",
+            [f"{row['without_comparison_seconds']:.1f} "
+             f"({row['without_comparison_seconds'] / _limit(row, limit):.2f})",
              f"{sum(v for k, v in row['seconds']['passes'].items() if k in _STREAMING):.1f}",
              f"{sum(row['seconds']['checks'].values()):.1f}"]),
           f"{row['peak_rss_bytes'] / 1e9:.2f}", _delta(row)]
@@ -217,6 +228,11 @@ def write(name: str, args, rows: dict, compiles: list[dict]) -> None:
         {"machine": machine(), "samples": args.samples, "seq_len": args.seq_len, "steps": rows, "compiles": compiles},
         indent=2, sort_keys=True, default=str) + "\n")
     print("\n".join(lines))
+
+
+def _limit(row: dict, limit: float) -> float:
+    """The limit a compile is measured against: the one timed right before it, where there is one."""
+    return row.get("limit_seconds") or limit
 
 
 _STREAMING = ("CollectLayerStatisticsPass", "CalibrateActivationsPass", "RoundWeightsPass", "SmoothActivationsPass")
