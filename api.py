@@ -207,7 +207,7 @@ def compile(  # noqa: A001 - the public name users expect: qtc.compile
             _run(build_pipeline(resolved, target, calib_set, _provenance(job), quiet, allow_fallback, layer_skip,
                                 keep_residual_adds, calibration_cache, int(level) if level is not None else None,
                                 segment_bytes), graph_model, peaks,
-                 lambda: opened.append(measure.open_ahead(reference)) if fits else None)
+                 (lambda: opened.append(measure.open_ahead(reference))) if fits else None)
         except BaseException:
             for future in opened:
                 future.exception()  # no thread outlives a failed compile

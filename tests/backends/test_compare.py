@@ -1,5 +1,7 @@
 """Agreement statistics and the compile's checks: sliced sums in float64, one session per model when shared."""
 
+import threading
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -68,12 +70,13 @@ def test_a_compile_loads_the_source_and_the_output_once_for_its_checks(kv_decode
     same figures as the separate sessions (and temporary files) used where they do not."""
     opened = []
     original = base._inference_session
-    monkeypatch.setattr(base, "_inference_session", lambda *args: opened.append(1) or original(*args))
+    monkeypatch.setattr(base, "_inference_session",
+                        lambda *args: opened.append(threading.current_thread().name) or original(*args))
     options = {"recipe": "w8a8", "calib": "zh-news", "samples": 2, "seq_len": 32, "quiet": True}
     shared = qtc.compile(kv_decoder, **options)
     # calibration's session, then the source and the output once each (the output's also wrote ORT's optimized
-    # graph for runtime_ops)
-    assert len(opened) == 3
+    # graph for runtime_ops); the source's on its own thread, after calibration
+    assert len(opened) == 3 and opened.count("qtc-open-ahead") == 1 and opened[0] != "qtc-open-ahead"
     opened.clear()
     # a limit under which the two sessions are not held together (nor is anything spilled or segmented)
     apart = qtc.compile(kv_decoder, memory_limit=7 * shared.report["size"]["source_tensor_bytes"], **options)
